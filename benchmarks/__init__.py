@@ -1,0 +1,1 @@
+"""prunebench benchmarks: tasks, runner, metrics, leaderboard."""

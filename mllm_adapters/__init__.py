@@ -1,0 +1,1 @@
+"""Adapters that plug pruners into Hugging Face multimodal models."""

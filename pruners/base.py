@@ -1,0 +1,235 @@
+"""The Pruner interface and the contexts the adapter hands to it.
+
+A pruner never touches transformers internals. The adapter (`mllm_adapters/`) runs the model and
+calls the pruner at the stage(s) it declares, handing it a context object whose expensive fields
+(attention rows, q/k/v, embeddings) are computed only when the pruner asks for them.
+
+Stages (see `../shared/specs/README.md`):
+- ``vision``: after chosen ViT layers; the pruner returns which patch tokens continue (CLS is kept).
+- ``pre_llm``: on the selected vision features (CLS dropped, before the projector); the pruner
+  returns the patches to keep and optionally merged tokens. The LLM sees a shorter, contiguous prompt.
+- ``llm``: before decoder layer K (after K full layers); the pruner returns which of the current
+  visual tokens continue. Later layers (and their KV cache) see only those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
+
+import torch
+
+STAGES = ("vision", "pre_llm", "llm")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a pruner may know about the model it is attached to (filled by the adapter)."""
+
+    family: str  # "llava"
+    num_visual_tokens: int  # visual tokens per image reaching the LLM unpruned (576 for LLaVA-1.5)
+    grid_hw: tuple[int, int]  # patch grid (rows, cols)
+    has_cls: bool  # vision encoder has a [CLS] token at position 0
+    vision_num_layers: int
+    vision_feature_layer: int  # non-negative index of the ViT layer whose output LLaVA feeds the LLM
+    vision_num_heads: int
+    llm_num_layers: int
+    llm_hidden_size: int
+
+
+@dataclass
+class PreLLMDecision:
+    """What a pre-LLM pruner returns.
+
+    keep:    [B, k] indices into ``ctx.features``' token axis (the adapter sorts them into raster order).
+    merged:  optional [B, m, Dv] extra tokens (vision-feature space, before the projector), e.g. merged
+             or recycled tokens. Appended after the kept tokens unless ``merged_anchor`` is given.
+    merged_anchor: optional [B, m] indices (same axis as ``keep``) giving where each merged token sits
+             in raster order (VFlowOpt places a recycled token at its cell's most important token).
+    info:    free-form facts for the results (e.g. ``{"text_similarity": "llm_embeddings"}``).
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    merged_anchor: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class Pruner:
+    """Base class. Subclasses set ``stages``, ``defaults`` and implement the matching ``prune_*``.
+
+    ``budget`` is the number of visual tokens per image that reach the LLM (for in-LLM methods: that
+    remain after the last pruning layer); ``None`` keeps everything.
+    """
+
+    name: ClassVar[str] = ""
+    stages: ClassVar[tuple[str, ...]] = ()
+    requires_cls: ClassVar[bool] = False
+    #: parameter name -> default value; anything else passed to the constructor is an error.
+    defaults: ClassVar[dict[str, Any]] = {}
+    #: parameter name -> ("int"|"float"|"categorical", low, high) or ("categorical", [choices]); for the tuner.
+    search_space: ClassVar[dict[str, tuple]] = {}
+
+    def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
+        unknown = sorted(set(params) - set(self.defaults))
+        if unknown:
+            accepted = ", ".join(sorted(self.defaults)) or "(none)"
+            raise ValueError(
+                f"unknown parameter(s) {unknown} for method {self.name!r}; accepted: budget, seed, {accepted}"
+            )
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise TypeError(f"budget must be a positive int or None, got {budget!r}")
+        if budget is not None and budget <= 0:
+            raise ValueError(f"budget must be a positive int (visual tokens per image) or None, got {budget}")
+        self.budget = budget
+        self.seed = int(seed)
+        self.params: dict[str, Any] = {**self.defaults, **params}
+        self.info: ModelInfo | None = None
+
+    # ---- attachment -------------------------------------------------------------------------
+    def attach(self, info: ModelInfo) -> None:
+        """Validate against the model. Subclasses extending this must call super().attach(info)."""
+        if self.requires_cls and not info.has_cls:
+            raise ValueError(
+                f"method {self.name!r} scores tokens with the vision encoder's [CLS] token, but this model's "
+                f"vision encoder has none; use a method that does not need CLS (e.g. random, pooling, divprune, fastv)"
+            )
+        if self.budget is not None and self.budget > info.num_visual_tokens:
+            raise ValueError(
+                f"budget={self.budget} is above the {info.num_visual_tokens} visual tokens per image this model "
+                f"produces; accepted: 1..{info.num_visual_tokens} or None (keep all)"
+            )
+        self.info = info
+
+    @property
+    def keeps_all(self) -> bool:
+        return self.budget is None or (self.info is not None and self.budget >= self.info.num_visual_tokens)
+
+    # ---- stage: vision ------------------------------------------------------------------------
+    def vision_layers(self) -> list[int]:
+        """Non-negative ViT layer indices after which ``prune_vision`` is called."""
+        return []
+
+    def prune_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:
+        """Return [B, k] indices into the current patch tokens (CLS excluded) to keep, or None."""
+        raise NotImplementedError
+
+    # ---- stage: pre_llm ----------------------------------------------------------------------
+    def prune_pre_llm(self, ctx: PreLLMContext) -> PreLLMDecision:
+        raise NotImplementedError
+
+    # ---- stage: llm ----------------------------------------------------------------------------
+    def llm_layers(self) -> list[int]:
+        """Decoder-layer indices K (1..L-1): layers K.. see only the tokens kept at K."""
+        return []
+
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
+        """Return [B, k] indices into the current visual tokens (``ctx.visual_pos``' axis) to keep."""
+        raise NotImplementedError
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        """Parameters as recorded in results (JSON-serialisable)."""
+        return {"method": self.name, "budget": self.budget, "seed": self.seed, **self.params}
+
+
+def sample_generators(seed: int, pixel_values: torch.Tensor) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from (seed, image content).
+
+    Seeding from the content (not the batch position) makes random choices identical whether an
+    image is processed alone or inside a batch: the batch-of-two = two-batches-of-one invariant.
+    """
+    gens = []
+    for img in pixel_values:
+        digest = hashlib.sha256(img.detach().float().cpu().numpy().tobytes()).digest()
+        g = torch.Generator()
+        g.manual_seed((int.from_bytes(digest[:8], "little") ^ (seed * 0x9E3779B97F4A7C15)) % (2**63))
+        gens.append(g)
+    return gens
+
+
+LazyTensor = Callable[..., torch.Tensor]
+
+
+@dataclass
+class VisionLayerContext:
+    """Handed to ``prune_vision`` after ViT layer ``layer``.
+
+    hidden_states: [B, 1+N, Dv] output of the layer (CLS at 0 when the encoder has one).
+    patch_index:   [B, N] original raster index of each current patch token.
+    state:         dict that lives for one forward pass (e.g. FlowCut's cumulative score).
+    cls_attention(): [B, N] head-mean CLS->patch softmax attention of this layer (softmax over all keys).
+    qkv():         (q, k, v) each [B, H, 1+N, Dh] of this layer's attention.
+    """
+
+    layer: int
+    hidden_states: torch.Tensor
+    patch_index: torch.Tensor
+    info: ModelInfo
+    state: dict[str, Any]
+    cls_attention: LazyTensor
+    qkv: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    generators: list[torch.Generator]
+
+
+@dataclass
+class PreLLMContext:
+    """Handed to ``prune_pre_llm``.
+
+    features:     [B, N, Dv] selected vision features (CLS dropped), before the projector.
+    patch_index:  [B, N] original raster index of each feature (arange unless the vision stage pruned).
+    cls_attention(layer): [B, N] head-mean CLS->patch attention of ViT layer ``layer`` (negative ok).
+    vision_hidden(layer): [B, 1+N, Dv] output of ViT layer ``layer``.
+    vision_qkv(layer): (q, k, v) [B, H, 1+N, Dh] of ViT layer ``layer``.
+    project(x):   the model's projector, [B, M, Dv] -> [B, M, Dt].
+    input_ids / attention_mask: [B, L] the prompt as given (image placeholder run not yet shrunk).
+    image_start:  [B] index of the first image placeholder token; the run is N long.
+    text_embeddings(): [B, L, Dt] the LLM's input embeddings of the prompt.
+    question_texts(): list of the prompt text after the image per sample (needs a tokenizer), or None.
+    """
+
+    features: torch.Tensor
+    patch_index: torch.Tensor
+    info: ModelInfo
+    pixel_values: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    image_start: torch.Tensor
+    cls_attention: Callable[[int], torch.Tensor]
+    vision_hidden: Callable[[int], torch.Tensor]
+    vision_qkv: Callable[[int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    project: Callable[[torch.Tensor], torch.Tensor]
+    text_embeddings: LazyTensor
+    question_texts: Callable[[], list[str] | None]
+    generators: list[torch.Generator]
+    model: Any = None  # the HF model, read-only: for pruners that need an extra tower (e.g. CLIP text)
+
+
+@dataclass
+class LLMLayerContext:
+    """Handed to ``prune_llm`` before decoder layer ``layer`` runs (layers < layer saw every token).
+
+    hidden_states: [B, Lc, D] input of layer ``layer`` (current, possibly already pruned sequence).
+    visual_pos:    [B, Nv] positions of the current visual tokens in that sequence (sorted).
+    visual_index:  [B, Nv] original raster index of each current visual token.
+    key_mask:      [B, Lc] True for real (non-padding) tokens.
+    instruction_pos: [B, Ni] positions (in the current sequence) of the text tokens after the image;
+                   padded with -1 where samples have fewer.
+    attention_rows(layer, queries): [B, Nq, Nv] head-mean softmax attention of layer ``layer``
+                   (must be < ``layer``... i.e. an already-run layer, or ``layer`` itself computed from
+                   its q/k projections) from query rows ``"last"`` or ``"instruction"`` to the visual tokens.
+    state:         dict that lives for one forward pass (e.g. TransPrune's accumulated TTV).
+    """
+
+    layer: int
+    hidden_states: torch.Tensor
+    visual_pos: torch.Tensor
+    visual_index: torch.Tensor
+    key_mask: torch.Tensor
+    instruction_pos: torch.Tensor
+    info: ModelInfo
+    state: dict[str, Any]
+    attention_rows: Callable[..., torch.Tensor]
+    generators: list[torch.Generator]
+    extras: dict[str, Any] = field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Fused pruning ops: Triton kernels with exact PyTorch references."""
