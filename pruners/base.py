@@ -15,8 +15,9 @@ Stages (see `../shared/specs/README.md`):
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -116,12 +117,25 @@ class Pruner:
         raise NotImplementedError
 
     # ---- stage: pre_llm ----------------------------------------------------------------------
+    def vision_probe_layers(self) -> list[int]:
+        """ViT layers (non-negative) whose attention / q,k,v / output ``prune_pre_llm`` will read."""
+        return []
+
     def prune_pre_llm(self, ctx: PreLLMContext) -> PreLLMDecision:
         raise NotImplementedError
 
     # ---- stage: llm ----------------------------------------------------------------------------
     def llm_layers(self) -> list[int]:
         """Decoder-layer indices K (1..L-1): layers K.. see only the tokens kept at K."""
+        return []
+
+    def llm_attention_layers(self) -> list[int]:
+        """Already-run decoder layers whose attention rows ``prune_llm`` reads (default: K-1 for each K)."""
+        return [k - 1 for k in self.llm_layers()]
+
+    def llm_capture_layers(self) -> list[int]:
+        """Decoder layers whose attention/MLP sub-layer inputs and outputs are captured at prefill
+        (``ctx.extras["captures"][layer]`` = {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D])."""
         return []
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
@@ -216,9 +230,13 @@ class LLMLayerContext:
     key_mask:      [B, Lc] True for real (non-padding) tokens.
     instruction_pos: [B, Ni] positions (in the current sequence) of the text tokens after the image;
                    padded with -1 where samples have fewer.
-    attention_rows(layer, queries): [B, Nq, Nv] head-mean softmax attention of layer ``layer``
-                   (must be < ``layer``... i.e. an already-run layer, or ``layer`` itself computed from
-                   its q/k projections) from query rows ``"last"`` or ``"instruction"`` to the visual tokens.
+    attention_rows(layer, queries="last"): [B, Nv] head-mean softmax attention of an already-run
+                   decoder layer (declared in ``llm_attention_layers()``) from the last real token
+                   (``"last"``) or the mean over the instruction tokens after the image
+                   (``"instruction"``) to the current visual tokens (softmax over all allowed keys).
+    extras["layer_rows"](queries="last"): the same for layer ``layer`` itself, computed from its input
+                   with its own norm, q/k projections and RoPE (TransPrune's instruction-guided attention).
+    extras["captures"]: sub-layer inputs/outputs of the layers in ``llm_capture_layers()``.
     state:         dict that lives for one forward pass (e.g. TransPrune's accumulated TTV).
     """
 

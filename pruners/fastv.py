@@ -1,0 +1,35 @@
+"""`fastv` (FastV, ECCV'24): inside the LLM after layer K, keep the visual tokens the last token
+attends to most at layer K-1 (head-mean). Spec: shared/specs/baselines.md.
+
+Only one attention row is computed (from layer K-1's q/k), so the model can run SDPA or
+FlashAttention everywhere. Kept tokens keep their original RoPE positions by default.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pruners.base import LLMLayerContext, ModelInfo, Pruner
+from pruners.registry import register_pruner
+
+
+@register_pruner("fastv")
+class FastV(Pruner):
+    stages = ("llm",)
+    defaults = {"layer": 2, "positions": "original"}
+
+    def attach(self, info: ModelInfo) -> None:
+        super().attach(info)
+        k = self.params["layer"]
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < info.llm_num_layers:
+            raise ValueError(
+                f"layer (K) must be an int in 1..{info.llm_num_layers - 1} for this model "
+                f"(layers before K see every token), got {k!r}"
+            )
+
+    def llm_layers(self) -> list[int]:
+        return [self.params["layer"]]
+
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
+        scores = ctx.attention_rows(self.params["layer"] - 1, "last")  # [B, Nv]
+        return scores.topk(self.budget, dim=1).indices

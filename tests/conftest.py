@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny LLaVA built from config (random weights, CPU, fp32) and batched inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from mllm_adapters.tiny import build_tiny_llava
+
+torch.set_num_threads(1)
+
+PROMPTS = [
+    "USER: <image> what is the colour of the circle ? ASSISTANT:",
+    "USER: <image> how many ? ASSISTANT:",
+]
+
+
+def make_images(n: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.RandomState(seed)
+    return [Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, processor) with eager attention everywhere."""
+    return build_tiny_llava(seed=0, attn_implementation="eager")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdpa():
+    return build_tiny_llava(seed=0, attn_implementation="sdpa")
+
+
+@pytest.fixture(scope="session")
+def batch(tiny):
+    """Two samples with different prompt lengths, left-padded by the processor."""
+    _, processor = tiny
+    return processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
+
+
+def single(processor, i: int):
+    return processor(images=make_images(2)[i : i + 1], text=PROMPTS[i : i + 1], return_tensors="pt", padding=True)
