@@ -65,6 +65,7 @@ class _Forward:
     key_mask: torch.Tensor | None = None  # [B, L] real tokens in the LLM prompt
     visual_pos: torch.Tensor | None = None  # [B, Nv] positions of visual tokens in the current sequence
     visual_index: torch.Tensor | None = None  # [B, Nv] grid index (-1 for merged tokens)
+    visual_scores: torch.Tensor | None = None  # [B, Nv] scores the pre-LLM stage attached, if any
     instruction_pos: torch.Tensor | None = None  # [B, Ni] (-1 padded)
     cur_cols: torch.Tensor | None = None  # [B, Lc] prompt columns in the current sequence (None = all)
     layer_cols: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> prompt cols it caches
@@ -211,11 +212,11 @@ class LlavaAdapter:
             attention_mask = torch.ones_like(input_ids)
         image_start = self._image_starts(input_ids)
         self._fw.generators = sample_generators(self.pruner.seed, pixel_values)
-        features, patch_index, merged, anchor = self._vision_and_pre_llm(
+        features, patch_index, merged, anchor, scores = self._vision_and_pre_llm(
             pixel_values, input_ids, attention_mask, image_start
         )
         # [B, n, Dv] tokens for the LLM, in raster order (merged tokens interleaved by anchor or appended)
-        tokens, token_index = self._assemble(features, patch_index, merged, anchor)
+        tokens, token_index, token_scores = self._assemble(features, patch_index, merged, anchor, scores)
         image_features = self.projector(tokens)  # [B, n, Dt]
         n_keep = tokens.shape[1]
         n_all = self.info.num_visual_tokens
@@ -244,6 +245,7 @@ class LlavaAdapter:
         vis_pos = (image_start[:, None] + torch.arange(n_keep, device=input_ids.device)[None, :])  # [B, n]
         fw.visual_pos = vis_pos
         fw.visual_index = token_index
+        fw.visual_scores = token_scores
         fw.key_mask = kwargs["attention_mask"].bool()
         fw.instruction_pos = self._instruction_positions(vis_pos, fw.key_mask)
         self.handle.token_counts["llm_visual"] = [n_keep] * self.info.llm_num_layers
@@ -276,7 +278,8 @@ class LlavaAdapter:
     def _vision_and_pre_llm(self, pixel_values, input_ids, attention_mask, image_start):
         """Run the ViT up to the feature layer (vision-stage pruning between layers), then the pre-LLM pruner.
 
-        Returns (features [B, n, Dv], patch_index [B, n], merged [B, m, Dv] | None, anchor [B, m] | None).
+        Returns (features [B, n, Dv], patch_index [B, n], merged [B, m, Dv] | None, anchor [B, m] | None,
+        scores [B, n + m] | None).
         """
         vt, info, pruner = self.vision_tower, self.info, self.pruner
         dtype = vt.embeddings.patch_embedding.weight.dtype
@@ -290,7 +293,6 @@ class LlavaAdapter:
         layer_in: dict[int, torch.Tensor] = {}
         layer_out: dict[int, torch.Tensor] = {}
         vision_counts = []
-        state: dict[str, Any] = {}
         prune_vision = "vision" in pruner.stages and not pruner.keeps_all
         for i in range(info.vision_feature_layer + 1):
             layer = vt.encoder.layers[i]
@@ -305,7 +307,7 @@ class LlavaAdapter:
                     hidden_states=hs,
                     patch_index=patch_index,
                     info=info,
-                    state=state,
+                    state=self._fw.pruner_state,
                     cls_attention=(lambda i=i, h=h_in: self._cls_attention(i, h)),
                     qkv=(lambda i=i, h=h_in: self._vision_qkv(i, h)),
                     generators=self._fw.generators,
@@ -317,7 +319,7 @@ class LlavaAdapter:
                     patch_index = patch_index.gather(1, keep)
         self.handle.token_counts = {"visual_in": info.num_visual_tokens, "vision": vision_counts}
         features = hs[:, n_cls:]
-        merged = anchor = None
+        merged = anchor = scores = None
         if "pre_llm" in pruner.stages and not pruner.keeps_all:
 
             def need(i: int) -> int:
@@ -344,22 +346,26 @@ class LlavaAdapter:
                 text_embeddings=lambda: self.lm.embed_tokens(input_ids),
                 question_texts=lambda: self._question_texts(input_ids, attention_mask, image_start),
                 generators=self._fw.generators,
+                state=self._fw.pruner_state,
                 model=self.model,
             )
             decision = self._call_pruner(pruner.prune_pre_llm, ctx)
-            keep = decision.keep.sort(dim=1).values
+            keep, order = decision.keep.sort(dim=1)
+            if decision.scores is not None:
+                k = keep.shape[1]
+                scores = torch.cat([decision.scores[:, :k].gather(1, order), decision.scores[:, k:]], dim=1)
             if decision.merged_anchor is not None:
                 anchor = patch_index.gather(1, decision.merged_anchor)
             features, patch_index = _gather_seq(features, keep), patch_index.gather(1, keep)
             merged = decision.merged
             self.handle.info.update(decision.info)
-        return features, patch_index, merged, anchor
+        return features, patch_index, merged, anchor, scores
 
     @staticmethod
-    def _assemble(features, patch_index, merged, anchor):
-        """Tokens for the LLM and their grid index (-1 for merged tokens), in raster order."""
+    def _assemble(features, patch_index, merged, anchor, scores):
+        """Tokens for the LLM, their grid index (-1 for merged tokens) and scores, in raster order."""
         if merged is None or merged.shape[1] == 0:
-            return features, patch_index
+            return features, patch_index, scores
         B = features.shape[0]
         fill = torch.full(merged.shape[:2], -1, dtype=torch.long, device=merged.device)
         tokens = torch.cat([features, merged.to(features.dtype)], dim=1)
@@ -369,8 +375,9 @@ class LlavaAdapter:
             key = torch.cat([patch_index * 2, anchor * 2 + 1], dim=1)
             order = key.argsort(dim=1, stable=True)
             tokens, index = _gather_seq(tokens, order), index.gather(1, order)
+            scores = scores.gather(1, order) if scores is not None else None
         assert tokens.shape[0] == B
-        return tokens, index
+        return tokens, index, scores
 
     def _vision_qkv(self, i: int, h_in: torch.Tensor):
         """(q, k, v) [B, H, T, Dh] of ViT layer i from that layer's input hidden states."""
@@ -537,7 +544,7 @@ class LlavaAdapter:
                 state=fw.pruner_state,
                 attention_rows=lambda layer, queries="last", h=hs: self._llm_attention_rows(layer, queries, h),
                 generators=fw.generators,
-                extras={"captures": fw.captures, "layer_rows": lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries)},
+                extras={"captures": fw.captures, "token_scores": fw.visual_scores, "layer_rows": lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries)},
             )
             keep = self._call_pruner(pruner.prune_llm, ctx).sort(dim=1).values  # [B, k] into visual tokens
             B, Lc = hs.shape[:2]
@@ -553,6 +560,8 @@ class LlavaAdapter:
             base = fw.cur_cols if fw.cur_cols is not None else torch.arange(fw.prompt_len, device=hs.device).expand(B, -1)
             fw.cur_cols = base.gather(1, local)
             fw.visual_index = fw.visual_index.gather(1, keep)
+            if fw.visual_scores is not None:
+                fw.visual_scores = fw.visual_scores.gather(1, keep)
             fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
             fw.sliced_key = None
             idx = fw.visual_index

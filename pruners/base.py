@@ -49,11 +49,15 @@ class PreLLMDecision:
     merged_anchor: optional [B, m] indices (same axis as ``keep``) giving where each merged token sits
              in raster order (VFlowOpt places a recycled token at its cell's most important token).
     info:    free-form facts for the results (e.g. ``{"text_similarity": "llm_embeddings"}``).
+    scores:  optional [B, k + m] per-token scores (kept tokens in ``keep``'s order, then merged ones);
+             the adapter carries them with the tokens into the LLM stage as
+             ``LLMLayerContext.extras["token_scores"]`` (e.g. VFlowOpt's progressive in-LLM drops).
     """
 
     keep: torch.Tensor
     merged: torch.Tensor | None = None
     merged_anchor: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,7 +176,7 @@ class VisionLayerContext:
 
     hidden_states: [B, 1+N, Dv] output of the layer (CLS at 0 when the encoder has one).
     patch_index:   [B, N] original raster index of each current patch token.
-    state:         dict that lives for one forward pass (e.g. FlowCut's cumulative score).
+    state:         dict that lives for one forward pass, shared by every stage (e.g. FlowCut's cumulative score).
     cls_attention(): [B, N] head-mean CLS->patch softmax attention of this layer (softmax over all keys).
     qkv():         (q, k, v) each [B, H, 1+N, Dh] of this layer's attention.
     """
@@ -201,6 +205,7 @@ class PreLLMContext:
     image_start:  [B] index of the first image placeholder token; the run is N long.
     text_embeddings(): [B, L, Dt] the LLM's input embeddings of the prompt.
     question_texts(): list of the prompt text after the image per sample (needs a tokenizer), or None.
+    state:        dict that lives for one forward pass, shared by every stage of the pruner.
     """
 
     features: torch.Tensor
@@ -217,6 +222,7 @@ class PreLLMContext:
     text_embeddings: LazyTensor
     question_texts: Callable[[], list[str] | None]
     generators: list[torch.Generator]
+    state: dict[str, Any] = field(default_factory=dict)
     model: Any = None  # the HF model, read-only: for pruners that need an extra tower (e.g. CLIP text)
 
 
@@ -237,7 +243,8 @@ class LLMLayerContext:
     extras["layer_rows"](queries="last"): the same for layer ``layer`` itself, computed from its input
                    with its own norm, q/k projections and RoPE (TransPrune's instruction-guided attention).
     extras["captures"]: sub-layer inputs/outputs of the layers in ``llm_capture_layers()``.
-    state:         dict that lives for one forward pass (e.g. TransPrune's accumulated TTV).
+    state:         dict that lives for one forward pass, shared by every stage of the pruner.
+    extras["token_scores"]: [B, Nv] scores the pre-LLM stage attached to the current visual tokens, if any.
     """
 
     layer: int
