@@ -1,0 +1,125 @@
+"""Task registry: procedural VQA tasks the benchmark runner evaluates pruners on.
+
+A task is one module (or package) in ``benchmarks/tasks/`` whose class derives from `Task` and is
+decorated with `register_task`. Built-in task modules are imported lazily on the first registry
+lookup, so importing this package stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from PIL import Image
+
+_REGISTRY: dict[str, type[Task]] = {}
+_INSTANCES: dict[str, Task] = {}
+_BUILTINS_LOADED = False
+
+
+@dataclass
+class Sample:
+    """One VQA item: an RGB image, a question, its one-word answer and the scene behind them.
+
+    ``meta`` is JSON-serialisable and always holds ``meta["task"]`` (the registered task name), so
+    `relevant_patches` can be answered by the task that generated the sample.
+    """
+
+    id: str
+    image: Image.Image  # RGB
+    question: str
+    answer: str  # one word
+    family: str  # question family name
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def relevant_patches(self, grid_hw: tuple[int, int]) -> list[int]:
+        """Raster indices of the patches (``grid_hw`` = rows x cols over the whole image) covered by the
+        objects the answer depends on.
+
+        Ordered by priority, not raster order: each relevant object's centre patch comes first, then
+        the remaining covered patches in raster order. An oracle with a budget smaller than the list
+        therefore keeps a piece of every relevant object by taking a prefix; sort the result if you need
+        raster order.
+        """
+        task_name = self.meta.get("task")
+        if task_name is None:
+            raise ValueError("sample.meta['task'] is missing; cannot tell which task computes relevant patches")
+        return get_task(task_name).relevant_patches(self, grid_hw)
+
+
+class Task:
+    """Base class of a task. Subclasses set ``name``, ``families``, ``max_new_tokens`` and implement
+    `samples` and `relevant_patches`; `score` is exact match after normalisation."""
+
+    name: str = ""
+    families: list[str] = []
+    max_new_tokens: int = 2
+
+    def samples(self, split: str = "eval", n: int | None = None, seed: int = 0) -> list[Sample]:
+        """Samples of ``split``; ``"eval"`` is the fixed 1,000-sample split (``seed`` is ignored for it),
+        deterministic and disjoint from the training stream. ``n`` keeps the first ``n``."""
+        raise NotImplementedError
+
+    def relevant_patches(self, sample: Sample, grid_hw: tuple[int, int]) -> list[int]:
+        """See `Sample.relevant_patches`."""
+        raise NotImplementedError
+
+    @staticmethod
+    def normalise(text: str) -> str:
+        """Strip, lower-case, keep the first word without surrounding punctuation ("" if none)."""
+        words = text.strip().lower().split()
+        if not words:
+            return ""
+        return re.sub(r"^[^\w]+|[^\w]+$", "", words[0])
+
+    def score(self, prediction: str, sample: Sample) -> float:
+        """Exact match after `normalise` of both sides: 1.0 or 0.0."""
+        return 1.0 if self.normalise(prediction) == self.normalise(sample.answer) else 0.0
+
+
+def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
+    """Class decorator registering a `Task` subclass under ``name`` (sets ``cls.name``)."""
+
+    def deco(cls: type[Task]) -> type[Task]:
+        if not (isinstance(cls, type) and issubclass(cls, Task)):
+            raise ValueError(f"register_task({name!r}) must decorate a subclass of Task, got {cls!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ValueError(f"task name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def _load_builtins() -> None:
+    """Import every module/package in benchmarks/tasks so their `register_task` decorators run."""
+    global _BUILTINS_LOADED
+    if _BUILTINS_LOADED:
+        return
+    _BUILTINS_LOADED = True
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+
+
+def available_tasks() -> list[str]:
+    """Sorted names of the registered tasks."""
+    _load_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_task(name: str) -> Task:
+    """The (cached) instance of task ``name``; ValueError naming the known tasks if unknown."""
+    _load_builtins()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown task {name!r}; parameter 'name' must be one of {available_tasks()}")
+    if name not in _INSTANCES:
+        _INSTANCES[name] = _REGISTRY[name]()
+    return _INSTANCES[name]
+
+
+__all__ = ["Sample", "Task", "available_tasks", "get_task", "register_task"]
