@@ -1,0 +1,473 @@
+"""Train the embedded default model: ``python -m benchmarks.embedded.train [--out runs/embedded] ...``.
+
+Two stages (why: see ../shared/notes/embedded-model.md; a naive end-to-end recipe stays at the
+answer prior for CPU-hours):
+
+1. Vision stage: the CLIP ViT alone, with dense per-patch targets on hidden_states[-2] (exactly what
+   LLaVA feeds its projector: colour / shape / digit class, object centre, cell row / column), heads on
+   the CLS token of that layer (presence of every colour x shape and digit, per-colour counts), and,
+   from ``--contrastive-start`` on, a CLIP contrastive loss (weight 0.3) between the pooled ViT output and
+   a CLIP text tower reading generated captions. Small batches: optimizer steps are what count.
+2. LLM stage: tower frozen; projector + Llama trained on sequences packing several question/answer
+   turns about one image (loss on every answer and its end token), with a bridge curriculum
+   (position-addressed questions about every attribute first, then content-addressed ones mixed in).
+   Validated every ``--eval-every`` steps on the 'val' split (never the eval split); the best
+   checkpoint by (min family accuracy + overall accuracy) is exported as a HF folder to ``<out>/best``.
+
+Seeded, single-threaded by default (2 shared cores: two 1-thread processes beat one 2-thread one),
+logs to ``<out>/train.log`` and ``<out>/curve.jsonl``, checkpoints every ``--ckpt-every`` steps and
+resumes from the last checkpoint when re-run with the same ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers import CLIPVisionModel
+
+from benchmarks.embedded import model as M
+from benchmarks.tasks.shapes import eval_keys, sample_from_rng
+from benchmarks.tasks.shapes import generator as G
+
+log = logging.getLogger("embedded.train")
+
+N_COMBOS = len(G.COLOUR_NAMES) * len(G.SHAPES)  # 18 colour x shape presence bits
+MAX_CLS_COUNT = 4  # CLS count head classes 0..4 (4 = "4 or more")
+
+# Family weights of the LLM stage: bridge phase, then the mixed phase.
+BRIDGE_WEIGHTS = {
+    "shape": 3, "pos_colour": 3, "pos_occupied": 1, "pos_digit": 2, "where_row": 1, "where_col": 1,
+    "colour": 1, "count": 1, "exists": 1, "digit": 1, "relation": 1,
+}
+MIXED_WEIGHTS = {f: (3 if f in G.EVAL_FAMILIES else 1) for f in G.ALL_FAMILIES}
+
+
+# ------------------------------------------------------------------------------------------ stage 1
+
+
+class VisionHeads(nn.Module):
+    """Linear probes on ViT hidden_states[-2]: per patch and on CLS."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.colour = nn.Linear(d, 1 + len(G.COLOUR_NAMES))
+        self.shape = nn.Linear(d, 1 + len(G.SHAPES))
+        self.digit = nn.Linear(d, 11)
+        self.centre = nn.Linear(d, 1)
+        self.row = nn.Linear(d, G.GRID)
+        self.col = nn.Linear(d, G.GRID)
+        self.presence = nn.Linear(d, N_COMBOS + 10)
+        self.counts = nn.Linear(d, len(G.COLOUR_NAMES) * (MAX_CLS_COUNT + 1))
+
+
+def patch_targets(scene: dict) -> dict[str, np.ndarray]:
+    """Per-patch (144) class targets of a scene plus CLS targets.
+
+    A patch takes the label of the item covering the largest fraction of it if that fraction >= 0.2.
+    """
+    lm = G.label_map(scene)  # [192, 192]
+    g, p = M.GRID, M.PATCH_SIZE
+    items = [(i + 1, o) for i, o in enumerate(scene["objects"])]
+    best = np.zeros((g, g))
+    owner = np.zeros((g, g), dtype=np.int64)  # 0 bg, i+1 object, 255 digit
+    for label in [i for i, _ in items] + ([255] if scene["digit"] is not None else []):
+        frac = (lm == label).reshape(g, p, g, p).mean(axis=(1, 3))  # [12, 12]
+        take = (frac >= 0.2) & (frac > best)
+        owner[take], best[take] = label, frac[take]
+    colour = np.zeros((g, g), dtype=np.int64)
+    shape = np.zeros((g, g), dtype=np.int64)
+    digit = np.zeros((g, g), dtype=np.int64)
+    centre = np.zeros((g, g), dtype=np.float32)
+    for i, o in items:
+        colour[owner == i] = 1 + G.COLOUR_NAMES.index(o["colour"])
+        shape[owner == i] = 1 + G.SHAPES.index(o["shape"])
+        centre[o["cy"] // p, o["cx"] // p] = 1
+    presence = np.zeros(N_COMBOS + 10, dtype=np.float32)
+    counts = np.zeros(len(G.COLOUR_NAMES), dtype=np.int64)
+    for o in scene["objects"]:
+        ci = G.COLOUR_NAMES.index(o["colour"])
+        presence[ci * len(G.SHAPES) + G.SHAPES.index(o["shape"])] = 1
+        counts[ci] += 1
+    if scene["digit"] is not None:
+        d = scene["digit"]
+        digit[owner == 255] = 1 + d["value"]
+        centre[d["cy"] // p, d["cx"] // p] = 1
+        presence[N_COMBOS + d["value"]] = 1
+    rows = np.repeat(np.arange(g) * p // G.CELL, g).reshape(g, g)  # cell row of each patch
+    return {
+        "colour": colour.reshape(-1), "shape": shape.reshape(-1), "digit": digit.reshape(-1),
+        "centre": centre.reshape(-1), "row": rows.reshape(-1), "col": rows.T.reshape(-1),
+        "presence": presence, "counts": np.minimum(counts, MAX_CLS_COUNT),
+    }
+
+
+class Stage1:
+    """Vision tower + heads + text tower + visual projection, and their optimizer."""
+
+    def __init__(self, args):
+        torch.manual_seed(args.seed)
+        self.vision = CLIPVisionModel(M.vision_config())
+        self.text = M.build_text_tower(args.seed + 1)
+        d = self.vision.config.hidden_size
+        self.heads = VisionHeads(d)
+        self.visual_projection = nn.Linear(d, self.text.config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        self.modules = nn.ModuleDict(
+            {"vision": self.vision, "text": self.text, "heads": self.heads, "vproj": self.visual_projection}
+        )
+        params = list(self.modules.parameters()) + [self.logit_scale]
+        self.opt = torch.optim.AdamW(params, lr=args.s1_lr, weight_decay=0.01)
+        self.text_tok = M.make_tokenizer(padding_side="right")
+        self.step = 0
+
+    def state(self) -> dict:
+        return {"modules": self.modules.state_dict(), "logit_scale": self.logit_scale.data,
+                "opt": self.opt.state_dict(), "step": self.step}
+
+    def load(self, st: dict) -> None:
+        self.modules.load_state_dict(st["modules"])
+        self.logit_scale.data.copy_(st["logit_scale"])
+        self.opt.load_state_dict(st["opt"])
+        self.step = st["step"]
+
+
+_EVAL_SCENES: set | None = None
+
+
+def stage1_batch(seed: int, step: int, batch: int):
+    """Scenes of the vision stage (deterministic in (seed, step)); eval-split scenes are skipped."""
+    global _EVAL_SCENES
+    if _EVAL_SCENES is None:
+        _EVAL_SCENES = {k[2] for k in eval_keys()}
+    scenes = []
+    j = 0
+    while len(scenes) < batch:
+        rng = np.random.default_rng([G.DOMAIN_TRAIN, seed, 1, step, j])
+        j += 1
+        sc = G.random_scene(rng)
+        if G.scene_key(sc) not in _EVAL_SCENES:
+            scenes.append(sc)
+    return scenes
+
+
+def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torch.Tensor, dict]:
+    imgs = [G.render(sc) for sc in scenes]
+    tg = [patch_targets(sc) for sc in scenes]
+    T = {k: torch.from_numpy(np.stack([t[k] for t in tg])) for k in tg[0]}
+    out = M.vision_hidden(s1.vision, M.pixel_values(imgs))
+    h = out.hidden_states[-2]  # [B, 145, D]
+    cls, pt = h[:, 0], h[:, 1:]  # [B, D], [B, 144, D]
+    H = s1.heads
+    w_c = torch.tensor([1.0] + [3.0] * len(G.COLOUR_NAMES))
+    w_s = torch.tensor([1.0] + [3.0] * len(G.SHAPES))
+    w_d = torch.tensor([1.0] + [3.0] * 10)
+    losses = {
+        "colour": F.cross_entropy(H.colour(pt).flatten(0, 1), T["colour"].flatten(), weight=w_c),
+        "shape": F.cross_entropy(H.shape(pt).flatten(0, 1), T["shape"].flatten(), weight=w_s),
+        "digit": F.cross_entropy(H.digit(pt).flatten(0, 1), T["digit"].flatten(), weight=w_d),
+        "centre": F.binary_cross_entropy_with_logits(
+            H.centre(pt).squeeze(-1), T["centre"], pos_weight=torch.tensor(3.0)),
+        "pos": 0.2 * (F.cross_entropy(H.row(pt).flatten(0, 1), T["row"].flatten())
+                      + F.cross_entropy(H.col(pt).flatten(0, 1), T["col"].flatten())),
+        "presence": F.binary_cross_entropy_with_logits(H.presence(cls), T["presence"]),
+        "counts": F.cross_entropy(
+            H.counts(cls).view(-1, MAX_CLS_COUNT + 1), T["counts"].flatten()),  # [B*6, 5]
+    }
+    if contrastive:
+        caps = [G.caption(sc) + " " + M.EOS_TOKEN for sc in scenes]
+        tb = s1.text_tok(caps, return_tensors="pt", padding=True)
+        temb = F.normalize(s1.text(input_ids=tb.input_ids, attention_mask=tb.attention_mask).text_embeds, dim=-1)
+        vemb = F.normalize(s1.visual_projection(out.pooler_output), dim=-1)  # pooled = post-LN CLS of last layer
+        logits = s1.logit_scale.exp().clamp(max=100) * vemb @ temb.T  # [B, B]
+        lab = torch.arange(len(scenes))
+        losses["clip"] = 0.3 * 0.5 * (F.cross_entropy(logits, lab) + F.cross_entropy(logits.T, lab))
+    with torch.no_grad():
+        fg = T["shape"] > 0
+        acc = {
+            "acc_colour_fg": (H.colour(pt).argmax(-1)[fg] == T["colour"][fg]).float().mean().item(),
+            "acc_shape_fg": (H.shape(pt).argmax(-1)[fg] == T["shape"][fg]).float().mean().item(),
+        }
+        dg = T["digit"] > 0
+        if dg.any():
+            acc["acc_digit_fg"] = (H.digit(pt).argmax(-1)[dg] == T["digit"][dg]).float().mean().item()
+        if contrastive:
+            acc["clip_r1"] = (logits.argmax(1) == lab).float().mean().item()
+    return sum(losses.values()), {**{k: v.item() for k, v in losses.items()}, **acc}
+
+
+def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
+    """Linear warm-up then cosine decay to ``floor * base`` at ``total``."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def run_stage1(args, out: Path, curve) -> Stage1:
+    s1 = Stage1(args)
+    done, ck = out / "stage1_final.pt", out / "stage1.pt"
+    if done.exists():
+        s1.load(torch.load(done, weights_only=False))
+        log.info("stage 1 already finished (step %d); loaded %s", s1.step, done)
+        return s1
+    if ck.exists():
+        s1.load(torch.load(ck, weights_only=False))
+        log.info("resuming stage 1 from step %d", s1.step)
+    s1.modules.train()
+    t0, agg = time.time(), {}
+    while s1.step < args.stage1_steps:
+        for gp in s1.opt.param_groups:
+            gp["lr"] = lr_at(s1.step, args.s1_lr, 200, args.stage1_steps)
+        scenes = stage1_batch(args.seed, s1.step, args.s1_batch)
+        loss, stats = stage1_loss(s1, scenes, contrastive=s1.step >= args.contrastive_start)
+        s1.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s1.modules.parameters(), 1.0)
+        s1.opt.step()
+        s1.step += 1
+        for k, v in stats.items():
+            agg.setdefault(k, []).append(v)
+        if s1.step % args.log_every == 0:
+            rec = {"stage": 1, "step": s1.step, "time_s": round(time.time() - t0, 1),
+                   **{k: round(float(np.mean(v)), 4) for k, v in agg.items()}}
+            log.info(json.dumps(rec))
+            curve.write(json.dumps(rec) + "\n")
+            curve.flush()
+            agg = {}
+        if s1.step % args.ckpt_every == 0:
+            torch.save(s1.state(), ck)
+    torch.save(s1.state(), done)
+    log.info("stage 1 finished at step %d", s1.step)
+    return s1
+
+
+# ------------------------------------------------------------------------------------------ stage 2
+
+
+class Encoder:
+    """Token ids for prompts and packed turns, identical to LlavaProcessor + PROMPT_TEMPLATE output."""
+
+    def __init__(self):
+        self.tok = M.make_tokenizer()
+        ids = self.tok.convert_tokens_to_ids
+        self.user = ids(["USER", ":"])
+        self.assistant = ids(["ASSISTANT", ":"])
+        self.image = ids(M.IMAGE_TOKEN)
+        self.eos = ids(M.EOS_TOKEN)
+        self.pad = self.tok.pad_token_id
+
+    def words(self, text: str) -> list[int]:
+        ids = self.tok.convert_tokens_to_ids(text.split())
+        if self.tok.unk_token_id in ids:
+            raise ValueError(f"out-of-vocabulary word in {text!r}")
+        return ids
+
+    def prompt(self, question: str, n_image: int = M.NUM_PATCHES) -> list[int]:
+        """Single-turn prompt ids with ``n_image`` image placeholders."""
+        return self.user + [self.image] * n_image + self.words(question) + self.assistant
+
+    def packed(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+        """(ids, targets) of a multi-turn sequence; targets = next-token ids at answer/end positions
+        (predicting the token at t+1 from position t), -100 elsewhere."""
+        ids: list[int] = []
+        tgt: list[int] = []
+        for t, (q, a) in enumerate(turns):
+            seg = self.prompt(q) if t == 0 else self.user + self.words(q) + self.assistant
+            ids += seg
+            tgt += [-100] * len(seg)
+            ans = self.words(a) + [self.eos]
+            tgt[-1] = ans[0]  # the last prompt token predicts the answer word
+            ids += ans
+            tgt += ans[1:] + [-100]  # the answer word predicts </s>
+        return ids, tgt
+
+
+def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B, L] ids and attention mask, padded left or right."""
+    L = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), L), pad, dtype=torch.long)
+    am = torch.zeros((len(seqs), L), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if left:
+            ids[i, L - len(s):], am[i, L - len(s):] = torch.tensor(s), 1
+        else:
+            ids[i, : len(s)], am[i, : len(s)] = torch.tensor(s), 1
+    return ids, am
+
+
+def stage2_batch(args, step: int, enc: Encoder, keys: frozenset):
+    """Images and packed turn sequences for one step (deterministic in (seed, step))."""
+    weights = BRIDGE_WEIGHTS if step < args.bridge_steps else MIXED_WEIGHTS
+    fams = list(weights)
+    p = np.array([weights[f] for f in fams], dtype=float)
+    p /= p.sum()
+    images, seqs, tgts = [], [], []
+    j = 0
+    while len(images) < args.s2_batch:
+        rng = np.random.default_rng([G.DOMAIN_TRAIN, args.seed, 2, step, j])
+        j += 1
+        first = sample_from_rng(rng, fams[int(rng.choice(len(fams), p=p))], "")
+        if (first.family, first.question, G.scene_key(first.meta["scene"])) in keys:
+            continue
+        scene = first.meta["scene"]
+        turns = [(first.question, first.answer)]
+        for _ in range(4 * args.turns):
+            if len(turns) >= args.turns:
+                break
+            q = G.question_about(rng, scene, fams[int(rng.choice(len(fams), p=p))])
+            if q is not None and q[0] not in [t[0] for t in turns]:
+                turns.append((q[0], q[1]))
+        ids, tgt = enc.packed(turns)
+        images.append(first.image)
+        seqs.append(ids)
+        tgts.append(tgt)
+    ids, am = pad_batch(seqs, enc.pad, left=False)
+    tg, _ = pad_batch(tgts, -100, left=False)
+    return M.pixel_values(images), ids, am, tg
+
+
+@torch.no_grad()
+def validate(model, enc: Encoder, samples, batch: int = 50) -> dict:
+    """Single-turn greedy first-token accuracy per family on ``samples``."""
+    model.eval()
+    correct: dict[str, list[float]] = {}
+    for b in range(0, len(samples), batch):
+        chunk = samples[b: b + batch]
+        feats = M.vision_features(model, M.pixel_values([s.image for s in chunk]))
+        ids, am = pad_batch([enc.prompt(s.question) for s in chunk], enc.pad, left=True)
+        pred = M.llm_logits(model, feats, ids, am)[:, -1].argmax(-1)
+        for s, p in zip(chunk, pred.tolist()):
+            correct.setdefault(s.family, []).append(float(enc.tok.convert_ids_to_tokens(p) == s.answer))
+    res = {f: float(np.mean(v)) for f, v in sorted(correct.items())}
+    res["overall"] = float(np.mean([x for v in correct.values() for x in v]))
+    return res
+
+
+def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
+    from benchmarks.tasks import get_task
+
+    model, _ = M.build_llava(args.seed + 2)
+    model.model.vision_tower.load_state_dict(s1.vision.state_dict())
+    model.model.vision_tower.requires_grad_(False)
+    trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
+    opt = torch.optim.AdamW(trainable, lr=args.s2_lr, weight_decay=0.0, betas=(0.9, 0.98))
+    enc = Encoder()
+    keys = eval_keys()
+    val = get_task("shapes").samples("val", n=args.val_n)
+    step, best, since_best = 0, -1.0, 0
+    ck = out / "stage2.pt"
+    if ck.exists() and not args.restart_stage2:
+        st = torch.load(ck, weights_only=False)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["opt"])
+        step, best, since_best = st["step"], st["best"], st["since_best"]
+        log.info("resuming stage 2 from step %d (best %.4f)", step, best)
+    t0, agg = time.time(), []
+    while step < args.stage2_steps:
+        if args.stage2_minutes and time.time() - t0 > 60 * args.stage2_minutes:
+            log.info("stage 2 time budget of %.0f min reached at step %d", args.stage2_minutes, step)
+            break
+        model.train()
+        model.model.vision_tower.eval()
+        for gp in opt.param_groups:
+            gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps)
+        pix, ids, am, tg = stage2_batch(args, step, enc, keys)
+        with torch.no_grad():
+            hv = M.vision_hidden(model.model.vision_tower, pix).hidden_states[-2][:, 1:]  # [B, 144, Dv]
+        feats = model.model.multi_modal_projector(hv)  # [B, 144, D]
+        logits = M.llm_logits(model, feats, ids, am)  # [B, L, V]
+        loss = F.cross_entropy(logits.flatten(0, 1), tg.flatten(), ignore_index=-100)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        opt.step()
+        step += 1
+        agg.append(loss.item())
+        if step % args.log_every == 0:
+            rec = {"stage": 2, "step": step, "time_s": round(time.time() - t0, 1), "loss": round(float(np.mean(agg)), 4)}
+            log.info(json.dumps(rec))
+            curve.write(json.dumps(rec) + "\n")
+            curve.flush()
+            agg = []
+        if step % args.eval_every == 0 or step == args.stage2_steps:
+            res = validate(model, enc, val)
+            score = min(v for k, v in res.items() if k != "overall") + res["overall"]
+            rec = {"stage": 2, "step": step, "time_s": round(time.time() - t0, 1), "val": res, "score": score}
+            log.info(json.dumps(rec))
+            curve.write(json.dumps(rec) + "\n")
+            curve.flush()
+            if score > best:
+                best, since_best = score, 0
+                M.export(model, s1.text, s1.visual_projection.weight, out / "best")
+                (out / "best" / "train_state.json").write_text(json.dumps(rec) + "\n")
+                log.info("exported new best (score %.4f) to %s", score, out / "best")
+            else:
+                since_best += 1
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                        "since_best": since_best}, ck)
+            if args.patience and since_best >= args.patience:
+                log.info("early stop: no val improvement in %d evaluations", since_best)
+                break
+        elif step % args.ckpt_every == 0:
+            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                        "since_best": since_best}, ck)
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                "since_best": since_best}, ck)
+    log.info("stage 2 stopped at step %d, best score %.4f", step, best)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="runs/embedded", help="run folder (logs, checkpoints, best export)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--stage1-steps", type=int, default=6000)
+    ap.add_argument("--contrastive-start", type=int, default=4000)
+    ap.add_argument("--s1-batch", type=int, default=16)
+    ap.add_argument("--s1-lr", type=float, default=1e-3)
+    ap.add_argument("--stage2-steps", type=int, default=10000)
+    ap.add_argument("--stage2-minutes", type=float, default=0.0, help="wall-clock budget of stage 2 (0 = none)")
+    ap.add_argument("--bridge-steps", type=int, default=1500)
+    ap.add_argument("--s2-batch", type=int, default=8)
+    ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--s2-lr", type=float, default=2e-3)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--val-n", type=int, default=300)
+    ap.add_argument("--patience", type=int, default=0, help="stop after this many evals without improvement (0 = never)")
+    ap.add_argument("--ckpt-every", type=int, default=250)
+    ap.add_argument("--log-every", type=int, default=50)
+    ap.add_argument("--restart-stage2", action="store_true", help="ignore an existing stage-2 checkpoint")
+    ap.add_argument("--only-stage1", action="store_true")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads < 1:
+        raise ValueError(f"parameter '--threads' must be >= 1, got {args.threads}")
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(message)s",
+        handlers=[logging.FileHandler(out / "train.log"), logging.StreamHandler()],
+    )
+    log.info("args: %s", json.dumps(vars(args)))
+    with open(out / "curve.jsonl", "a") as curve:
+        s1 = run_stage1(args, out, curve)
+        if not args.only_stage1:
+            run_stage2(args, out, s1, curve)
+
+
+if __name__ == "__main__":
+    main()
