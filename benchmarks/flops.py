@@ -1,0 +1,160 @@
+"""Analytic prefill FLOPs of a LLaVA-style model from its config and the actual per-layer token counts.
+
+Why analytic: FLOPs must be comparable across machines and attention kernels (SDPA is invisible to
+``torch.utils.flop_counter`` on CPU), and progressive pruners change the sequence length layer by
+layer. The counts below cover every matmul that FlopCounterMode sees in an eager forward pass
+(tests check the two agree within 1% on tiny models):
+
+- LLM, per decoder layer with ``n`` tokens: q/k/v/o projections (GQA-aware: k and v project to
+  ``n_kv_heads * head_dim``), attention scores and values (``n x n`` per query head, as eager
+  attention computes them, causal mask or not), SwiGLU's three matrices; the LM head once, for the
+  last position (generate() and ``logits_to_keep=1`` compute only that row at prefill).
+- Vision encoder (CLIP): patch-embedding convolution, per layer the four projections, scores,
+  values and the two MLP matrices; layers that an in-ViT pruner shrinks count their actual tokens.
+- Projector: two linear layers on the visual tokens that reach the LLM.
+
+Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
+``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
+lists: C(n) = 4 n d^2 + 2 n^2 d + k n d m with k = 2 (FastV) or 3 (SparseVLM); see
+``shared/specs/flops.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+CONVENTIONS = ("real", "fastv", "sparsevlm")
+
+
+def _text_dims(text_config: Any) -> dict[str, int]:
+    d = int(text_config.hidden_size)
+    heads = int(text_config.num_attention_heads)
+    kv = int(getattr(text_config, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text_config, "head_dim", None) or d // heads)
+    return {
+        "d": d,
+        "m": int(text_config.intermediate_size),
+        "heads": heads,
+        "kv_heads": kv,
+        "head_dim": head_dim,
+        "layers": int(text_config.num_hidden_layers),
+        "vocab": int(text_config.vocab_size),
+    }
+
+
+def llm_layer_flops(text_config: Any, n: int, convention: str = "real") -> int:
+    """FLOPs of one decoder layer on ``n`` tokens at prefill (see the module docstring)."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    t = _text_dims(text_config)
+    d, m = t["d"], t["m"]
+    if convention == "fastv":
+        return 4 * n * d * d + 2 * n * n * d + 2 * n * d * m
+    if convention == "sparsevlm":
+        return 4 * n * d * d + 2 * n * n * d + 3 * n * d * m
+    q_dim = t["heads"] * t["head_dim"]
+    kv_dim = t["kv_heads"] * t["head_dim"]
+    proj = 2 * n * d * q_dim + 2 * 2 * n * d * kv_dim + 2 * n * q_dim * d
+    attn = 2 * 2 * t["heads"] * n * n * t["head_dim"]  # scores (q k^T) and values (p v)
+    mlp = 3 * 2 * n * d * m  # gate, up, down
+    return proj + attn + mlp
+
+
+def llm_prefill_flops(
+    text_config: Any, layer_tokens: Sequence[int], convention: str = "real", lm_head: bool = True
+) -> int:
+    """FLOPs of the LLM prefill with ``layer_tokens[l]`` tokens entering decoder layer ``l``.
+
+    With ``convention="real"`` and ``lm_head`` this adds the LM head on the last position.
+    """
+    t = _text_dims(text_config)
+    if len(layer_tokens) != t["layers"]:
+        raise ValueError(f"layer_tokens has {len(layer_tokens)} entries; the model has {t['layers']} decoder layers")
+    total = sum(llm_layer_flops(text_config, int(n), convention) for n in layer_tokens)
+    if convention == "real" and lm_head:
+        total += 2 * t["d"] * t["vocab"]
+    return total
+
+
+def fastv_convention_tflops(text_config: Any, n_visual: int, convention: str = "fastv") -> float:
+    """TFLOPs of the published tables: visual tokens only, the same count in every layer, multiply-adds."""
+    n_layers = int(text_config.num_hidden_layers)
+    return llm_prefill_flops(text_config, [n_visual] * n_layers, convention=convention) / 1e12
+
+
+def vision_flops(vision_config: Any, layer_tokens: Sequence[int] | None = None) -> int:
+    """FLOPs of a CLIP-style vision encoder: patch embedding plus each layer run on its token count.
+
+    ``layer_tokens`` lists the tokens (CLS included) entering each layer that actually ran; ``None``
+    means every layer on the full sequence (the unhooked model runs all layers).
+    """
+    dv = int(vision_config.hidden_size)
+    mv = int(vision_config.intermediate_size)
+    p = int(vision_config.patch_size)
+    n_patches = (int(vision_config.image_size) // p) ** 2
+    channels = int(getattr(vision_config, "num_channels", 3))
+    if layer_tokens is None:
+        layer_tokens = [n_patches + 1] * int(vision_config.num_hidden_layers)
+    total = 2 * n_patches * channels * p * p * dv  # conv patch embedding
+    for n in layer_tokens:
+        n = int(n)
+        total += 4 * 2 * n * dv * dv + 2 * 2 * n * n * dv + 2 * 2 * n * dv * mv
+    return total
+
+
+def projector_flops(config: Any, n_visual: int) -> int:
+    """FLOPs of LLaVA's two-layer MLP projector on ``n_visual`` tokens."""
+    dv = int(config.vision_config.hidden_size)
+    layers = config.vision_feature_layer
+    dv *= len(layers) if isinstance(layers, (list, tuple)) else 1
+    dt = int(config.text_config.hidden_size)
+    return 2 * n_visual * (dv * dt + dt * dt)
+
+
+@dataclass
+class PrefillFlops:
+    """Prefill FLOPs of one sample, by part."""
+
+    vision: int
+    projector: int
+    llm: int
+    overhead: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.vision + self.projector + self.llm + self.overhead
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def prefill_flops(
+    config: Any, n_text: int, token_counts: dict[str, Any] | None = None, overhead: int = 0
+) -> PrefillFlops:
+    """Prefill FLOPs of one sample with ``n_text`` non-image prompt tokens.
+
+    ``token_counts`` is a pruning handle's ``token_counts`` (``"vision"``: tokens entering each ViT
+    layer that ran, ``"llm_visual"``: visual tokens entering each decoder layer); ``None`` means the
+    unpruned, unhooked model. ``overhead`` is the pruner's own FLOPs for this sample.
+    """
+    n_layers = int(config.text_config.num_hidden_layers)
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    n_vis_all = side * side
+    counts = token_counts or {}
+    vision_layers = counts.get("vision")
+    llm_visual = counts.get("llm_visual") or [n_vis_all] * n_layers
+    layer_tokens = [n_text + int(v) for v in llm_visual]
+    return PrefillFlops(
+        vision=vision_flops(config.vision_config, vision_layers),
+        projector=projector_flops(config, int(llm_visual[0])),
+        llm=llm_prefill_flops(config.text_config, layer_tokens),
+        overhead=int(overhead),
+    )
+
+
+def equiv_tokens(token_counts: dict[str, Any] | None, n_layers: int, n_visual: int) -> float:
+    """Visual tokens averaged over the LLM's layers: sum_l n_vis(l) / L."""
+    llm_visual = (token_counts or {}).get("llm_visual") or [n_visual] * n_layers
+    return sum(llm_visual) / len(llm_visual)
