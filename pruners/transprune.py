@@ -1,0 +1,167 @@
+"""`transprune` (TransPrune, arXiv 2507.20630): progressive in-LLM pruning by Token Transition
+Variation (TTV) plus Instruction-Guided Attention (IGA). Spec: shared/specs/transprune.md.
+
+What it scores, per visual token j, at each pruning layer K:
+- TTV: for every decoder layer in the window, for its attention and MLP sub-layers separately,
+  x = the sub-layer input after its RMSNorm, y = the sub-layer output (residual update):
+  ||y_j|| / ||x_j|| * softmax_over_tokens(1 - cos(x_j, y_j)), summed over both sub-layers and over
+  the layers of the window. Computed by the fused op ``pruners.ops.transition_variation``.
+- IGA: attention of the instruction tokens after the image to the visual tokens, from layer K's own
+  q/k projections (with RoPE) applied to its input, head mean and mean over those queries
+  (``ctx.extras["layer_rows"]("instruction")``: only these rows are computed).
+- score = TTV / sum(TTV) + IGA / sum(IGA) (sums over the current visual tokens); ``use_iga=False`` is
+  the paper's "TTV alone" variant. The top tokens are kept, in original order. No merging.
+
+Schedule: after layers 7, 9, 12 (1-indexed, i.e. K = 7, 9, 12) of the 32-layer LLaVA-1.5 keep 87.5%,
+62.5% and 12.5% of the 576 image tokens (576 -> 504 -> 360 -> 72, about 236 equivalent tokens).
+``layers`` and ``ratios`` expose it; the defaults scale the layers to the model's depth
+(`transprune_schedule`). The count after the LAST pruning layer is the ``budget``; ``ratios`` give the
+fractions of the original image tokens kept at the earlier pruning layers (never fewer than budget).
+
+TTV window (interpretation of "accumulated over a layer window, authors 7..12"): TTV is summed over
+every layer from ``ttv_start`` (default: the layer just before the first pruning point, 1-indexed
+layer 7 on LLaVA-1.5) up to the current pruning point; sums are carried with the surviving tokens
+across pruning points, so the score at K=12 covers layers 7..12 (1-indexed).
+
+Positions: the authors renumber kept tokens contiguously, which is the default here
+(``positions="compact"``); ``positions="original"`` keeps the original RoPE positions (as FastV does).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pruners._schedule import check_layers, equivalent_tokens, layer_counts, scale_layers
+from pruners.base import LLMLayerContext, ModelInfo, Pruner
+from pruners.ops import transition_variation
+from pruners.registry import register_pruner
+
+#: Authors' LLaVA-1.5 schedule: K values on a 32-layer model and keep fractions before the budget.
+REF_LAYERS, REF_DEPTH = (7, 9, 12), 32
+REF_RATIOS = (0.875, 0.625)
+REF_FINAL_RATIO = 0.125  # 72 of 576: the budget that reproduces the authors' schedule
+
+
+def transprune_schedule(
+    n_visual: int,
+    n_layers: int,
+    budget: int | None = None,
+    layers: Sequence[int] | None = None,
+    ratios: Sequence[float] | None = None,
+) -> dict[str, Any]:
+    """TransPrune's token schedule without a model.
+
+    Returns ``{"layers": [K...], "counts": [tokens kept from each K], "per_layer": [tokens entering
+    each decoder layer], "equiv_tokens": float}``. ``budget=None`` uses the authors' final 12.5%.
+    """
+    layers = scale_layers(REF_LAYERS, REF_DEPTH, n_layers) if layers is None else check_layers(layers, n_layers)
+    ratios = list(REF_RATIOS if ratios is None else ratios)
+    if len(ratios) != len(layers) - 1:
+        raise ValueError(
+            f"ratios must hold one keep fraction per pruning layer except the last (whose count is the budget): "
+            f"{len(layers) - 1} value(s) for layers={layers}, got {ratios!r}"
+        )
+    if not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios) or any(
+        a < b for a, b in zip(ratios, ratios[1:])
+    ):
+        raise ValueError(f"ratios must be non-increasing fractions in (0, 1], got {ratios!r}")
+    if budget is None:
+        budget = max(1, int(round(REF_FINAL_RATIO * n_visual)))
+    counts = [max(int(round(r * n_visual)), budget) for r in ratios] + [budget]
+    per_layer = layer_counts(n_visual, n_layers, layers, counts)
+    return {"layers": layers, "counts": counts, "per_layer": per_layer, "equiv_tokens": equivalent_tokens(per_layer)}
+
+
+def layer_ttv(capture: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
+    """TTV of one decoder layer: attention-sub-layer TTV + MLP-sub-layer TTV, [B, L] fp32.
+
+    capture: {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D] (inputs after their RMSNorm,
+    outputs before the residual add); mask: [B, L] bool, True = real token (softmax over those only).
+    """
+    ttv = transition_variation(capture["attn_in"], capture["attn_out"], mask=mask)  # [B, L]
+    return ttv + transition_variation(capture["mlp_in"], capture["mlp_out"], mask=mask)
+
+
+@register_pruner("transprune")
+class TransPrune(Pruner):
+    """TTV (+ IGA) progressive pruning inside the LLM; see the module docstring."""
+
+    stages = ("llm",)
+    defaults = {
+        "layers": None,  # pruning layers K; None = authors' 7/9/12 of 32 scaled to the model
+        "ratios": None,  # keep fractions of the image tokens at every K but the last; None = 0.875, 0.625
+        "use_iga": True,  # False = "TTV alone"
+        "ttv_start": None,  # first decoder layer whose TTV is accumulated; None = layers[0] - 1
+        "positions": "compact",
+    }
+    search_space = {
+        "ratio_1": ("float", 0.5, 1.0),
+        "ratio_2": ("float", 0.25, 1.0),
+    }
+
+    def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
+        # Tuner-friendly flat parameters: ratio_1, ratio_2 (as in search_space) build `ratios`.
+        flat = {k: params.pop(k) for k in list(params) if k.startswith("ratio_")}
+        super().__init__(budget=budget, seed=seed, **params)
+        if flat:
+            keys = sorted(flat, key=lambda k: int(k.split("_")[1]))
+            r = [float(flat[k]) for k in keys]
+            for i in range(1, len(r)):  # keep the schedule monotone: each ratio at most the previous one
+                r[i] = min(r[i], r[i - 1])
+            self.params["ratios"] = r
+        self._schedule: dict[str, Any] | None = None
+
+    def attach(self, info: ModelInfo) -> None:
+        super().attach(info)
+        if not isinstance(self.params["use_iga"], bool):
+            raise ValueError(f"use_iga must be true or false, got {self.params['use_iga']!r}")
+        budget = self.budget if self.budget is not None else info.num_visual_tokens
+        self._schedule = transprune_schedule(
+            info.num_visual_tokens, info.llm_num_layers, budget, self.params["layers"], self.params["ratios"]
+        )
+        start = self.params["ttv_start"]
+        first = self._schedule["layers"][0]
+        if start is None:
+            start = first - 1
+        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < first:
+            raise ValueError(f"ttv_start must be an int in 0..{first - 1} (before the first pruning layer), got {start!r}")
+        self._ttv_start = start
+
+    def token_schedule(self) -> list[int]:
+        """Visual tokens entering each decoder layer (after attach)."""
+        assert self._schedule is not None, "attach() first"
+        return list(self._schedule["per_layer"])
+
+    def llm_layers(self) -> list[int]:
+        return list(self._schedule["layers"]) if self._schedule else []
+
+    def llm_attention_layers(self) -> list[int]:
+        return []  # IGA uses layer K's own rows (ctx.extras["layer_rows"])
+
+    def llm_capture_layers(self) -> list[int]:
+        if not self._schedule:
+            return []
+        return list(range(self._ttv_start, self._schedule["layers"][-1]))
+
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
+        layers = self._schedule["layers"]
+        stage = layers.index(ctx.layer)
+        k = self._schedule["counts"][stage]
+        lo = self._ttv_start if stage == 0 else layers[stage - 1]
+        caps = ctx.extras["captures"]
+        vis = ctx.visual_pos  # [B, Nv]
+        ttv = ctx.state.get("ttv")  # [B, Nv] sums carried from earlier windows
+        if ttv is None:
+            ttv = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device)
+        for j in range(lo, ctx.layer):
+            ttv = ttv + layer_ttv(caps[j], ctx.key_mask).gather(1, vis)  # [B, Nv]
+        score = ttv / ttv.sum(1, keepdim=True).clamp(min=1e-12)  # [B, Nv]
+        if self.params["use_iga"]:
+            iga = ctx.extras["layer_rows"]("instruction").float()  # [B, Nv]
+            score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
+        keep = score.topk(k, dim=1).indices.sort(dim=1).values  # [B, k], original order
+        ctx.state["ttv"] = ttv.gather(1, keep)
+        return keep

@@ -1,0 +1,278 @@
+"""`vflowopt` (VFlowOpt, ICCV'25, arXiv 2508.05211): importance map from the vision encoder,
+pre-LLM pruning with spatial recycling, progressive drops inside the LLM. Spec: shared/specs/vflowopt.md.
+
+1. Importance (pre-LLM stage, ViT layer ``vision_layer``): A = head-mean softmax attention of that
+   layer (all 1+N tokens on CLIP: CLS is one more token; built by ``pruners.ops.attention_rows`` from
+   the layer's q/k). Global tokens: received attention (column mean of A) > t x its mean. Context
+   relevance c_j = mean over global tokens g of A[g, j] (every token counts as global when none
+   passes the threshold). Patch entropy e_j: grey (mean of R, G, B after undoing the processor's
+   normalisation), 256-bin histogram of the patch's pixels, Shannon entropy in bits.
+   importance_j = c_j + alpha * softmax(e)_j.
+2. Pre-LLM pruning with recycling: ``n_v`` tokens reach the LLM, recycled ones included. The
+   lowest-importance tokens are dropped; dropped tokens are grouped by an m x m cell of the patch grid
+   (m in patches, may be fractional) and each cell's dropped tokens become ONE recycled token, their
+   importance-weighted mean (``pruners.ops.merge_tokens``; weights = importance clamped at a tiny
+   positive floor), placed at the cell's most important dropped token. The kept count k is the largest
+   with k + (cells holding dropped tokens) <= n_v. A recycled token carries its anchor's importance
+   into the LLM. If even k = 0 leaves more cells than n_v, the n_v cells with the most important
+   anchors are recycled and the rest discarded.
+3. Inside the LLM: at layers k_1 < k_2 (authors: 9 and 18 of 28, scaled to the model's depth) keep the
+   tokens with the highest pre-LLM importance (``ctx.extras["token_scores"]``), original positions.
+
+Counts. ``budget`` = tokens after k_2. With ``r_v`` set: n_v = round(r_v N), n_1 = round(n_v r_1),
+and the last ratio is solved as r_2 = budget / n_1 (the tuner therefore solves r_2 by choosing the
+budget that meets its compute target, as the authors do). With ``r_v=None`` (default) the authors'
+10%-setting LLM ratios are used (r_1 = 1.0, r_2 = 0.6) and n_v = ceil(budget / (r_1 r_2)).
+
+Batches: samples may split n_v differently between kept and recycled tokens; the adapter needs one
+split per batch, so a sample's lowest-ranked kept tokens may be passed as single-token "recycled"
+tokens (the mean of one token is that token, at its own position): the LLM input is identical to a
+batch of one, only ``handle.kept_indices`` lists fewer grid indices for that sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from pruners._schedule import check_layers, equivalent_tokens, layer_counts, scale_layers
+from pruners.base import LLMLayerContext, ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.ops import attention_rows, merge_tokens
+from pruners.registry import register_pruner
+
+REF_LLM_LAYERS, REF_DEPTH = (9, 18), 28
+REF_M, REF_GRID = 17.39, 27  # authors' 10% setting: cell side 17.39 patches on SigLIP's 27 x 27 grid
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+WEIGHT_FLOOR = 1e-12
+
+
+def vflowopt_schedule(
+    n_visual: int,
+    n_layers: int,
+    budget: int,
+    r_v: float | None = None,
+    r_1: float = 1.0,
+    r_2: float = 0.6,
+    layers: Sequence[int] | None = None,
+) -> dict[str, Any]:
+    """VFlowOpt's token schedule without a model.
+
+    Returns ``{"layers": [k_1, k_2], "pre_llm": n_v, "counts": [n_1, budget], "r_2": effective r_2,
+    "per_layer": tokens entering each decoder layer, "equiv_tokens": float}``.
+    """
+    layers = scale_layers(REF_LLM_LAYERS, REF_DEPTH, n_layers) if layers is None else check_layers(layers, n_layers, "llm_layers")
+    if len(layers) != 2:
+        raise ValueError(f"llm_layers must hold two layers [k_1, k_2], got {layers!r}")
+    for name, v in (("r_1", r_1), ("r_2", r_2)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
+            raise ValueError(f"{name} must be a keep ratio in (0, 1], got {v!r}")
+    if r_v is None:
+        n_v = min(n_visual, math.ceil(budget / (r_1 * r_2) - 1e-9))
+        n_1 = min(n_v, max(budget, int(round(n_v * r_1))))
+    else:
+        if isinstance(r_v, bool) or not isinstance(r_v, (int, float)) or not 0 < r_v <= 1:
+            raise ValueError(f"r_v must be a keep ratio in (0, 1] or null (derived from the budget), got {r_v!r}")
+        n_v = max(1, int(round(r_v * n_visual)))
+        n_1 = max(1, int(round(n_v * r_1)))
+        if budget > n_1:
+            raise ValueError(
+                f"budget={budget} is above the {n_1} tokens left after r_v={r_v} and r_1={r_1} "
+                f"(of {n_visual}); accepted: budget in 1..{n_1}, or r_v=null to derive r_v from the budget"
+            )
+    per_layer = layer_counts(n_v, n_layers, layers, [n_1, budget])
+    return {"layers": layers, "pre_llm": n_v, "counts": [n_1, budget], "r_2": budget / n_1,
+            "per_layer": per_layer, "equiv_tokens": equivalent_tokens(per_layer)}
+
+
+def patch_entropy(
+    pixel_values: torch.Tensor, grid_hw: tuple[int, int], mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """[B, N] Shannon entropy (bits) of each patch's grey-level histogram (256 bins).
+
+    pixel_values: [B, 3, H, W] normalised as the processor did ((x - mean) / std, x in [0, 1]).
+    """
+    pv = pixel_values.float()
+    B, C, H, W = pv.shape
+    m = torch.tensor(mean, dtype=pv.dtype, device=pv.device).view(1, C, 1, 1)
+    s = torch.tensor(std, dtype=pv.dtype, device=pv.device).view(1, C, 1, 1)
+    grey = (pv * s + m).clamp(0, 1).mean(1)  # [B, H, W]
+    bins = (grey * 255).round().long()  # 0..255
+    gh, gw = grid_hw
+    ph, pw = H // gh, W // gw
+    patches = bins[:, : gh * ph, : gw * pw].reshape(B, gh, ph, gw, pw).permute(0, 1, 3, 2, 4).reshape(B, gh * gw, ph * pw)
+    hist = torch.zeros(B, gh * gw, 256, dtype=torch.float32, device=pv.device)
+    hist.scatter_add_(2, patches, torch.ones_like(patches, dtype=torch.float32))
+    p = hist / (ph * pw)
+    return -(p * torch.log2(p.clamp(min=1e-30))).sum(-1)  # p = 0 terms vanish
+
+
+def recycle_plan(importance: torch.Tensor, cell: torch.Tensor, n_v: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Per sample: rank tokens and split them into kept / recycled-by-cell (see module docstring, step 2).
+
+    importance: [N] (one sample), cell: [N] cell id per token, n_v: tokens that reach the LLM.
+    Returns (order [N]: token indices by decreasing importance, assign [N]: -1 for kept or discarded
+    tokens, else a cell slot 0..c-1 (slots ordered by their anchor's rank), [k, c]).
+    """
+    N = importance.shape[0]
+    order = torch.sort(importance, descending=True, stable=True).indices  # [N]
+    cell_sorted = cell[order]
+    # c(k) = distinct cells among ranks >= k: count ranks that are the last occurrence of their cell.
+    pos = torch.arange(N)
+    last = torch.full((int(cell.max()) + 1,), -1, dtype=torch.long).scatter_reduce(0, cell_sorted, pos, "amax")
+    is_last = (last[cell_sorted] == pos).long()
+    c_of_k = torch.cat([is_last.flip(0).cumsum(0).flip(0), torch.zeros(1, dtype=torch.long)])  # [N+1]
+    f = torch.arange(N + 1) + c_of_k  # non-decreasing in steps of 0 or 1
+    ok = (f <= n_v).nonzero()
+    k = int(ok.max()) if ok.numel() else 0
+    assign = torch.full((N,), -1, dtype=torch.long)
+    dropped = order[k:]
+    dcell = cell[dropped]
+    # slot per cell, ordered by the rank of the cell's first (most important) dropped token
+    first_rank: dict[int, int] = {}
+    for r, c in enumerate(dcell.tolist()):
+        first_rank.setdefault(c, r)
+    cells = sorted(first_rank, key=first_rank.get)[: max(n_v - k, 0)]  # too many cells: keep the best anchors
+    slot = {c: i for i, c in enumerate(cells)}
+    assign[dropped] = torch.tensor([slot.get(c, -1) for c in dcell.tolist()], dtype=torch.long)
+    return order, assign, [k, len(cells)]
+
+
+@register_pruner("vflowopt")
+class VFlowOpt(Pruner):
+    """Importance map + recycling pre-LLM, progressive drops in the LLM; see the module docstring."""
+
+    stages = ("pre_llm", "llm")
+    defaults = {
+        "r_v": None,  # pre-LLM keep ratio of N (recycled tokens count); None = derived from budget, r_1, r_2
+        "r_1": 1.0,  # keep ratio at k_1 (multiplicative)
+        "r_2": 0.6,  # keep ratio at k_2, used only when r_v is None (else solved from the budget)
+        "t": 39.26,  # global-token threshold (x mean received attention); authors' 10% setting
+        "m": None,  # recycling cell side in patches; None = 17.39/27 of the grid side (authors' 10% setting)
+        "alpha": 0.0,  # weight of the patch-entropy term (authors' shipped configs: 0)
+        "vision_layer": None,  # ViT layer of the importance map; None = the one before LLaVA's feature layer
+        "llm_layers": None,  # [k_1, k_2]; None = 9 and 18 of 28 scaled to the model's depth
+        "pixel_mean": list(CLIP_MEAN),  # processor normalisation, to recover grey levels for the entropy
+        "pixel_std": list(CLIP_STD),
+        "positions": "original",
+    }
+    #: authors' search space (r_2 is solved from the compute target through the budget)
+    search_space = {
+        "r_v": ("float", 0.25, 0.375),
+        "r_1": ("float", 0.533, 1.0),
+        "t": ("float", 0.0, 50.0),
+        "m": ("float", 3.0, 24.0),
+        "alpha": ("float", -1.0, 1.0),
+    }
+
+    def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
+        super().__init__(budget=budget, seed=seed, **params)
+        self._schedule: dict[str, Any] | None = None
+
+    def attach(self, info: ModelInfo) -> None:
+        super().attach(info)
+        p = self.params
+        budget = self.budget if self.budget is not None else info.num_visual_tokens
+        self._schedule = vflowopt_schedule(
+            info.num_visual_tokens, info.llm_num_layers, budget, p["r_v"], p["r_1"], p["r_2"], p["llm_layers"]
+        )
+        for name in ("t", "alpha"):
+            if isinstance(p[name], bool) or not isinstance(p[name], (int, float)):
+                raise ValueError(f"{name} must be a number, got {p[name]!r}")
+        if p["m"] is not None and (isinstance(p["m"], bool) or not isinstance(p["m"], (int, float)) or p["m"] <= 0):
+            raise ValueError(f"m (recycling cell side, in patches) must be a positive number or null, got {p['m']!r}")
+        vl = p["vision_layer"]
+        if vl is None:
+            vl = max(info.vision_feature_layer - 1, 0)
+        if isinstance(vl, bool) or not isinstance(vl, int) or not 0 <= vl <= info.vision_feature_layer:
+            raise ValueError(
+                f"vision_layer must be an int in 0..{info.vision_feature_layer} (ViT layers LLaVA runs) or null, got {vl!r}"
+            )
+        self._vision_layer = vl
+        self._m = float(p["m"]) if p["m"] is not None else REF_M / REF_GRID * info.grid_hw[1]
+
+    def token_schedule(self) -> list[int]:
+        """Visual tokens entering each decoder layer (after attach)."""
+        assert self._schedule is not None, "attach() first"
+        return list(self._schedule["per_layer"])
+
+    def vision_probe_layers(self) -> list[int]:
+        return [self._vision_layer] if self._schedule else []
+
+    # ---- step 1: importance -----------------------------------------------------------------
+    def importance(self, ctx: PreLLMContext) -> torch.Tensor:
+        """[B, N] importance of the current patch features (context relevance + alpha x entropy term)."""
+        q, k, _ = ctx.vision_qkv(self._vision_layer)  # [B, H, T, Dh]
+        A = attention_rows(q, k, scale=q.shape[-1] ** -0.5).float()  # [B, T, T] head mean
+        received = A.mean(1)  # [B, T] column means
+        glob = received > self.params["t"] * received.mean(1, keepdim=True)  # [B, T]
+        glob = torch.where(glob.any(1, keepdim=True), glob, torch.ones_like(glob))  # none passes: all
+        w = glob.float()
+        c = (A * w[..., None]).sum(1) / w.sum(1, keepdim=True)  # [B, T]
+        n_cls = A.shape[-1] - ctx.features.shape[1]
+        c = c[:, n_cls:]  # [B, N] patch columns
+        alpha = float(self.params["alpha"])
+        if alpha != 0.0:
+            e = patch_entropy(ctx.pixel_values, ctx.info.grid_hw, self.params["pixel_mean"], self.params["pixel_std"])
+            e = e.gather(1, ctx.patch_index)  # [B, N]
+            c = c + alpha * torch.softmax(e, dim=1)
+        return c
+
+    # ---- step 2: pre-LLM pruning with recycling ---------------------------------------------
+    def prune_pre_llm(self, ctx: PreLLMContext) -> PreLLMDecision:
+        imp = self.importance(ctx)  # [B, N]
+        x = ctx.features  # [B, N, Dv]
+        B, N, _ = x.shape
+        n_v = min(self._schedule["pre_llm"], N)
+        gw = ctx.info.grid_hw[1]
+        m = max(self._m, 1.0)
+        cols_cells = math.ceil(gw / m)
+        r, c = ctx.patch_index // gw, ctx.patch_index % gw
+        cell = (torch.floor(r / m) * cols_cells + torch.floor(c / m)).long()  # [B, N]
+        plans = [recycle_plan(imp[b].cpu(), cell[b].cpu(), n_v) for b in range(B)]
+        k_min = min(p[2][0] for p in plans)
+        n_merged = n_v - k_min
+        keep = torch.stack([p[0][:k_min] for p in plans]).to(x.device)  # [B, k_min]
+        assign = torch.stack([p[1] for p in plans])  # [B, N]
+        for b, (order, a, (k, n_cells)) in enumerate(plans):
+            # kept tokens beyond the batch's common kept count travel as single-token "recycled" slots
+            extra = order[k_min:k]
+            assign[b, extra] = n_cells + torch.arange(extra.numel())
+        assign = assign.to(x.device)
+        weights = imp.clamp(min=0) + WEIGHT_FLOOR  # [B, N]
+        merged = merge_tokens(x, assign, n_merged, weights=weights)  # [B, n_merged, Dv]
+        # anchor = most important token of each slot
+        slot_imp = torch.full((B, max(n_merged, 1)), -float("inf"), device=x.device)
+        valid = assign >= 0
+        a_cl = assign.clamp(min=0)
+        slot_imp = slot_imp.scatter_reduce(1, a_cl, torch.where(valid, imp, torch.full_like(imp, -float("inf"))), "amax")
+        is_anchor = valid & (imp == slot_imp.gather(1, a_cl))
+        idx = torch.arange(N, device=x.device).expand(B, N)
+        # among ties take the lowest raster index: scatter amin of indices of anchor candidates
+        big = torch.full_like(idx, N)
+        anchor = torch.full((B, max(n_merged, 1)), N, dtype=torch.long, device=x.device).scatter_reduce(
+            1, a_cl, torch.where(is_anchor, idx, big), "amin"
+        )[:, :n_merged]
+        scores = torch.cat([imp.gather(1, keep), slot_imp[:, :n_merged]], dim=1)  # [B, k_min + n_merged]
+        return PreLLMDecision(
+            keep=keep,
+            merged=merged if n_merged else None,
+            merged_anchor=anchor if n_merged else None,
+            scores=scores,
+            info={"vflowopt_pre_llm_tokens": n_v, "vflowopt_recycled": [p[2][1] for p in plans]},
+        )
+
+    # ---- step 3: progressive drops in the LLM ----------------------------------------------
+    def llm_layers(self) -> list[int]:
+        return list(self._schedule["layers"]) if self._schedule else []
+
+    def llm_attention_layers(self) -> list[int]:
+        return []
+
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
+        k = self._schedule["counts"][self._schedule["layers"].index(ctx.layer)]
+        scores = ctx.extras["token_scores"]  # [B, Nv] pre-LLM importance of the current visual tokens
+        return scores.topk(k, dim=1).indices
