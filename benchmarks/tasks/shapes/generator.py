@@ -373,8 +373,8 @@ def relevant_patches(scene: dict, info: dict, grid_hw: tuple[int, int], min_cove
     ys = np.minimum((np.arange(IMAGE_SIZE) * gh) // IMAGE_SIZE, gh - 1)  # pixel row -> patch row
     xs = np.minimum((np.arange(IMAGE_SIZE) * gw) // IMAGE_SIZE, gw - 1)
     area = np.bincount(ys, minlength=gh)[:, None] * np.bincount(xs, minlength=gw)[None, :]  # [gh, gw]
-    items: list[tuple[int, int, int]] = [(i + 1, o["cx"], o["cy"]) for i, o in enumerate(scene["objects"])
-                                         if i in set(info["relevant_objects"])]
+    objs = scene["objects"]
+    items: list[tuple[int, int, int]] = [(i + 1, objs[i]["cx"], objs[i]["cy"]) for i in info["relevant_objects"]]
     if info.get("relevant_digit") and scene["digit"] is not None:
         items.append((255, scene["digit"]["cx"], scene["digit"]["cy"]))
     centres: list[int] = []
