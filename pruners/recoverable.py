@@ -1,0 +1,378 @@
+"""`recoverable` (Recoverable Compression, arXiv 2409.01179, AAAI'25): keep the patches the ViT
+[CLS] attends to, recover the ones the question points at, merge the rest.
+
+Spec: shared/specs/recoverable.md. Pre-LLM, training-free, needs a vision encoder with [CLS]:
+1. Visual score a: [CLS] attention to the patches at ``score_layer`` (default: the feature layer
+   LLaVA feeds the LLM; see "Deviations"), single-head attention recomputed from the concatenated
+   q/k projections as PruMerge does (``attention="single_head"``) or the usual head mean.
+2. Visual keep: the top tokens by a.
+3. Text recovery: similarity t between each patch and the question; among the tokens not kept,
+   recover the top ones by t. t = cosine between the CLIP text embedding of the question's first
+   line (EOT token through the text projection) and each patch feature through the vision tower's
+   post-layernorm and the CLIP visual projection. Without a text tower (or without the question
+   text), t = cosine between the projected visual tokens and the mean of the LLM's input embeddings
+   of the tokens after the image; ``PreLLMDecision.info["text_similarity"]`` says which was used.
+4. Merge: among the remaining tokens the top ones by a become cluster centres; every other remaining
+   token joins its most similar centre (cosine of the score layer's keys), each centre keeping at
+   most ``neighbours`` of them, ranked by key similarity + ``text_weight`` * t; each cluster becomes
+   the a-weighted mean of its members (centre included); plus one token = the a-weighted mean of all
+   remaining non-centres. Means use the ``merge_tokens`` op, top-k the ``select_and_gather`` op.
+5. LLM input: kept + recovered tokens in raster order, then the merged tokens.
+
+Modes. ``mode="fixed"``: exactly ``budget`` tokens = visual keep + ``recover_share`` * budget
+recovered + ``merge_share`` * budget merged. ``mode="adaptive"`` (paper): the number kept is the
+number of high outliers of a by the local outlier factor (LOF > ``lof_threshold`` and above the
+median), the number recovered the number of high LOF outliers of t among the rest, and merged tokens
+make up ``merge_share`` of the total; ``budget`` must be None. In a batch the per-image counts
+differ, so the batch uses the largest count of each part (images below it take their next-ranked
+tokens): adaptive results depend on batch composition; the per-image counts are in ``info``.
+
+Deviations (why): the score layer defaults to the feature layer, not the ViT's last layer, because
+LLaVA never runs the last layer and its CLS row is only informative when the pooled output was
+trained (shared/notes/embedded-model.md); the adaptive outlier rule and the split shares of the
+fixed mode are our reading of the paper, which gives no exact constants.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from pruners import ops
+from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.registry import register_pruner
+
+MODES = ("fixed", "adaptive")
+ATTENTIONS = ("single_head", "head_mean")
+FALLBACK = "llm_embeddings"
+
+
+# ---------------------------------------------------------------------------------------------
+# pure helpers (tested without a model)
+# ---------------------------------------------------------------------------------------------
+def local_outlier_factor(x: torch.Tensor, n_neighbors: int = 20) -> torch.Tensor:
+    """[B, N] local outlier factor of 1-D values x [B, N] (Breunig et al. 2000, as sklearn's LOF).
+
+    lrd(i) = 1 / mean_{o in kNN(i)} max(kdist(o), |x_i - x_o|); LOF(i) = mean_{o in kNN(i)} lrd(o) / lrd(i).
+    Values near 1 are inliers; much larger than 1 are outliers.
+    """
+    B, N = x.shape
+    k = max(1, min(n_neighbors, N - 1))
+    xf = x.float()
+    d = (xf[:, :, None] - xf[:, None, :]).abs()  # [B, N, N]
+    d = d + torch.eye(N, device=x.device) * float("inf")  # exclude self
+    knn_d, knn_i = d.topk(k, dim=2, largest=False)  # [B, N, k]
+    kdist = knn_d[:, :, -1]  # [B, N]
+    reach = torch.maximum(kdist.gather(1, knn_i.flatten(1)).view(B, N, k), knn_d)  # [B, N, k]
+    lrd = 1.0 / (reach.mean(2) + 1e-10)  # [B, N]
+    return lrd.gather(1, knn_i.flatten(1)).view(B, N, k).mean(2) / lrd
+
+
+def high_outliers(x: torch.Tensor, threshold: float, n_neighbors: int = 20) -> torch.Tensor:
+    """[B, N] bool: values that are LOF outliers (LOF > threshold) on the high side (> median)."""
+    lof = local_outlier_factor(x, n_neighbors)
+    return (lof > threshold) & (x > x.median(dim=1, keepdim=True).values)
+
+
+def fixed_split(budget: int, recover_share: float, merge_share: float) -> tuple[int, int, int]:
+    """(keep, recover, merge) token counts summing to ``budget``; keep >= 1."""
+    m = int(round(budget * merge_share)) if budget >= 3 else 0
+    r = int(round(budget * recover_share)) if budget >= 2 else 0
+    m = min(m, max(0, budget - 1))
+    r = min(r, budget - 1 - m)
+    return budget - r - m, r, m
+
+
+def _masked_top(scores: torch.Tensor, allowed: torch.Tensor, k: int) -> torch.Tensor:
+    """[B, k] ascending indices of the top-k scores among ``allowed`` [B, N] (select_and_gather op)."""
+    if k <= 0:
+        return torch.empty(scores.shape[0], 0, dtype=torch.long, device=scores.device)
+    s = scores.float().masked_fill(~allowed, float("-inf"))
+    idx, _ = ops.select_and_gather(s, k)
+    return idx
+
+
+def recoverable_select(
+    attn: torch.Tensor,
+    text_sim: torch.Tensor,
+    keys: torch.Tensor,
+    counts: tuple[int, int, int],
+    *,
+    neighbours: int = 32,
+    text_weight: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """Steps 2-4 for fixed counts (keep, recover, merge) on [B, N] scores and [B, N, Dk] keys.
+
+    Returns {"keep": [B, v], "recover": [B, r], "centres": [B, C], "assign": [B, N] centre group of
+    each token (-1 none), "extra": [B, N] bool members of the extra token}; C = merge - 1.
+    """
+    B, N = attn.shape
+    v, r, m = counts
+    dev = attn.device
+    everyone = torch.ones(B, N, dtype=torch.bool, device=dev)
+    keep = _masked_top(attn, everyone, v)  # [B, v]
+    free = everyone.clone()
+    free.scatter_(1, keep, False)
+    recover = _masked_top(text_sim, free, min(r, int(free.sum(1).min())))  # [B, r]
+    free.scatter_(1, recover, False)
+    n_free = int(free.sum(1).min())
+    C = max(0, min(m - 1, n_free)) if m > 0 else 0
+    centres = _masked_top(attn, free, C)  # [B, C]
+    rest = free.clone()
+    rest.scatter_(1, centres, False)  # non-centre remaining tokens
+    assign = torch.full((B, N), -1, dtype=torch.long, device=dev)
+    if C > 0:
+        kn = F.normalize(keys.float(), dim=-1)  # [B, N, Dk]
+        kc = kn.gather(1, centres[..., None].expand(-1, -1, kn.shape[-1]))  # [B, C, Dk]
+        sim = kn @ kc.transpose(1, 2)  # [B, N, C]
+        best_sim, best = sim.max(dim=2)  # [B, N]
+        # Each centre keeps at most `neighbours` members, ranked by key similarity + text term.
+        affinity = (best_sim + text_weight * text_sim.float()).masked_fill(~rest, float("-inf"))  # [B, N]
+        onehot = F.one_hot(best, C).bool() & rest[..., None]  # [B, N, C]
+        per_centre = affinity[..., None].expand(-1, -1, C).masked_fill(~onehot, float("-inf"))  # [B, N, C]
+        kth = min(neighbours, N)
+        top_members = per_centre.topk(kth, dim=1)  # along tokens: [B, kth, C]
+        member = torch.zeros(B, N, C, dtype=torch.bool, device=dev)
+        member.scatter_(1, top_members.indices, torch.isfinite(top_members.values))
+        joined = member.any(dim=2)  # [B, N]
+        assign = torch.where(joined, best, assign)
+        assign.scatter_(1, centres, torch.arange(C, device=dev).expand(B, -1))
+    return {"keep": keep, "recover": recover, "centres": centres, "assign": assign, "extra": rest}
+
+
+def merge_clusters(
+    features: torch.Tensor, attn: torch.Tensor, sel: dict[str, torch.Tensor], with_extra: bool
+) -> torch.Tensor:
+    """[B, C (+1), Dv] a-weighted means of each centre's cluster, then (optionally) of all non-centres."""
+    C = sel["centres"].shape[1]
+    w = attn.float()
+    parts = []
+    if C > 0:
+        parts.append(ops.merge_tokens(features, sel["assign"], C, weights=w))  # [B, C, Dv]
+    if with_extra and bool(sel["extra"].any()):
+        extra_assign = torch.where(sel["extra"], 0, -1).long()  # [B, N]
+        parts.append(ops.merge_tokens(features, extra_assign, 1, weights=w))  # [B, 1, Dv]
+    if not parts:
+        return features.new_zeros(features.shape[0], 0, features.shape[-1])
+    return torch.cat(parts, dim=1)
+
+
+def question_first_line(text: str) -> str:
+    """The question's first non-empty line, cut before a chat-role marker such as 'ASSISTANT:'."""
+    for marker in ("ASSISTANT:", "ASSISTANT :", "Assistant:"):
+        if marker in text:
+            text = text.split(marker)[0]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+# ---------------------------------------------------------------------------------------------
+# CLIP text tower
+# ---------------------------------------------------------------------------------------------
+class ClipTextSimilarity:
+    """A CLIP text tower (CLIPTextModelWithProjection + its tokenizer) and the matching visual
+    projection ([proj_dim, Dv] in ``visual_projection.safetensors``, key ``weight``) from one folder."""
+
+    def __init__(self, folder: str) -> None:
+        from safetensors.torch import load_file
+        from transformers import AutoTokenizer, CLIPTextModelWithProjection
+
+        self.folder = folder
+        self.model = CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(folder)
+        proj_path = os.path.join(folder, "visual_projection.safetensors")
+        if not os.path.exists(proj_path):
+            raise ValueError(f"text_tower folder {folder!r} has no visual_projection.safetensors (the CLIP visual projection)")
+        self.visual_projection = load_file(proj_path)["weight"].float()  # [P, Dv]
+
+    def text_embeds(self, texts: list[str]) -> torch.Tensor:
+        """[B, P] normalised text embeddings (EOT token through the text projection)."""
+        tok = self.tokenizer
+        max_len = self.model.config.max_position_embeddings
+        eos = tok.eos_token_id
+        rows = []
+        for t in texts:
+            ids = tok(t, add_special_tokens=True)["input_ids"][: max_len - 1]
+            if eos is not None and (not ids or ids[-1] != eos):
+                ids = ids + [eos]
+            rows.append(ids)
+        L = max(len(r) for r in rows)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
+        mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, attention_mask=mask).text_embeds  # [B, P]
+        return F.normalize(out.float(), dim=-1)
+
+    def similarity(self, features: torch.Tensor, post_layernorm: Any, texts: list[str]) -> torch.Tensor:
+        """[B, N] cosine between each patch feature (post-LN, visual projection) and its question."""
+        with torch.no_grad():
+            x = post_layernorm(features) if post_layernorm is not None else features  # [B, N, Dv]
+            img = F.normalize(x.float() @ self.visual_projection.T.to(x.device), dim=-1)  # [B, N, P]
+        txt = self.text_embeds(texts).to(img.device)  # [B, P]
+        return (img * txt[:, None]).sum(-1)
+
+
+def llm_embedding_similarity(ctx: PreLLMContext, num_visual: int) -> torch.Tensor:
+    """[B, N] cosine between the projected visual tokens and the mean normalised LLM input embedding
+    of the real tokens after the image (the question)."""
+    emb = ctx.text_embeddings().float()  # [B, L, Dt]
+    B, L = ctx.input_ids.shape
+    ar = torch.arange(L, device=emb.device)[None]
+    after = (ar >= (ctx.image_start[:, None] + num_visual)) & ctx.attention_mask.bool()  # [B, L]
+    w = after.float()
+    q = (F.normalize(emb, dim=-1) * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)  # [B, Dt]
+    vis = F.normalize(ctx.project(ctx.features).float(), dim=-1)  # [B, N, Dt]
+    return (vis * F.normalize(q, dim=-1)[:, None]).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+@register_pruner("recoverable")
+class RecoverableCompression(Pruner):
+    """CLS-attention keep + question-guided recovery + attention-weighted merge of the rest."""
+
+    stages = ("pre_llm",)
+    requires_cls = True
+    defaults = {
+        "mode": "fixed",
+        "recover_share": 0.25,
+        "merge_share": 0.125,
+        "score_layer": None,
+        "attention": "single_head",
+        "text_tower": None,
+        "neighbours": 32,
+        "text_weight": 1.0,
+        "lof_threshold": 1.5,
+        "lof_neighbors": 20,
+    }
+    search_space = {
+        "recover_share": ("float", 0.0, 0.5),
+        "merge_share": ("float", 0.0, 0.3),
+        "attention": ("categorical", list(ATTENTIONS)),
+    }
+
+    def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
+        super().__init__(budget=budget, seed=seed, **params)
+        p = self.params
+        if p["mode"] not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {p['mode']!r}")
+        if p["mode"] == "adaptive" and budget is not None:
+            raise ValueError("mode='adaptive' chooses the token count itself: pass budget=None (or use mode='fixed')")
+        for name in ("recover_share", "merge_share"):
+            v = p[name]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                raise ValueError(f"{name} must be a float in [0, 1), got {v!r}")
+        if p["recover_share"] + p["merge_share"] >= 1.0:
+            raise ValueError(
+                f"recover_share + merge_share must be < 1 (the rest is the visual keep), got "
+                f"{p['recover_share']} + {p['merge_share']}"
+            )
+        if p["attention"] not in ATTENTIONS:
+            raise ValueError(f"attention must be one of {ATTENTIONS}, got {p['attention']!r}")
+        for name in ("neighbours", "lof_neighbors"):
+            v = p[name]
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        tt = p["text_tower"]
+        if tt is not None and not isinstance(tt, str):
+            raise ValueError(f"text_tower must be None (auto), a folder path or {FALLBACK!r}, got {tt!r}")
+        self._tower: ClipTextSimilarity | None = None
+        self._tower_key: str | None = None
+
+    @property
+    def keeps_all(self) -> bool:
+        if self.params["mode"] == "adaptive":
+            return False
+        return super().keeps_all
+
+    def attach(self, info: ModelInfo) -> None:
+        super().attach(info)
+        sl = self.params["score_layer"]
+        feat, n = info.vision_feature_layer, info.vision_num_layers
+        if sl is None:
+            self._layer = feat
+        else:
+            s = sl % n if isinstance(sl, int) and not isinstance(sl, bool) and sl < 0 else sl
+            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= feat:
+                raise ValueError(f"score_layer must be None (feature layer) or an int in 0..{feat}, got {sl!r}")
+            self._layer = s
+
+    def vision_probe_layers(self) -> list[int]:
+        return [self._layer]
+
+    # ---- signals -----------------------------------------------------------------------------
+    def visual_scores(self, ctx: PreLLMContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, N] CLS attention to the patches, [B, N, H*Dh] patch keys) at the score layer."""
+        q, k, _ = ctx.vision_qkv(self._layer)  # [B, H, T, Dh]
+        n_cls = k.shape[2] - ctx.features.shape[1]
+        B, H, T, Dh = k.shape
+        keys = k[:, :, n_cls:].transpose(1, 2).reshape(B, T - n_cls, H * Dh)  # [B, N, H*Dh]
+        if self.params["attention"] == "head_mean":
+            return ctx.cls_attention(self._layer), keys
+        q1 = q[:, :, :1].transpose(1, 2).reshape(B, 1, 1, H * Dh)  # [B, 1, 1, H*Dh] single head
+        k1 = k.transpose(1, 2).reshape(B, 1, T, H * Dh)  # [B, 1, T, H*Dh]
+        rows = ops.attention_rows(q1, k1, scale=(H * Dh) ** -0.5)  # [B, 1, T]
+        return rows[:, 0, n_cls:], keys
+
+    def _text_tower_folder(self, ctx: PreLLMContext) -> str | None:
+        tt = self.params["text_tower"]
+        if tt == FALLBACK:
+            return None
+        if tt is not None:
+            if not os.path.isfile(os.path.join(tt, "config.json")):
+                raise ValueError(f"text_tower={tt!r} is not a folder with a CLIPTextModelWithProjection (config.json)")
+            return tt
+        base = getattr(ctx.model, "name_or_path", None) or ""
+        cand = os.path.join(base, "text_tower") if base else ""
+        return cand if cand and os.path.isfile(os.path.join(cand, "config.json")) else None
+
+    def text_similarity(self, ctx: PreLLMContext) -> tuple[torch.Tensor, dict[str, Any]]:
+        """([B, N] question-patch similarity, info about which encoder produced it)."""
+        folder = self._text_tower_folder(ctx)
+        texts = ctx.question_texts() if folder is not None else None
+        if folder is not None and texts is not None:
+            if self._tower is None or self._tower_key != folder:
+                self._tower, self._tower_key = ClipTextSimilarity(folder), folder
+            vt = getattr(getattr(ctx.model, "model", None), "vision_tower", None)
+            post_ln = getattr(vt, "post_layernorm", None)
+            sim = self._tower.similarity(ctx.features, post_ln, [question_first_line(t) for t in texts])
+            return sim, {"text_similarity": "clip_text_tower", "text_tower": folder}
+        info: dict[str, Any] = {"text_similarity": FALLBACK}
+        if folder is not None:
+            info["text_similarity_note"] = "no tokenizer given to apply_pruner, so the question text was unavailable"
+        return llm_embedding_similarity(ctx, self.info.num_visual_tokens), info
+
+    # ---- pruning -----------------------------------------------------------------------------
+    def _adaptive_counts(self, attn: torch.Tensor, tsim: torch.Tensor) -> tuple[tuple[int, int, int], list]:
+        p = self.params
+        out_a = high_outliers(attn, p["lof_threshold"], p["lof_neighbors"])  # [B, N]
+        v = out_a.sum(1).clamp(min=1)  # [B]
+        out_t = high_outliers(tsim, p["lof_threshold"], p["lof_neighbors"]) & ~out_a
+        r = out_t.sum(1)
+        share = p["merge_share"]
+        m = ((v + r).float() * share / (1 - share)).round().long().clamp(min=2 if share > 0 else 0)
+        N = attn.shape[1]
+        per_image = [[int(a), int(b), int(c)] for a, b, c in zip(v, r, m)]
+        vm, rm = int(v.max()), int(r.max())
+        rm = min(rm, N - vm)
+        mm = min(int(m.max()), N - vm - rm)
+        return (vm, rm, mm), per_image
+
+    def prune_pre_llm(self, ctx: PreLLMContext) -> PreLLMDecision:
+        attn, keys = self.visual_scores(ctx)  # [B, N], [B, N, Dk]
+        tsim, info = self.text_similarity(ctx)  # [B, N]
+        p = self.params
+        if p["mode"] == "adaptive":
+            counts, per_image = self._adaptive_counts(attn, tsim)
+            info["adaptive_counts"] = per_image  # per image [keep, recover, merge] before batch padding
+        else:
+            counts = fixed_split(self.budget, p["recover_share"], p["merge_share"])
+        sel = recoverable_select(attn, tsim, keys, counts, neighbours=p["neighbours"], text_weight=p["text_weight"])
+        merged = merge_clusters(ctx.features, attn, sel, with_extra=counts[2] > 0)  # [B, m', Dv]
+        m_used = merged.shape[1]  # equals counts[2] whenever the budget is below the patch count
+        keep = torch.cat([sel["keep"], sel["recover"]], dim=1)  # [B, v + r]
+        info["recoverable_split"] = [sel["keep"].shape[1], sel["recover"].shape[1], m_used]
+        return PreLLMDecision(keep=keep, merged=merged if m_used else None, info=info)
