@@ -67,11 +67,13 @@ class PDrop(Pruner):
 
     def token_schedule(self) -> list[int]:
         """Visual tokens entering each decoder layer (after attach)."""
-        assert self._schedule is not None, "attach() first"
+        assert self.info is not None, "attach() first"
+        if self.keeps_all:
+            return [self.info.num_visual_tokens] * self.info.llm_num_layers
         return list(self._schedule["per_layer"])
 
     def llm_layers(self) -> list[int]:
-        return list(self._schedule["layers"]) if self._schedule else []
+        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
         k = self._schedule["counts"][self._schedule["layers"].index(ctx.layer)]

@@ -132,17 +132,19 @@ class TransPrune(Pruner):
 
     def token_schedule(self) -> list[int]:
         """Visual tokens entering each decoder layer (after attach)."""
-        assert self._schedule is not None, "attach() first"
+        assert self.info is not None, "attach() first"
+        if self.keeps_all:
+            return [self.info.num_visual_tokens] * self.info.llm_num_layers
         return list(self._schedule["per_layer"])
 
     def llm_layers(self) -> list[int]:
-        return list(self._schedule["layers"]) if self._schedule else []
+        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
 
     def llm_attention_layers(self) -> list[int]:
         return []  # IGA uses layer K's own rows (ctx.extras["layer_rows"])
 
     def llm_capture_layers(self) -> list[int]:
-        if not self._schedule:
+        if not self._schedule or self.keeps_all:
             return []
         return list(range(self._ttv_start, self._schedule["layers"][-1]))
 

@@ -175,7 +175,8 @@ class VFlowOpt(Pruner):
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
         p = self.params
-        budget = self.budget if self.budget is not None else info.num_visual_tokens
+        # keep-all (budget None or N): validate the parameters on a 1-token budget, then stay inactive
+        budget = 1 if self.keeps_all else self.budget
         self._schedule = vflowopt_schedule(
             info.num_visual_tokens, info.llm_num_layers, budget, p["r_v"], p["r_1"], p["r_2"], p["llm_layers"]
         )
@@ -196,11 +197,13 @@ class VFlowOpt(Pruner):
 
     def token_schedule(self) -> list[int]:
         """Visual tokens entering each decoder layer (after attach)."""
-        assert self._schedule is not None, "attach() first"
+        assert self.info is not None, "attach() first"
+        if self.keeps_all:
+            return [self.info.num_visual_tokens] * self.info.llm_num_layers
         return list(self._schedule["per_layer"])
 
     def vision_probe_layers(self) -> list[int]:
-        return [self._vision_layer] if self._schedule else []
+        return [self._vision_layer] if self._schedule and not self.keeps_all else []
 
     # ---- step 1: importance -----------------------------------------------------------------
     def importance(self, ctx: PreLLMContext) -> torch.Tensor:
@@ -267,7 +270,7 @@ class VFlowOpt(Pruner):
 
     # ---- step 3: progressive drops in the LLM ----------------------------------------------
     def llm_layers(self) -> list[int]:
-        return list(self._schedule["layers"]) if self._schedule else []
+        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
 
     def llm_attention_layers(self) -> list[int]:
         return []
