@@ -293,14 +293,23 @@ class LlavaAdapter:
         layer_in: dict[int, torch.Tensor] = {}
         layer_out: dict[int, torch.Tensor] = {}
         vision_counts = []
+        per_sample: list[list[int]] | None = None  # per-sample counts once a vision pruner goes ragged
+        patch_mask: torch.Tensor | None = None  # [B, N] True = real patch (None: all real)
+        layer_mask: dict[int, torch.Tensor | None] = {}
         prune_vision = "vision" in pruner.stages and not pruner.keeps_all
         for i in range(info.vision_feature_layer + 1):
             layer = vt.encoder.layers[i]
             vision_counts.append(hs.shape[1])
+            if per_sample is not None:
+                real = (n_cls + patch_mask.sum(1)).tolist() if patch_mask is not None else [hs.shape[1]] * B
+                for b in range(B):
+                    per_sample[b].append(int(real[b]))
             h_in = hs
-            hs = layer(hs, None)
+            key_mask = None if patch_mask is None else torch.cat(
+                [torch.ones(B, n_cls, dtype=torch.bool, device=hs.device), patch_mask], dim=1)  # [B, T]
+            hs = layer(hs, self._vision_additive_mask(key_mask, hs.dtype))
             if i in probe:
-                layer_in[i], layer_out[i] = h_in, hs
+                layer_in[i], layer_out[i], layer_mask[i] = h_in, hs, key_mask
             if prune_vision and i in self._vision_layers:
                 ctx = VisionLayerContext(
                     layer=i,
@@ -308,16 +317,30 @@ class LlavaAdapter:
                     patch_index=patch_index,
                     info=info,
                     state=self._fw.pruner_state,
-                    cls_attention=(lambda i=i, h=h_in: self._cls_attention(i, h)),
+                    cls_attention=(lambda i=i, h=h_in, m=key_mask: self._cls_attention(i, h, m)),
                     qkv=(lambda i=i, h=h_in: self._vision_qkv(i, h)),
                     generators=self._fw.generators,
+                    patch_mask=patch_mask,
                 )
                 keep = self._call_pruner(pruner.prune_vision, ctx)
                 if keep is not None:
-                    keep = keep.sort(dim=1).values
+                    # Raster order; -1 entries (a sample keeping fewer tokens) sort last and become padding.
+                    valid = keep >= 0
+                    order = torch.where(valid, keep, keep.new_full((), hs.shape[1]) + 1).argsort(dim=1, stable=True)
+                    keep, valid = keep.gather(1, order).clamp(min=0), valid.gather(1, order)
                     hs = torch.cat([hs[:, :n_cls], _gather_seq(hs[:, n_cls:], keep)], dim=1)
                     patch_index = patch_index.gather(1, keep)
+                    patch_mask = None if bool(valid.all()) else valid
+                    if patch_mask is not None and per_sample is None:
+                        per_sample = [list(vision_counts) for _ in range(B)]
         self.handle.token_counts = {"visual_in": info.num_visual_tokens, "vision": vision_counts}
+        if per_sample is not None:  # "vision" holds the padded lengths actually computed
+            self.handle.token_counts["vision_per_sample"] = per_sample
+        if patch_mask is not None:
+            raise ValueError(
+                f"vision-stage method {pruner.name!r} left samples with different patch counts at the feature "
+                f"layer ({patch_mask.sum(1).tolist()}); every sample must reach the same count"
+            )
         features = hs[:, n_cls:]
         merged = anchor = scores = None
         if "pre_llm" in pruner.stages and not pruner.keeps_all:
@@ -339,7 +362,7 @@ class LlavaAdapter:
                 input_ids=input_ids,
                 attention_mask=attention_mask,
                 image_start=image_start,
-                cls_attention=lambda i: self._cls_attention(need(i), layer_in[need(i)]),
+                cls_attention=lambda i: self._cls_attention(need(i), layer_in[need(i)], layer_mask[need(i)]),
                 vision_hidden=lambda i: layer_out[need(i)],
                 vision_qkv=lambda i: self._vision_qkv(need(i), layer_in[need(i)]),
                 project=self.projector,
@@ -391,14 +414,22 @@ class LlavaAdapter:
         v = attn.v_proj(x).view(shape).transpose(1, 2)
         return q, k, v
 
-    def _cls_attention(self, i: int, h_in: torch.Tensor) -> torch.Tensor:
-        """[B, N] head-mean softmax attention of the CLS query over all keys, patch columns only."""
+    def _cls_attention(self, i: int, h_in: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, N] head-mean softmax attention of the CLS query over all (real) keys, patch columns only."""
         if not self.info.has_cls:
             raise ValueError("this model's vision encoder has no [CLS] token")
         q, k, _ = self._vision_qkv(i, h_in)
         attn = self.vision_tower.encoder.layers[i].self_attn
-        rows = attention_rows(q[:, :, :1], k, scale=attn.scale)  # [B, 1, T]
+        rows = attention_rows(q[:, :, :1], k, key_mask=key_mask, scale=attn.scale)  # [B, 1, T]
         return rows[:, 0, 1:]
+
+    @staticmethod
+    def _vision_additive_mask(key_mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """[B, 1, 1, T] additive ViT attention mask hiding padded keys (None when every key is real)."""
+        if key_mask is None:
+            return None
+        neg = torch.finfo(dtype).min
+        return torch.zeros(key_mask.shape, dtype=dtype, device=key_mask.device).masked_fill(~key_mask, neg)[:, None, None]
 
     def _question_texts(self, input_ids, attention_mask, image_start) -> list[str] | None:
         if self.tokenizer is None:

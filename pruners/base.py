@@ -117,7 +117,12 @@ class Pruner:
         return []
 
     def prune_vision(self, ctx: VisionLayerContext) -> torch.Tensor | None:
-        """Return [B, k] indices into the current patch tokens (CLS excluded) to keep, or None."""
+        """Return [B, k] indices into the current patch tokens (CLS excluded) to keep, or None.
+
+        A sample that keeps fewer tokens than others pads its row with -1 (ragged batch: the adapter
+        masks the padding as keys in later layers, so each image is processed as if alone). Every
+        sample must keep the same count by the feature layer.
+        """
         raise NotImplementedError
 
     # ---- stage: pre_llm ----------------------------------------------------------------------
@@ -179,6 +184,9 @@ class VisionLayerContext:
     state:         dict that lives for one forward pass, shared by every stage (e.g. FlowCut's cumulative score).
     cls_attention(): [B, N] head-mean CLS->patch softmax attention of this layer (softmax over all keys).
     qkv():         (q, k, v) each [B, H, 1+N, Dh] of this layer's attention.
+    patch_mask:    [B, N] True for real patches, or None when every sample has all N (a vision pruner
+                   returned -1 padding earlier: padded patches are masked out as keys in later ViT
+                   layers and get 0 from cls_attention(); qkv() includes them, so mask them yourself).
     """
 
     layer: int
@@ -189,6 +197,7 @@ class VisionLayerContext:
     cls_attention: LazyTensor
     qkv: Callable[[], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     generators: list[torch.Generator]
+    patch_mask: torch.Tensor | None = None
 
 
 @dataclass
