@@ -1,0 +1,145 @@
+"""Load a model and its processor from a ``conf/model/*.yaml`` config.
+
+Sources:
+- ``embedded``: the small LLaVA shipped in ``benchmarks/assets/embedded/`` (weights, processor and a
+  ``prunebench.json`` holding its ``prompt_template``); runs offline on CPU in minutes.
+- ``hub``: a Hugging Face hub id or a local checkpoint folder loaded with
+  ``LlavaForConditionalGeneration`` (or ``model_class``) and ``AutoProcessor``.
+- ``tiny``: a randomly initialised tiny LLaVA built from config (tests, smoke runs).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EMBEDDED_DIR = Path(__file__).resolve().parent / "assets" / "embedded"
+SOURCES = ("embedded", "hub", "tiny")
+DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for evaluation, with what the runner needs to prompt it."""
+
+    name: str
+    model: Any
+    processor: Any
+    prompt_template: str
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def grid_hw(self) -> tuple[int, int]:
+        v = self.model.config.vision_config
+        side = int(v.image_size) // int(v.patch_size)
+        return side, side
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image reaching the LLM unpruned (LLaVA 'default' strategy: patches, no CLS)."""
+        rows, cols = self.grid_hw
+        return rows * cols
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def prompt(self, question: str) -> str:
+        return self.prompt_template.format(question=question)
+
+
+def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
+    """``auto`` -> float16 on CUDA, float32 elsewhere; else one of DTYPES."""
+    if dtype in (None, "auto"):
+        return torch.float16 if str(device).startswith("cuda") else torch.float32
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype={dtype!r} is not supported; accepted: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _check_template(template: str, where: str) -> str:
+    if "{question}" not in template or "<image>" not in template:
+        raise ValueError(
+            f"prompt_template from {where} must contain '<image>' and '{{question}}', got {template!r}"
+        )
+    return template
+
+
+def _load_pretrained(path: str, model_class: str, dtype: torch.dtype, attn: str | None, local_only: bool, name: str):
+    import transformers
+    from transformers import AutoProcessor
+
+    cls = getattr(transformers, model_class, None)
+    if cls is None:
+        raise ValueError(f"model.model_class={model_class!r} is not a transformers class")
+    kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
+    if attn:
+        kwargs["attn_implementation"] = attn
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
+    except OSError as e:
+        where = "a local folder" if Path(path).exists() else "not a local folder"
+        raise FileNotFoundError(
+            f"model {name!r}: cannot load checkpoint {path!r} ({where}; local_files_only={local_only}): {e}. "
+            "Set model.path to a downloaded checkpoint folder, or allow hub downloads with model.local_files_only=false."
+        ) from e
+    return model.eval(), processor
+
+
+def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
+    """Build the model described by ``model_cfg`` (a conf/model mapping) on ``device``, in eval mode."""
+    cfg = dict(model_cfg)
+    name = str(cfg.get("name", "?"))
+    source = cfg.get("source")
+    if source not in SOURCES:
+        raise ValueError(f"model.source={source!r} for model {name!r} is not supported; accepted: {', '.join(SOURCES)}")
+    dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
+    attn = cfg.get("attn_implementation")
+    template = cfg.get("prompt_template")
+    if source == "tiny":
+        from mllm_adapters.tiny import build_tiny_llava
+
+        kwargs = {k: cfg[k] for k in ("image_size", "patch_size", "vision_layers", "text_layers") if cfg.get(k) is not None}
+        model, processor = build_tiny_llava(seed=int(cfg.get("seed", 0)), attn_implementation=attn or "eager", **kwargs)
+        model = model.to(dtype)
+        where = "conf/model"
+        template = template or DEFAULT_TEMPLATE
+    elif source == "embedded":
+        folder = Path(cfg.get("path") or EMBEDDED_DIR)
+        meta_path = folder / "prunebench.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"model {name!r}: the embedded model is missing ({meta_path} not found). It ships with the "
+                "repository in benchmarks/assets/embedded/; `make train-embedded` rebuilds it."
+            )
+        meta = json.loads(meta_path.read_text())
+        model, processor = _load_pretrained(
+            str(folder), cfg.get("model_class") or "LlavaForConditionalGeneration", dtype, attn, True, name
+        )
+        where = str(meta_path)
+        template = template or meta.get("prompt_template") or DEFAULT_TEMPLATE
+    else:
+        path = cfg.get("path")
+        if not path:
+            raise ValueError(f"model {name!r}: model.path (hub id or local folder) is required for source=hub")
+        model, processor = _load_pretrained(
+            str(path),
+            cfg.get("model_class") or "LlavaForConditionalGeneration",
+            dtype,
+            attn,
+            bool(cfg.get("local_files_only", False)),
+            name,
+        )
+        where = "conf/model"
+        template = template or DEFAULT_TEMPLATE
+    model = model.to(device).eval()
+    return LoadedModel(name=name, model=model, processor=processor, prompt_template=_check_template(template, where))

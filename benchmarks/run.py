@@ -1,0 +1,358 @@
+"""Benchmark runner: ``python -m benchmarks.run method=fastv model=embedded task=shapes budgets=[null,72,36,18]``.
+
+Runs the cells model x task x method x budget of one Hydra job (``--multirun`` sweeps methods,
+models, tasks). Each cell evaluates accuracy on ``n_samples`` batch-evaluated samples, computes
+prefill FLOPs from the model config and the token counts the pruner actually produced
+(`benchmarks.flops`), measures latency / KV bytes / peak memory on a few single samples
+(`benchmarks.metrics`), and writes ``metrics.json``, ``predictions.jsonl`` and its resolved
+``config.yaml`` atomically (`benchmarks.store`). Cells already finished (same resolved-config hash)
+are skipped, so a killed sweep resumes where it stopped.
+
+``budget=null`` is the unpruned reference: it is stored once per (model, task, samples, seed) as
+method ``none``, whatever method asked for it, and every method's ``accuracy_rel`` refers to it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from benchmarks import store
+from benchmarks.flops import equiv_tokens, prefill_flops
+from benchmarks.metrics import measure_runtime
+from benchmarks.models import LoadedModel, load_model
+
+log = logging.getLogger("prunebench.run")
+
+#: Run-level settings that do not change a cell's results and so stay out of its hash.
+UNHASHED = ("results_dir", "progress", "device", "num_threads")
+
+_MODEL_CACHE: dict[str, LoadedModel] = {}
+_PINNED_GPU: str | None = None
+
+
+# ---- configuration ----------------------------------------------------------------------------
+def method_params(method_cfg: Any) -> dict[str, Any]:
+    """The method's parameters as a plain dict (``method.params`` in the config)."""
+    params = method_cfg.get("params") if method_cfg is not None else None
+    return dict(OmegaConf.to_container(params, resolve=True)) if isinstance(params, DictConfig) else dict(params or {})
+
+
+def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int | None]:
+    """Budgets as a de-duplicated list with ``None`` (the reference) first; clear errors otherwise."""
+    if budgets is None:
+        budgets = [None]
+    if isinstance(budgets, (int, str)) or not hasattr(budgets, "__iter__"):
+        budgets = [budgets]
+    out: list[int | None] = []
+    for b in budgets:
+        if b is None or (isinstance(b, str) and b.lower() in ("null", "none")):
+            b = None
+        elif isinstance(b, bool) or not isinstance(b, int) or b <= 0:
+            raise ValueError(f"budgets: {b!r} is not a positive int or null; accepted: null or 1..{n_visual}")
+        elif b > n_visual:
+            raise ValueError(
+                f"budgets: {b} is above the {n_visual} visual tokens per image of model {model_name!r}; "
+                f"accepted: null (unpruned) or 1..{n_visual}"
+            )
+        if b not in out:
+            out.append(b)
+    return sorted(out, key=lambda x: -1 if x is None else x)
+
+
+def cell_config(cfg: DictConfig, budget: int | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config of one cell (what its hash covers and what ``config.yaml`` records)."""
+    base = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(base, dict)
+    for key in UNHASHED:
+        base.pop(key, None)
+    base.pop("budgets", None)
+    base.pop("hydra", None)
+    if budget is None:
+        method, params = "none", {}
+    base["method"] = {"name": method, "params": params}
+    base["budget"] = budget
+    return base
+
+
+# ---- devices ----------------------------------------------------------------------------------
+def _gpu_count_without_init() -> int:
+    """Visible GPUs, counted through NVML when possible so CUDA_VISIBLE_DEVICES can still be set."""
+    try:
+        n = int(torch.cuda._device_count_nvml())
+        if n >= 0:
+            return n
+    except Exception:  # noqa: BLE001 - NVML missing or unusable: fall back to the CUDA runtime
+        pass
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(device: str, job_num: int | None = None) -> str:
+    """``auto`` -> a GPU if any (job ``i`` of a parallel sweep pinned to GPU ``i mod n``), else ``cpu``.
+
+    Pinning sets CUDA_VISIBLE_DEVICES to the chosen GPU when CUDA is not initialised yet in this
+    process (a fresh joblib worker); a worker that already pinned itself keeps its GPU.
+    """
+    global _PINNED_GPU
+    device = str(device)
+    if device == "cpu":
+        return "cpu"
+    if device != "auto" and not device.startswith("cuda"):
+        raise ValueError(f"device={device!r} is not supported; accepted: auto, cpu, cuda, cuda:N")
+    if _PINNED_GPU is not None:
+        return "cuda:0"
+    n = _gpu_count_without_init()
+    if n == 0:
+        if device == "auto":
+            return "cpu"
+        raise ValueError(f"device={device!r} but no CUDA GPU is visible; accepted here: auto or cpu")
+    if device in ("auto", "cuda") and job_num is not None and n > 1:
+        gpu = job_num % n
+        if not torch.cuda.is_initialized():
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = [s for s in visible.split(",") if s.strip()] if visible else [str(i) for i in range(n)]
+            _PINNED_GPU = ids[gpu]
+            os.environ["CUDA_VISIBLE_DEVICES"] = _PINNED_GPU
+            log.info("job %d pinned to GPU %s (CUDA_VISIBLE_DEVICES)", job_num, _PINNED_GPU)
+            return "cuda:0"
+        return f"cuda:{gpu}"
+    return "cuda" if device == "auto" else device
+
+
+def _job_num() -> int | None:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return int(hc.job.num) if hc.mode == RunMode.MULTIRUN else None
+    except Exception:  # noqa: BLE001 - not running under Hydra
+        return None
+
+
+def get_model(model_cfg: Any, device: str) -> LoadedModel:
+    """Load (once per process and config) the model of ``model_cfg``."""
+    container = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else model_cfg
+    key = json.dumps([container, device], sort_keys=True, default=str)
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE[key] = load_model(container, device)
+    return _MODEL_CACHE[key]
+
+
+# ---- one cell ---------------------------------------------------------------------------------
+def _batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _inputs(lm: LoadedModel, samples: list[Any]) -> dict[str, torch.Tensor]:
+    proc = lm.processor
+    enc = proc(
+        images=[s.image.convert("RGB") for s in samples],
+        text=[lm.prompt(s.question) for s in samples],
+        padding=True,
+        return_tensors="pt",
+    )
+    enc = {k: v.to(lm.device) for k, v in enc.items()}
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(lm.model.dtype)
+    return enc
+
+
+def _recall(kept: torch.Tensor | None, relevant: list[int]) -> float | None:
+    if not relevant:
+        return None
+    if kept is None:
+        return 1.0
+    kept_set = set(kept.tolist())
+    return sum(1 for p in relevant if p in kept_set) / len(relevant)
+
+
+def run_cell(
+    lm: LoadedModel, task: Any, samples: list[Any], ccfg: dict[str, Any], progress: bool = True
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Evaluate one cell; returns (metrics, prediction rows). Does not write anything."""
+    from pruners import apply_pruner
+
+    method, params, budget = ccfg["method"]["name"], ccfg["method"]["params"], ccfg["budget"]
+    model, tok = lm.model, lm.processor.tokenizer
+    cfg_model = model.config
+    n_layers = int(cfg_model.text_config.num_hidden_layers)
+    image_token_id = int(cfg_model.image_token_id)
+    grid = lm.grid_hw
+    t0 = time.perf_counter()
+    handle = apply_pruner(model, method, budget=budget, seed=int(ccfg["seed"]), tokenizer=tok, **params)
+    rows: list[dict[str, Any]] = []
+    flops_parts: dict[str, float] = defaultdict(float)
+    ref_total = 0.0
+    equiv: list[float] = []
+    layer_sum: list[float] = [0.0] * n_layers
+    try:
+        handle.count_overhead_flops = True
+        bar = tqdm(_batches(samples, int(ccfg["batch_size"])), desc=f"{method} b={budget}", leave=False,
+                   disable=not progress, unit="batch")
+        for batch in bar:
+            enc = _inputs(lm, batch)
+            with torch.inference_mode():
+                out = model.generate(**enc, max_new_tokens=int(task.max_new_tokens), do_sample=False)
+            new = out[:, enc["input_ids"].shape[1] :]
+            preds = tok.batch_decode(new, skip_special_tokens=True)
+            counts = dict(handle.token_counts)
+            kept = list(handle.kept_indices)
+            overhead = handle.overhead_flops / len(batch)
+            ref_counts = {"vision": [counts["vision"][0]] * len(counts["vision"])} if counts.get("vision") else None
+            for b, (s, pred) in enumerate(zip(batch, preds)):
+                n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
+                f = prefill_flops(cfg_model, n_text, counts, overhead=overhead)
+                for k, v in f.as_dict().items():
+                    flops_parts[k] += v
+                ref_total += prefill_flops(cfg_model, n_text, ref_counts).total
+                score = float(task.score(pred, s))
+                k_b = kept[b] if b < len(kept) else None
+                rec = _recall(k_b, list(s.relevant_patches(grid)))
+                e = equiv_tokens(counts, n_layers, lm.num_visual_tokens)
+                equiv.append(e)
+                for i, v in enumerate(counts.get("llm_visual") or [lm.num_visual_tokens] * n_layers):
+                    layer_sum[i] += v
+                rows.append({
+                    "id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
+                    "prediction": pred.strip(), "score": score, "relevant_recall": rec,
+                    "kept": None if k_b is None else int(k_b.numel()), "equiv_tokens": e,
+                    "tflops_prefill": f.total / 1e12,
+                })
+        handle.count_overhead_flops = False
+        lat = ccfg["latency"]
+        n_lat = min(int(lat["n_samples"]), len(samples))
+        warm = int(lat["warmup"])
+        runtime = measure_runtime(
+            model, lambda i: _inputs(lm, [samples[i % len(samples)]]), n_lat, warm, int(lat["decode_tokens"])
+        ) if n_lat > 0 else {}
+        describe = handle.pruner.describe()
+        info = dict(handle.info)
+    finally:
+        handle.remove()
+    n = len(rows)
+    by_family: dict[str, list[float]] = defaultdict(list)
+    for r in rows:
+        by_family[r["family"]].append(r["score"])
+    recalls = [r["relevant_recall"] for r in rows if r["relevant_recall"] is not None]
+    flops = {k: v / n for k, v in flops_parts.items()}
+    metrics: dict[str, Any] = {
+        "model": ccfg["model"]["name"],
+        "task": ccfg["task"]["name"],
+        "method": method,
+        "budget": budget,
+        "params": {k: v for k, v in describe.items() if k not in ("method", "budget", "seed")},
+        "seed": ccfg["seed"],
+        "n_samples": n,
+        "accuracy": sum(r["score"] for r in rows) / n,
+        "accuracy_by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())},
+        "accuracy_rel": None,
+        "equiv_tokens": sum(equiv) / n,
+        "llm_visual_tokens_per_layer": [v / n for v in layer_sum],
+        "visual_tokens_in": lm.num_visual_tokens,
+        "flops_prefill": flops,
+        "tflops_prefill": flops["total"] / 1e12,
+        "vision_tflops": flops["vision"] / 1e12,
+        "projector_tflops": flops["projector"] / 1e12,
+        "llm_tflops": flops["llm"] / 1e12,
+        "overhead_tflops": flops["overhead"] / 1e12,
+        "flops_rel": flops["total"] / (ref_total / n),
+        "relevant_recall": sum(recalls) / len(recalls) if recalls else None,
+        **runtime,
+        "pruner_info": info,
+        "device": str(lm.device),
+        "num_threads": torch.get_num_threads(),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "wall_s": time.perf_counter() - t0,
+        "versions": {"torch": torch.__version__, "python": platform.python_version(),
+                     "transformers": __import__("transformers").__version__},
+    }
+    return metrics, rows
+
+
+# ---- the job ----------------------------------------------------------------------------------
+def run(cfg: DictConfig) -> list[Path]:
+    """Run every cell of this job; returns the cell directories (finished or skipped)."""
+    from benchmarks.tasks import get_task
+    from pruners import get_pruner_class
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    results_dir = store.check_writable(cfg.results_dir)
+    store.clean_stale_tmp(results_dir)
+    method = str(cfg.method.name)
+    params = method_params(cfg.method)
+    # Unknown method or parameters fail here, before the model loads; the hash covers every default.
+    params = dict(get_pruner_class(method)(budget=None, seed=int(cfg.seed), **params).params)
+    task = get_task(str(cfg.task.name))
+    device = resolve_device(cfg.device, _job_num())
+    lm = get_model(cfg.model, device)
+    raw = cfg.budgets
+    budgets = validate_budgets(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw,
+                               lm.num_visual_tokens, lm.name)
+    todo = []
+    for budget in budgets:
+        ccfg = cell_config(cfg, budget, method, params)
+        digest = store.config_hash(ccfg)
+        path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], ccfg["method"]["name"],
+                              budget, digest)
+        todo.append((budget, ccfg, digest, path))
+    pending = [t for t in todo if not store.is_finished(t[3])]
+    for _, _, _, path in todo:
+        if store.is_finished(path):
+            log.info("skip finished cell %s", path)
+    if not pending:
+        return [t[3] for t in todo]
+    split = str(cfg.task.get("split", "eval"))
+    samples = task.samples(split=split, n=cfg.n_samples, seed=int(cfg.seed))
+    if not samples:
+        raise ValueError(f"task {task.name!r} split {split!r} returned no samples (n_samples={cfg.n_samples})")
+    progress = bool(cfg.get("progress", True))
+    for _budget, ccfg, digest, path in tqdm(pending, desc=f"{lm.name}/{task.name}/{method}", unit="cell",
+                                            disable=not progress):
+        if store.is_finished(path):  # a parallel job finished it meanwhile
+            log.info("skip finished cell %s", path)
+            continue
+        metrics, rows = run_cell(lm, task, samples, ccfg, progress)
+        metrics["config_hash"] = digest
+        ref = metrics["accuracy"] if ccfg["budget"] is None else _reference_accuracy(results_dir, cfg, method, params)
+        if ref is not None:
+            metrics["accuracy_rel"] = metrics["accuracy"] / ref if ref > 0 else None
+        files = {
+            "config.yaml": OmegaConf.to_yaml(OmegaConf.create({**ccfg, "config_hash": digest})),
+            "predictions.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+            store.METRICS: json.dumps(metrics, indent=2) + "\n",
+        }
+        if store.write_cell(path, files):
+            log.info("wrote cell %s (accuracy %.3f, %.4g TFLOPs)", path, metrics["accuracy"], metrics["tflops_prefill"])
+        else:
+            log.info("cell %s was finished by another job; kept that copy", path)
+    return [t[3] for t in todo]
+
+
+def _reference_accuracy(results_dir: Path, cfg: DictConfig, method: str, params: dict[str, Any]) -> float | None:
+    ccfg = cell_config(cfg, None, method, params)
+    digest = store.config_hash(ccfg)
+    path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], "none", None, digest)
+    return store.read_metrics(path)["accuracy"] if store.is_finished(path) else None
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    """Hydra entry point (see the module docstring)."""
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()
