@@ -213,7 +213,10 @@ def run_cell(
             ref_counts = {"vision": [counts["vision"][0]] * len(counts["vision"])} if counts.get("vision") else None
             for b, (s, pred) in enumerate(zip(batch, preds)):
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
-                f = prefill_flops(cfg_model, n_text, counts, overhead=overhead)
+                counts_b = counts
+                if counts.get("vision_per_sample"):  # ragged in-ViT pruning: this sample's own counts
+                    counts_b = {**counts, "vision": counts["vision_per_sample"][b]}
+                f = prefill_flops(cfg_model, n_text, counts_b, overhead=overhead)
                 for k, v in f.as_dict().items():
                     flops_parts[k] += v
                 ref_total += prefill_flops(cfg_model, n_text, ref_counts).total
