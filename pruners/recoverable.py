@@ -63,7 +63,7 @@ def local_outlier_factor(x: torch.Tensor, n_neighbors: int = 20) -> torch.Tensor
     k = max(1, min(n_neighbors, N - 1))
     xf = x.float()
     d = (xf[:, :, None] - xf[:, None, :]).abs()  # [B, N, N]
-    d = d + torch.eye(N, device=x.device) * float("inf")  # exclude self
+    d = d.masked_fill(torch.eye(N, dtype=torch.bool, device=x.device), float("inf"))  # exclude self
     knn_d, knn_i = d.topk(k, dim=2, largest=False)  # [B, N, k]
     kdist = knn_d[:, :, -1]  # [B, N]
     reach = torch.maximum(kdist.gather(1, knn_i.flatten(1)).view(B, N, k), knn_d)  # [B, N, k]
@@ -325,7 +325,7 @@ class RecoverableCompression(Pruner):
             if not os.path.isfile(os.path.join(tt, "config.json")):
                 raise ValueError(f"text_tower={tt!r} is not a folder with a CLIPTextModelWithProjection (config.json)")
             return tt
-        base = getattr(ctx.model, "name_or_path", None) or ""
+        base = getattr(ctx.model, "name_or_path", None) or getattr(getattr(ctx.model, "config", None), "_name_or_path", "")
         cand = os.path.join(base, "text_tower") if base else ""
         return cand if cand and os.path.isfile(os.path.join(cand, "config.json")) else None
 
