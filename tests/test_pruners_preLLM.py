@@ -25,7 +25,13 @@ from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
 from pruners.divprune import maxmin_order
 from pruners.flowcut import entropy_ratio, flowcut_cut, flowcut_schedule
 from pruners.pooling import pooled_grid
-from pruners.recoverable import fixed_split, high_outliers, merge_clusters, question_first_line, recoverable_select
+from pruners.recoverable import (
+    fixed_split,
+    high_outliers,
+    merge_clusters,
+    question_first_line,
+    recoverable_select,
+)
 from pruners.visionzip import contextual_tokens, visionzip_split
 from tests.conftest import PROMPTS, make_images, single
 
