@@ -204,11 +204,15 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
     return sum(losses.values()), {**{k: v.item() for k, v in losses.items()}, **acc}
 
 
-def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1) -> float:
-    """Linear warm-up then cosine decay to ``floor * base`` at ``total``."""
+def lr_at(step: int, base: float, warmup: int, total: int, floor: float = 0.1, progress: float | None = None) -> float:
+    """Linear warm-up then cosine decay to ``floor * base`` at ``total`` steps, or at ``progress`` = 1
+    when a progress fraction is given (time-budgeted stage 2: the decay follows whichever of steps
+    and wall-clock is further along, so a slow shared machine still ends with a decayed rate)."""
     if step < warmup:
         return base * (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
+    if progress is not None:
+        t = max(t, min(1.0, progress))
     return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -363,23 +367,31 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
     enc = Encoder()
     keys = eval_keys()
     val = get_task("shapes").samples("val", n=args.val_n)
-    step, best, since_best = 0, -1.0, 0
+    step, best, since_best, elapsed0 = 0, -1.0, 0, 0.0
     ck = out / "stage2.pt"
     if ck.exists() and not args.restart_stage2:
         st = torch.load(ck, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, best, since_best = st["step"], st["best"], st["since_best"]
-        log.info("resuming stage 2 from step %d (best %.4f)", step, best)
+        elapsed0 = st.get("elapsed", 0.0)
+        log.info("resuming stage 2 from step %d (best %.4f, %.1f min done)", step, best, elapsed0 / 60)
     t0, agg = time.time(), []
+
+    def state() -> dict:
+        return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
+                "since_best": since_best, "elapsed": elapsed0 + time.time() - t0}
+
     while step < args.stage2_steps:
-        if args.stage2_minutes and time.time() - t0 > 60 * args.stage2_minutes:
+        elapsed = elapsed0 + time.time() - t0
+        if args.stage2_minutes and elapsed > 60 * args.stage2_minutes:
             log.info("stage 2 time budget of %.0f min reached at step %d", args.stage2_minutes, step)
             break
         model.train()
         model.model.vision_tower.eval()
+        progress = elapsed / (60 * args.stage2_minutes) if args.stage2_minutes else None
         for gp in opt.param_groups:
-            gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps)
+            gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps, progress=progress)
         pix, ids, am, tg = stage2_batch(args, step, enc, keys)
         with torch.no_grad():
             hv = M.vision_hidden(model.model.vision_tower, pix).hidden_states[-2][:, 1:]  # [B, 144, Dv]
@@ -393,7 +405,7 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         step += 1
         agg.append(loss.item())
         if step % args.log_every == 0:
-            rec = {"stage": 2, "step": step, "time_s": round(time.time() - t0, 1), "loss": round(float(np.mean(agg)), 4)}
+            rec = {"stage": 2, "step": step, "time_s": round(elapsed0 + time.time() - t0, 1), "loss": round(float(np.mean(agg)), 4)}
             log.info(json.dumps(rec))
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
@@ -401,7 +413,7 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         if step % args.eval_every == 0 or step == args.stage2_steps:
             res = validate(model, enc, val)
             score = min(v for k, v in res.items() if k != "overall") + res["overall"]
-            rec = {"stage": 2, "step": step, "time_s": round(time.time() - t0, 1), "val": res, "score": score}
+            rec = {"stage": 2, "step": step, "time_s": round(elapsed0 + time.time() - t0, 1), "val": res, "score": score}
             log.info(json.dumps(rec))
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
@@ -412,16 +424,13 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
                 log.info("exported new best (score %.4f) to %s", score, out / "best")
             else:
                 since_best += 1
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                        "since_best": since_best}, ck)
+            torch.save(state(), ck)
             if args.patience and since_best >= args.patience:
                 log.info("early stop: no val improvement in %d evaluations", since_best)
                 break
         elif step % args.ckpt_every == 0:
-            torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                        "since_best": since_best}, ck)
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                "since_best": since_best}, ck)
+            torch.save(state(), ck)
+    torch.save(state(), ck)
     log.info("stage 2 stopped at step %d, best score %.4f", step, best)
 
 
