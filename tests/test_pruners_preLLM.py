@@ -465,3 +465,46 @@ def test_pooling_grid_is_at_most_budget():
     assert pooled_grid((24, 24), 576) == (24, 24)
     h, w = pooled_grid((24, 24), 192)
     assert h * w <= 192 and h * w >= 180
+
+
+# ---- the embedded default model's layout ---------------------------------------------------------
+@pytest.fixture(scope="module")
+def embedded_like(tmp_path_factory):
+    """The embedded model as ``benchmarks.embedded.model.export`` writes it (the shipped weights when
+    present, else a freshly initialised one): LLaVA folder + ``text_tower/`` with the visual projection."""
+    from benchmarks.embedded import model as M
+
+    if (M.ASSET_DIR / "config.json").is_file():
+        folder = M.ASSET_DIR
+    else:
+        llava, _ = M.build_llava(seed=0)
+        folder = tmp_path_factory.mktemp("embedded")
+        g = torch.Generator().manual_seed(0)
+        M.export(llava, M.build_text_tower(seed=0), torch.randn(128, 128, generator=g), folder, dtype=torch.float32)
+    model, processor, meta = M.load(folder)
+    texts = [meta["prompt_template"].format(question=q) for q in ("what colour is the circle ?", "how many ?")]
+    imgs = make_images(2, size=M.IMAGE_SIZE)
+    return model, processor, processor(images=imgs, text=texts, return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_embedded_layout_batch_of_two(embedded_like, method):
+    """Every method runs through apply_pruner on the embedded model's layout with batch size 2 and
+    gives the images' single-image results; recoverable finds the shipped CLIP text tower."""
+    model, processor, inputs = embedded_like
+    budget = 36
+    with apply_pruner(model, method, budget=budget, tokenizer=processor.tokenizer) as h:
+        both = logits_of(model, inputs)[:, -1]
+        assert h.token_counts["llm_visual"][0] == budget
+        if method == "recoverable":
+            assert h.info["text_similarity"] == "clip_text_tower"
+        if method == "flowcut":
+            assert h.token_counts["vision"][-1] == 1 + budget
+        kept = [k.clone() for k in h.kept_indices]
+        for i in range(2):
+            one_inputs = {k: v[i : i + 1] for k, v in inputs.items()}
+            pad = int((one_inputs["attention_mask"][0] == 0).sum())  # drop this row's left padding
+            one_inputs = {k: (v[:, pad:] if k in ("input_ids", "attention_mask") else v) for k, v in one_inputs.items()}
+            one = logits_of(model, one_inputs)[:, -1]
+            assert (one[0] - both[i]).abs().max() <= 1e-4
+            assert torch.equal(h.kept_indices[0], kept[i])
