@@ -1,0 +1,456 @@
+"""Flow-guided hyperparameter tuning of any pruner under a compute constraint (VFlowOpt's step 4).
+
+    python -m benchmarks.tune method=vflowopt target_equiv_tokens=36 calib_samples=32 n_trials=60 \\
+        model=embedded task=shapes
+
+Objective (shared/specs/vflowopt.md): on a calibration set, the mean cosine similarity between the
+final-layer hidden state (after the LLM's final norm) of the LAST prompt token at prefill with and
+without pruning. Higher = the pruned model's information flow into the answer is better preserved.
+
+Search: Bayesian optimisation with optuna (seeded TPE by default, ``sampler=gp`` for optuna's
+Gaussian-process sampler, which needs scipy) over the method's declared ``search_space`` (class
+attribute; ``space.<param>=[float, lo, hi]`` overrides or adds a dimension, ``space.<param>=null``
+removes one). Parameters outside the space come from ``conf/method/<method>.yaml`` (``method.params``).
+
+Constraint (``target_equiv_tokens`` = layer-averaged visual tokens, or ``target_flops_rel`` = prefill
+FLOPs of vision encoder + projector + LLM relative to the unpruned model, pruner overhead excluded):
+it is SOLVED, not penalised. For each trial the tuner picks the largest ``budget`` (tokens after the
+last pruning step) whose schedule meets the target, by bisection. For VFlowOpt, whose budget fixes
+r_2 once r_v and r_1 are sampled, this is exactly the authors' "solve r_2 from the target". Token
+counts come from the pruner's pure ``token_schedule()`` when it has one, else from one measured
+forward pass on the first calibration sample. A trial whose parameters the pruner rejects, or for
+which even ``budget=1`` exceeds the target, is infeasible and scores -1 (the lowest cosine), marked
+``feasible=False``.
+
+Calibration data: ``task.samples(split=calib_split)``; the default split ``val`` of the ``shapes``
+task is a seed domain disjoint from the ``eval`` split the benchmark scores (the task has no split
+named "calib").
+
+Output: ``conf/method/<method>_tuned_<target>.yaml`` (e.g. ``vflowopt_tuned_eq36``), usable by the
+runner by name (``python -m benchmarks.run method=vflowopt_tuned_eq36 budgets=[<tuned.budget>]``),
+with the tuned parameters, the solved budget and the objective (best and best-of-initial-points).
+``mode=evaluate method=<tuned file>`` recomputes the objective of a config at its ``tuned.budget``
+(or ``budget=``), which is how a tuned config is checked to reproduce its reported value.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("prunebench.tune")
+
+CONF_METHOD = Path(__file__).resolve().parent.parent / "conf" / "method"
+SAMPLERS = ("tpe", "gp")
+INFEASIBLE = -1.0
+
+
+# ---- calibration ------------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Encoded calibration batches of one model and their unpruned reference states."""
+
+    model: Any
+    batches: list[dict[str, torch.Tensor]]
+    reference: list[torch.Tensor]  # per batch [b, D] final-norm state of the last prompt token
+    n_text: float  # mean non-image prompt tokens per sample (for relative FLOPs)
+    info: Any  # pruners.base.ModelInfo of the model
+
+
+def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str], device: Any, dtype: Any) -> dict:
+    """Processor outputs on ``device`` (pixel values in the model's dtype), left-padded batch."""
+    enc = processor(images=[im.convert("RGB") for im in images], text=list(prompts), padding=True,
+                    return_tensors="pt")
+    enc = {k: v.to(device) for k, v in enc.items()}
+    if "pixel_values" in enc:
+        enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    return enc
+
+
+def last_token_state(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
+    """[B, D] fp32 output of the LLM's final norm at the last prompt position (prefill).
+
+    Left padding puts every sample's last prompt token at the last position, pruned or not.
+    """
+    norm = model.model.language_model.norm
+    out: dict[str, torch.Tensor] = {}
+    hook = norm.register_forward_hook(lambda m, a, o: out.__setitem__("h", o[:, -1].float()))
+    try:
+        with torch.inference_mode():
+            model(**enc, use_cache=False, logits_to_keep=1)
+    finally:
+        hook.remove()
+    return out["h"]
+
+
+def model_info(model: Any) -> Any:
+    """The adapter's ModelInfo for ``model`` (attaches the keep-all pruner once and removes it)."""
+    from pruners import apply_pruner
+
+    with apply_pruner(model, "none") as h:
+        return h.adapter.info
+
+
+def build_calibration(model: Any, processor: Any, images: Sequence[Any], prompts: Sequence[str],
+                      batch_size: int = 8) -> Calibration:
+    """Encode the calibration set and compute the unpruned reference states."""
+    if not images or len(images) != len(prompts):
+        raise ValueError(f"calibration needs as many images as prompts (>= 1), got {len(images)} and {len(prompts)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device, dtype = next(model.parameters()).device, model.dtype
+    batches, refs, n_text = [], [], []
+    image_id = int(model.config.image_token_id)
+    for i in range(0, len(images), batch_size):
+        enc = encode(processor, images[i : i + batch_size], prompts[i : i + batch_size], device, dtype)
+        batches.append(enc)
+        refs.append(last_token_state(model, enc))
+        n_text += ((enc["attention_mask"].sum(1)) - (enc["input_ids"] == image_id).sum(1)).tolist()
+    return Calibration(model, batches, refs, sum(n_text) / len(n_text), model_info(model))
+
+
+# ---- objective and constraint -------------------------------------------------------------------
+def objective(calib: Calibration, method: str, budget: int | None, params: dict[str, Any], seed: int = 0) -> float:
+    """Mean cosine similarity (pruned vs unpruned) of the last prompt token's final state."""
+    from pruners import apply_pruner
+
+    sims = []
+    with apply_pruner(calib.model, method, budget=budget, seed=seed, **params):
+        for enc, ref in zip(calib.batches, calib.reference):
+            sims.append(torch.nn.functional.cosine_similarity(last_token_state(calib.model, enc), ref, dim=-1))
+    return float(torch.cat(sims).mean())
+
+
+def reference_vision_counts(info: Any) -> list[int]:
+    """Tokens entering each ViT layer the adapter runs when the vision stage does not prune."""
+    return [info.num_visual_tokens + int(info.has_cls)] * (info.vision_feature_layer + 1)
+
+
+def token_counts(calib: Calibration, method: str, budget: int, params: dict[str, Any], seed: int = 0
+                 ) -> dict[str, Any] | None:
+    """Per-layer token counts of ``method`` at ``budget`` ({"vision", "llm_visual"}), or None if the
+    pruner rejects the combination (ValueError). Pure when the pruner has ``token_schedule()``."""
+    from pruners import apply_pruner, get_pruner_class
+
+    cls = get_pruner_class(method)
+    try:
+        pruner = cls(budget=budget, seed=seed, **params)
+        pruner.attach(calib.info)
+    except ValueError:
+        return None
+    if hasattr(pruner, "token_schedule"):
+        return {"vision": reference_vision_counts(calib.info), "llm_visual": pruner.token_schedule()}
+    enc = {k: v[:1] for k, v in calib.batches[0].items()}
+    try:
+        with apply_pruner(calib.model, method, budget=budget, seed=seed, **params) as h, torch.inference_mode():
+            calib.model(**enc, use_cache=False, logits_to_keep=1)
+            return dict(h.token_counts)
+    except ValueError:
+        return None
+
+
+def cost(calib: Calibration, counts: dict[str, Any], kind: str) -> float:
+    """``equiv_tokens`` or ``flops_rel`` (vision + projector + LLM prefill vs unpruned) of ``counts``."""
+    from benchmarks.flops import equiv_tokens, prefill_flops
+
+    info = calib.info
+    if kind == "equiv_tokens":
+        return equiv_tokens(counts, info.llm_num_layers, info.num_visual_tokens)
+    cfg = calib.model.config
+    ref = prefill_flops(cfg, round(calib.n_text), {"vision": reference_vision_counts(info)}).total
+    return prefill_flops(cfg, round(calib.n_text), counts).total / ref
+
+
+def solve_budget(calib: Calibration, method: str, params: dict[str, Any], kind: str, target: float,
+                 seed: int = 0) -> tuple[int, float] | None:
+    """Largest budget whose cost is <= target (bisection; cost assumed non-decreasing in the budget).
+
+    Returns (budget, cost) or None when no budget is feasible.
+    """
+
+    def feasible(b: int) -> float | None:
+        counts = token_counts(calib, method, b, params, seed)
+        if counts is None:
+            return None
+        c = cost(calib, counts, kind)
+        return c if c <= target + 1e-9 else None
+
+    c1 = feasible(1)
+    if c1 is None:
+        return None
+    lo, hi, best = 1, calib.info.num_visual_tokens, (1, c1)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        c = feasible(mid)
+        if c is None:
+            hi = mid - 1
+        else:
+            lo, best = mid, (mid, c)
+    return best
+
+
+# ---- search -------------------------------------------------------------------------------------
+def resolve_space(cls: Any, overrides: dict[str, Any] | None = None) -> dict[str, tuple]:
+    """The method's ``search_space`` with ``overrides`` applied ({param: [type, lo, hi] | [categorical,
+    [choices]] | None to drop}); checks every entry."""
+    space = dict(cls.search_space)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            space.pop(k, None)
+        else:
+            space[k] = tuple(v)
+    if not space:
+        raise ValueError(
+            f"method {cls.name!r} declares no search_space; give one with space.<param>=[float, lo, hi]"
+        )
+    for k, spec in space.items():
+        kind = spec[0] if spec else None
+        if kind in ("int", "float"):
+            if len(spec) not in (3, 4) or not spec[1] < spec[2] or (len(spec) == 4 and spec[3] != "log"):
+                raise ValueError(f"space.{k} must be [{kind}, low, high] (low < high) or [{kind}, low, high, log], got {list(spec)}")
+        elif kind == "categorical":
+            if len(spec) != 2 or not list(spec[1]):
+                raise ValueError(f"space.{k} must be [categorical, [choices...]], got {list(spec)}")
+        else:
+            raise ValueError(f"space.{k}: type must be one of int, float, categorical; got {kind!r}")
+    return space
+
+
+def suggest(trial: Any, space: dict[str, tuple]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, spec in space.items():
+        if spec[0] == "float":
+            out[k] = trial.suggest_float(k, float(spec[1]), float(spec[2]), log=len(spec) == 4)
+        elif spec[0] == "int":
+            out[k] = trial.suggest_int(k, int(spec[1]), int(spec[2]), log=len(spec) == 4)
+        else:
+            out[k] = trial.suggest_categorical(k, list(spec[1]))
+    return out
+
+
+def make_sampler(name: str, seed: int, n_initial: int) -> Any:
+    import optuna
+
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=n_initial)
+    if name == "gp":
+        try:
+            import scipy  # noqa: F401  (optuna's GPSampler needs it)
+        except ImportError as e:
+            raise ValueError("sampler=gp needs scipy (pip install scipy); or use sampler=tpe") from e
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=n_initial)
+    raise ValueError(f"sampler must be one of {SAMPLERS}, got {name!r}")
+
+
+@dataclass
+class TuneResult:
+    method: str
+    params: dict[str, Any]  # the full parameters of the best trial (as the pruner stores them)
+    budget: int
+    cost: float
+    objective: float
+    initial_best: float  # best objective among the initial (random) points
+    kind: str
+    target: float
+    n_trials: int
+    n_initial: int
+    n_feasible: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def tune(
+    calib: Calibration,
+    method: str,
+    *,
+    target: float,
+    kind: str = "equiv_tokens",
+    base_params: dict[str, Any] | None = None,
+    space: dict[str, Any] | None = None,
+    n_trials: int = 60,
+    n_initial: int = 10,
+    sampler: str = "tpe",
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> TuneResult:
+    """Maximise `objective` over the search space with the budget solved for the constraint."""
+    import optuna
+
+    from pruners import get_pruner_class
+
+    if kind not in ("equiv_tokens", "flops_rel"):
+        raise ValueError(f"constraint kind must be 'equiv_tokens' or 'flops_rel', got {kind!r}")
+    if not (isinstance(target, (int, float)) and target > 0):
+        raise ValueError(f"the constraint target must be a positive number, got {target!r}")
+    if n_trials < 1 or n_initial < 1:
+        raise ValueError(f"n_trials and n_initial must be >= 1, got {n_trials} and {n_initial}")
+    cls = get_pruner_class(method)
+    sp = resolve_space(cls, space)
+    base = dict(base_params or {})
+    history: list[dict[str, Any]] = []
+
+    def run_trial(trial: Any) -> float:
+        params = {**base, **suggest(trial, sp)}
+        solved = solve_budget(calib, method, params, kind, target, seed)
+        rec: dict[str, Any] = {"number": trial.number, "params": {k: params[k] for k in sp}}
+        if solved is None:
+            trial.set_user_attr("feasible", False)
+            value = INFEASIBLE
+        else:
+            budget, c = solved
+            value = objective(calib, method, budget, params, seed)
+            trial.set_user_attr("feasible", True)
+            trial.set_user_attr("budget", budget)
+            trial.set_user_attr("cost", c)
+            rec.update(budget=budget, cost=c)
+        rec["objective"] = value
+        history.append(rec)
+        if progress:
+            progress(f"trial {trial.number:3d}: objective {value:.5f} budget {rec.get('budget')} "
+                     f"{kind} {rec.get('cost', float('nan')):.4g} {rec['params']}")
+        return value
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(direction="maximize", sampler=make_sampler(sampler, seed, n_initial))
+    study.optimize(run_trial, n_trials=n_trials)
+    feasible = [t for t in study.trials if t.user_attrs.get("feasible")]
+    if not feasible:
+        raise ValueError(
+            f"no trial of {method!r} met {kind} <= {target}: even budget=1 is above it for every sampled "
+            f"parameter set; raise the target or widen the search space"
+        )
+    best = max(feasible, key=lambda t: t.value)
+    initial = [t.value for t in study.trials[:n_initial]]
+    params = dict(cls(budget=None, seed=seed, **{**base, **best.params}).params)
+    return TuneResult(
+        method=method, params=params, budget=int(best.user_attrs["budget"]), cost=float(best.user_attrs["cost"]),
+        objective=float(best.value), initial_best=float(max(initial)), kind=kind, target=float(target),
+        n_trials=n_trials, n_initial=min(n_initial, n_trials), n_feasible=len(feasible), history=history,
+    )
+
+
+# ---- output -------------------------------------------------------------------------------------
+def target_tag(kind: str, target: float) -> str:
+    """File-name tag of a target: eq36, flops0p25 (no dots: Hydra option names)."""
+    num = f"{target:g}".replace(".", "p")
+    return f"eq{num}" if kind == "equiv_tokens" else f"flops{num}"
+
+
+def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``<out_dir>/<method>_tuned_<tag>.yaml`` (runner-compatible: name + params, plus ``tuned``)."""
+    from omegaconf import OmegaConf
+
+    name = f"{result.method}_tuned_{target_tag(result.kind, result.target)}"
+    body = {
+        "name": result.method,
+        "params": result.params,
+        "tuned": {
+            "budget": result.budget,
+            "target": {result.kind: result.target},
+            result.kind: result.cost,
+            "objective": result.objective,
+            "objective_initial_best": result.initial_best,
+            "objective_definition": "mean cosine similarity, pruned vs unpruned, of the last prompt token's "
+                                    "final-norm hidden state at prefill, on the calibration set",
+            "n_trials": result.n_trials,
+            "n_initial": result.n_initial,
+            "n_feasible": result.n_feasible,
+            **(extra or {}),
+        },
+    }
+    header = (
+        f"# {result.method} tuned by benchmarks.tune for {result.kind} <= {result.target:g} "
+        f"(objective {result.objective:.5f}; best initial point {result.initial_best:.5f}).\n"
+        f"# Benchmark it: python -m benchmarks.run method={name} budgets=[{result.budget}]\n"
+        f"# Re-check the objective: python -m benchmarks.tune mode=evaluate method={name}\n"
+    )
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.yaml"
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(header + OmegaConf.to_yaml(OmegaConf.create(body)))
+    tmp.replace(path)
+    return path
+
+
+# ---- Hydra entry point ----------------------------------------------------------------------------
+def _constraint(cfg: Any) -> tuple[str, float]:
+    eq, fr = cfg.get("target_equiv_tokens"), cfg.get("target_flops_rel")
+    if (eq is None) == (fr is None):
+        raise ValueError("give exactly one of target_equiv_tokens=<tokens> or target_flops_rel=<fraction>")
+    return ("equiv_tokens", float(eq)) if eq is not None else ("flops_rel", float(fr))
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Tune (``mode=tune``) or re-evaluate a config (``mode=evaluate``); returns a summary dict."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.models import load_model
+    from benchmarks.tasks import get_task
+    from pruners import get_pruner_class
+
+    if cfg.get("num_threads"):
+        torch.set_num_threads(int(cfg.num_threads))
+    mode = str(cfg.get("mode", "tune"))
+    if mode not in ("tune", "evaluate"):
+        raise ValueError(f"mode must be 'tune' or 'evaluate', got {mode!r}")
+    method = str(cfg.method.name)
+    params = OmegaConf.to_container(cfg.method.get("params") or {}, resolve=True)
+    n_calib = int(cfg.calib_samples)
+    if n_calib < 1:
+        raise ValueError(f"calib_samples must be >= 1, got {n_calib}")
+    device = "cuda" if str(cfg.device) == "auto" and torch.cuda.is_available() else (
+        "cpu" if str(cfg.device) == "auto" else str(cfg.device))
+    lm = load_model(cfg.model, device)
+    task = get_task(str(cfg.task.name))
+    split = str(cfg.calib_split)
+    samples = task.samples(split=split, n=n_calib, seed=int(cfg.seed))
+    calib = build_calibration(lm.model, lm.processor, [s.image for s in samples],
+                              [lm.prompt(s.question) for s in samples], int(cfg.batch_size))
+    if mode == "evaluate":
+        tuned = cfg.method.get("tuned") or {}
+        budget = cfg.get("budget") if cfg.get("budget") is not None else tuned.get("budget")
+        value = objective(calib, method, None if budget is None else int(budget), params, int(cfg.seed))
+        counts = token_counts(calib, method, int(budget), params, int(cfg.seed)) if budget is not None else None
+        summary = {"method": method, "budget": budget, "objective": value,
+                   "reported": tuned.get("objective"),
+                   "equiv_tokens": cost(calib, counts, "equiv_tokens") if counts else None,
+                   "flops_rel": cost(calib, counts, "flops_rel") if counts else None}
+        log.info("evaluate: %s", summary)
+        print(summary)
+        return summary
+    kind, target = _constraint(cfg)
+    space = OmegaConf.to_container(cfg.space, resolve=True) if cfg.get("space") else None
+    result = tune(calib, method, target=target, kind=kind, base_params=params, space=space,
+                  n_trials=int(cfg.n_trials), n_initial=int(cfg.n_initial), sampler=str(cfg.sampler),
+                  seed=int(cfg.seed), progress=print if cfg.get("progress", True) else None)
+    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else CONF_METHOD
+    extra = {"model": str(cfg.model.name), "task": str(cfg.task.name), "calib_split": split,
+             "calib_samples": n_calib, "sampler": str(cfg.sampler), "seed": int(cfg.seed),
+             "search_space": {k: list(v) for k, v in resolve_space(get_pruner_class(method), space).items()},
+             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+    path = write_tuned_config(result, out_dir, extra)
+    summary = {"path": str(path), "objective": result.objective, "objective_initial_best": result.initial_best,
+               "budget": result.budget, kind: result.cost, "params": {k: result.params[k] for k in extra["search_space"]}}
+    print(summary)
+    return summary
+
+
+def _main() -> None:
+    import hydra
+
+    @hydra.main(config_path="../conf", config_name="tune", version_base="1.3")
+    def main(cfg: Any) -> None:
+        run(cfg)
+
+    main()
+
+
+if __name__ == "__main__":
+    _main()
