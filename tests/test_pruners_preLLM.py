@@ -182,9 +182,11 @@ def test_batch_of_two_equals_two_batches_of_one(tiny, batch, method):
     _batch_vs_single(model, processor, batch, method)
 
 
-def test_flowcut_ragged_batch_equals_singles(tiny8):
-    """8-layer ViT: images cut different amounts at layer 3 and 5; the padded batch equals them alone."""
-    model, processor = tiny8
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_flowcut_ragged_batch_equals_singles(tiny8, attn):
+    """8-layer ViT: images cut different amounts at layer 3 and 5; the padded batch equals them alone
+    (the padded keys are masked in the ViT's eager and SDPA attention alike)."""
+    model, processor = tiny8 if attn == "eager" else build_tiny_llava(seed=0, vision_layers=8, attn_implementation=attn)
     inputs = processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
     counts = _batch_vs_single(model, processor, inputs, "flowcut")
     per = counts["vision_per_sample"]
