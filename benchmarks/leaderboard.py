@@ -138,11 +138,13 @@ def plot_pareto(df: pd.DataFrame, model: str, task: str, path: str | Path) -> Pa
     unit, scale = next((u, s) for u, s in (("TFLOPs", 1.0), ("GFLOPs", 1e3), ("MFLOPs", 1e6), ("kFLOPs", 1e9))
                        if top * s >= 0.1 or u == "kFLOPs")
     g["tflops_prefill"] = g["tflops_prefill"] * scale
-    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
+    markers = "osD^vP*Xh<>p"
     curves = method_curves(g)
     cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
     for i, (method, c) in enumerate(sorted(curves.items())):
-        ax.plot(c["tflops_prefill"], c["accuracy"], "o-", color=cmap(i % cmap.N), label=method, lw=1.6, ms=5)
+        ax.plot(c["tflops_prefill"], c["accuracy"], marker=markers[i % len(markers)], ls="-", color=cmap(i % cmap.N),
+                label=method, lw=1.6, ms=5)
         for _, r in c[c["budget"].notna()].iterrows():
             ax.annotate(str(int(r["budget"])), (r["tflops_prefill"], r["accuracy"]), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color=cmap(i % cmap.N))
@@ -160,7 +162,7 @@ def plot_pareto(df: pd.DataFrame, model: str, task: str, path: str | Path) -> Pa
     ax.set_ylabel("accuracy")
     ax.set_title(f"{task} on {model}: accuracy vs prefill FLOPs (labels: visual-token budget)")
     ax.grid(True, alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8, framealpha=0.9)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
