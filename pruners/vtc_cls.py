@@ -27,16 +27,18 @@ def resolve_start_layer(start_layer: int | None, info: ModelInfo) -> int:
 
     ``None`` scales the authors' 16-of-24 to the model's depth (16 for CLIP-L; layer 3 of a 4-layer
     ViT, clamped to the feature layer), so the default is meaningful on small models too.
-    An explicit value is used as given (negative counts from the end of the ViT).
+    A non-negative value is used as given; a negative one counts back from the end of the ViT
+    (-2 = the feature layer of LLaVA-1.5, -8 = layer 16 of 24) and starts at layer 0 at the earliest,
+    so one negative range serves encoders of any depth (the tuner's search space).
     """
     n, feat = info.vision_num_layers, info.vision_feature_layer
     if start_layer is None:
         return min(feat, int(round(REF_START_LAYER * n / REF_DEPTH)))
-    s = start_layer % n if start_layer < 0 else start_layer
+    s = max(0, n + start_layer) if start_layer < 0 else start_layer
     if not 0 <= s <= feat:
         raise ValueError(
-            f"start_layer={start_layer} is outside the ViT layers that run before the features are taken; "
-            f"accepted: None (scaled default) or an int in 0..{feat} (or {-n}..{feat - n})"
+            f"start_layer={start_layer} is after the feature layer ({feat}) whose output LLaVA takes; "
+            f"accepted: None (scaled default), an int in 0..{feat}, or a negative int <= {feat - n}"
         )
     return s
 
@@ -69,7 +71,7 @@ class VTCCLS(Pruner):
     stages = ("pre_llm",)
     requires_cls = True
     defaults = {"start_layer": None, "ensemble": "sum"}
-    search_space = {"start_layer": ("int", 0, 22), "ensemble": ("categorical", list(ENSEMBLES))}
+    search_space = {"start_layer": ("int", -9, -2), "ensemble": ("categorical", list(ENSEMBLES))}
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)

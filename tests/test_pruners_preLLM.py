@@ -248,6 +248,7 @@ def test_cls_requirement(method):
     [
         ("vtc_cls", {"ensemble": "mean"}, ["ensemble", "sum", "min", "max"]),
         ("vtc_cls", {"start_layer": 3}, ["start_layer", "0..2"]),
+        ("vtc_cls", {"start_layer": -1}, ["start_layer", "0..2", "<= -2"]),
         ("visionzip", {"contextual_ratio": 1.5}, ["contextual_ratio", "[0, 1)"]),
         ("divprune", {"space": "pixels"}, ["space", "projected", "vision"]),
         ("recoverable", {"mode": "auto"}, ["mode", "fixed", "adaptive"]),
@@ -299,6 +300,10 @@ def test_vtc_cls_sums_layers_from_start_layer():
     default = get_pruner_class("vtc_cls")(budget=3)
     default.attach(_info())
     assert default.vision_probe_layers() == list(range(16, 23))  # authors' default 16..22 on CLIP-L
+    for start, first in [(-8, 16), (-2, 22), (-30, 0)]:  # negative: from the end, clamped at layer 0
+        p = get_pruner_class("vtc_cls")(budget=3, start_layer=start)
+        p.attach(_info())
+        assert p.vision_probe_layers()[0] == first
 
 
 def test_flowcut_schedule_24_layers_budget_64():
