@@ -304,6 +304,9 @@ def run(cfg: DictConfig) -> list[Path]:
     raw = cfg.budgets
     budgets = validate_budgets(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw,
                                lm.num_visual_tokens, lm.name)
+    if method == "none" and budgets != [None]:
+        log.info("method 'none' keeps every token: only its budget=null cell is run (asked: %s)", budgets)
+        budgets = [None]
     todo = []
     for budget in budgets:
         ccfg = cell_config(cfg, budget, method, params)

@@ -72,6 +72,8 @@ def test_cells_metrics_and_skip(tmp_path):
     paths3 = _run(tmp_path, "method=fastv", "budgets=[null,9]", "n_samples=4", "method.params.layer=3")
     assert paths3[0] == ref and paths3[1] != pruned
     assert store.read_metrics(paths3[1])["llm_visual_tokens_per_layer"] == [36, 36, 36, 9]
+    # method 'none' with budgets is the reference only (no relabelled copies of it).
+    assert _run(tmp_path, "method=none", "budgets=[null,9]", "n_samples=4") == [ref]
 
 
 @pytest.mark.parametrize(
