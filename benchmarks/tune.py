@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -240,7 +240,7 @@ class VFlowOpt(Pruner):
         n_merged = n_v - k_min
         keep = torch.stack([p[0][:k_min] for p in plans]).to(x.device)  # [B, k_min]
         assign = torch.stack([p[1] for p in plans])  # [B, N]
-        for b, (order, a, (k, n_cells)) in enumerate(plans):
+        for b, (order, _assign, (k, n_cells)) in enumerate(plans):
             # kept tokens beyond the batch's common kept count travel as single-token "recycled" slots
             extra = order[k_min:k]
             assign[b, extra] = n_cells + torch.arange(extra.numel())

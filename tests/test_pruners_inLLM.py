@@ -13,7 +13,7 @@ from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.pdrop import pdrop_schedule
 from pruners.transprune import layer_ttv, transprune_schedule
 from pruners.vflowopt import VFlowOpt, patch_entropy, vflowopt_schedule
-from tests.conftest import PROMPTS, single
+from tests.conftest import PROMPTS, make_images, single
 from tests.test_core_invariants import _greedy_recompute, logits_of
 
 N_VIS = 36
@@ -313,3 +313,46 @@ def test_registered():
 
     assert {"transprune", "vflowopt", "pdrop"} <= set(available_pruners())
     assert PROMPTS  # fixtures importable
+
+
+@pytest.mark.parametrize("method,params", METHODS, ids=IDS)
+def test_sdpa_gives_the_eager_kept_set(tiny, tiny_sdpa, batch, method, params):
+    """Scoring never needs eager attention weights: SDPA everywhere keeps the same tokens."""
+    kept = []
+    for model, _ in (tiny, tiny_sdpa):
+        with apply_pruner(model, method, budget=6, **params) as h:
+            out = logits_of(model, batch)[:, -1]  # padded rows differ between kernels; real ones agree
+            kept.append(([k.tolist() for k in h.kept_indices], out))
+    assert kept[0][0] == kept[1][0]
+    assert (kept[0][1] - kept[1][1]).abs().max() <= 1e-4
+
+
+@pytest.fixture(scope="module")
+def embedded_layout():
+    """The embedded default model's architecture (8-layer Llama, 12 x 12 patches), random weights."""
+    from benchmarks.embedded import model as M
+
+    model, processor = M.build_llava(seed=0)
+    model.eval()
+    texts = [f"USER: <image>\n{q} ASSISTANT:" for q in ("what colour is the circle ?", "how many ?")]
+    return model, processor, processor(images=make_images(2, size=M.IMAGE_SIZE), text=texts,
+                                       return_tensors="pt", padding=True)
+
+
+@pytest.mark.parametrize("method,params", METHODS[:2] + METHODS[3:5], ids=IDS[:2] + IDS[3:5])
+def test_embedded_layout_schedule_and_batch_of_two(embedded_layout, method, params):
+    model, processor, inputs = embedded_layout
+    n_vis = model.config.vision_config.image_size // model.config.vision_config.patch_size
+    n_vis *= n_vis
+    budget = n_vis // 8
+    with apply_pruner(model, method, budget=budget, **params) as h:
+        both = logits_of(model, inputs)[:, -1]
+        counts = h.token_counts["llm_visual"]
+        assert len(counts) == 8 and counts[-1] == budget
+        assert counts == h.pruner.token_schedule()
+        for i in range(2):
+            one_inputs = {k: v[i : i + 1] for k, v in inputs.items()}
+            pad = int((one_inputs["attention_mask"][0] == 0).sum())
+            one_inputs = {k: (v[:, pad:] if k in ("input_ids", "attention_mask") else v) for k, v in one_inputs.items()}
+            one = logits_of(model, one_inputs)[:, -1]
+            assert (one[0] - both[i]).abs().max() <= 1e-4
