@@ -107,7 +107,13 @@ class TransPrune(Pruner):
         flat = {k: params.pop(k) for k in list(params) if k.startswith("ratio_")}
         super().__init__(budget=budget, seed=seed, **params)
         if flat:
-            keys = sorted(flat, key=lambda k: int(k.split("_")[1]))
+            bad = [k for k in flat if not k[len("ratio_"):].isdigit()]
+            if bad or params.get("ratios") is not None:
+                raise ValueError(
+                    f"give the keep fractions either as ratios=[...] or as ratio_1, ratio_2, ... (one per pruning "
+                    f"layer but the last), not both; got {sorted(flat)} with ratios={params.get('ratios')!r}"
+                )
+            keys = sorted(flat, key=lambda k: int(k[len("ratio_"):]))
             r = [float(flat[k]) for k in keys]
             for i in range(1, len(r)):  # keep the schedule monotone: each ratio at most the previous one
                 r[i] = min(r[i], r[i - 1])
@@ -159,7 +165,7 @@ class TransPrune(Pruner):
         if ttv is None:
             ttv = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device)
         for j in range(lo, ctx.layer):
-            ttv = ttv + layer_ttv(caps[j], ctx.key_mask).gather(1, vis)  # [B, Nv]
+            ttv = ttv + layer_ttv(caps.pop(j), ctx.key_mask).gather(1, vis)  # [B, Nv]; frees the capture
         score = ttv / ttv.sum(1, keepdim=True).clamp(min=1e-12)  # [B, Nv]
         if self.params["use_iga"]:
             iga = ctx.extras["layer_rows"]("instruction").float()  # [B, Nv]

@@ -356,3 +356,12 @@ def test_embedded_layout_schedule_and_batch_of_two(embedded_layout, method, para
             one_inputs = {k: (v[:, pad:] if k in ("input_ids", "attention_mask") else v) for k, v in one_inputs.items()}
             one = logits_of(model, one_inputs)[:, -1]
             assert (one[0] - both[i]).abs().max() <= 1e-4
+
+
+def test_transprune_flat_ratio_parameters_for_the_tuner():
+    cls = get_pruner_class("transprune")
+    assert cls(budget=6, ratio_1=0.9, ratio_2=0.95).params["ratios"] == [0.9, 0.9]  # kept monotone
+    with pytest.raises(ValueError, match="not both"):
+        cls(budget=6, ratio_1=0.9, ratios=[0.9, 0.5])
+    with pytest.raises(ValueError, match="ratio_1, ratio_2"):
+        cls(budget=6, ratio_x=0.9)
