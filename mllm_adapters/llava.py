@@ -74,6 +74,7 @@ class _Forward:
     attn_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     pruner_state: dict[str, Any] = field(default_factory=dict)
+    vision_qkv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # ViT layer -> its own q, k, v
     generators: list[torch.Generator] = field(default_factory=list)
 
 
@@ -297,6 +298,7 @@ class LlavaAdapter:
         patch_mask: torch.Tensor | None = None  # [B, N] True = real patch (None: all real)
         layer_mask: dict[int, torch.Tensor | None] = {}
         prune_vision = "vision" in pruner.stages and not pruner.keeps_all
+        capture = probe | (set(self._vision_layers) if prune_vision else set())
         for i in range(info.vision_feature_layer + 1):
             layer = vt.encoder.layers[i]
             vision_counts.append(hs.shape[1])
@@ -307,7 +309,7 @@ class LlavaAdapter:
             h_in = hs
             key_mask = None if patch_mask is None else torch.cat(
                 [torch.ones(B, n_cls, dtype=torch.bool, device=hs.device), patch_mask], dim=1)  # [B, T]
-            hs = layer(hs, self._vision_additive_mask(key_mask, hs.dtype))
+            hs = self._run_vision_layer(i, hs, self._vision_additive_mask(key_mask, hs.dtype), i in capture)
             if i in probe:
                 layer_in[i], layer_out[i], layer_mask[i] = h_in, hs, key_mask
             if prune_vision and i in self._vision_layers:
@@ -323,6 +325,8 @@ class LlavaAdapter:
                     patch_mask=patch_mask,
                 )
                 keep = self._call_pruner(pruner.prune_vision, ctx)
+                if i not in probe:
+                    self._fw.vision_qkv.pop(i, None)
                 if keep is not None:
                     # Raster order; -1 entries (a sample keeping fewer tokens) sort last and become padding.
                     valid = keep >= 0
@@ -402,8 +406,29 @@ class LlavaAdapter:
         assert tokens.shape[0] == B
         return tokens, index, scores
 
+    def _run_vision_layer(self, i: int, hs: torch.Tensor, mask: torch.Tensor | None, capture: bool) -> torch.Tensor:
+        """Run ViT layer i; with ``capture``, keep the q/k/v its own attention computed (forward hooks on
+        the projections), so pruners read them without recomputing three projections per layer."""
+        layer = self.vision_tower.encoder.layers[i]
+        if not capture:
+            return layer(hs, mask)
+        attn, out = layer.self_attn, {}
+        names = ("q_proj", "k_proj", "v_proj")
+        hooks = [getattr(attn, n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o)) for n in names]
+        try:
+            hs_out = layer(hs, mask)
+        finally:
+            for h in hooks:
+                h.remove()
+        B, T, _ = hs.shape
+        self._fw.vision_qkv[i] = tuple(out[n].view(B, T, -1, attn.head_dim).transpose(1, 2) for n in names)
+        return hs_out
+
     def _vision_qkv(self, i: int, h_in: torch.Tensor):
-        """(q, k, v) [B, H, T, Dh] of ViT layer i from that layer's input hidden states."""
+        """(q, k, v) [B, H, T, Dh] of ViT layer i (captured during its forward, else recomputed from its input)."""
+        cached = self._fw.vision_qkv.get(i)
+        if cached is not None and cached[0].shape[2] == h_in.shape[1]:
+            return cached
         layer = self.vision_tower.encoder.layers[i]
         x = layer.layer_norm1(h_in)
         attn = layer.self_attn
