@@ -350,6 +350,29 @@ def test_flowcut_reports_vit_flops_reduction(tiny8):
     assert vision_flops(vcfg, counts_vtc["vision"]) == full
 
 
+def test_flowcut_overhead_is_small(tiny8):
+    """The ViT's own q/k/v are captured during its forward: FlowCut's scoring (two attention rows and
+    a value norm per layer) costs well under 2% of the (already pruned) ViT's FLOPs."""
+    model, processor = tiny8
+    inputs = processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    with apply_pruner(model, "flowcut", budget=BUDGET) as h:
+        h.count_overhead_flops = True
+        logits_of(model, inputs)
+        vit = 2 * vision_flops(model.config.vision_config, h.token_counts["vision"])  # batch of 2
+        assert 0 < h.overhead_flops < 0.02 * vit
+
+
+def test_vtc_cls_matches_eager_vit_attention(tiny, batch):
+    """On the model: the kept set is the top-k of HF's own eager CLS attention row (head mean,
+    patch columns) at the feature layer, the only summed layer of a 4-layer ViT."""
+    model, _ = tiny
+    with torch.no_grad():
+        att = model.model.vision_tower(batch["pixel_values"], output_attentions=True).attentions[2]  # [B, H, T, T]
+    _, _, kept, _, _ = _pruned(model, batch, "vtc_cls", budget=7)
+    for b in range(2):
+        assert kept[b].tolist() == sorted(att[b, :, 0, 1:].mean(0).topk(7).indices.tolist())
+
+
 def test_visionzip_split_and_contextual_mean():
     assert visionzip_split(64) == (54, 10)
     assert visionzip_split(128) == (108, 20)
