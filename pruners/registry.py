@@ -17,7 +17,9 @@ def register_pruner(name: str):
     """Class decorator: `@register_pruner("fastv")` makes the class available as `"fastv"`."""
 
     def wrap(cls: type[Pruner]) -> type[Pruner]:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
+        prev = _REGISTRY.get(name)
+        same = prev is not None and (prev.__module__, prev.__qualname__) == (cls.__module__, cls.__qualname__)
+        if prev is not None and not same:
             raise ValueError(f"pruner name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
         cls.name = name
         _REGISTRY[name] = cls
