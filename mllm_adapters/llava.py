@@ -300,7 +300,6 @@ class LlavaAdapter:
         prune_vision = "vision" in pruner.stages and not pruner.keeps_all
         capture = probe | (set(self._vision_layers) if prune_vision else set())
         for i in range(info.vision_feature_layer + 1):
-            layer = vt.encoder.layers[i]
             vision_counts.append(hs.shape[1])
             if per_sample is not None:
                 real = (n_cls + patch_mask.sum(1)).tolist() if patch_mask is not None else [hs.shape[1]] * B
