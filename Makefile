@@ -9,6 +9,7 @@ MODEL ?= embedded
 TASK ?= shapes
 BUDGETS ?= [null,72,36,18]
 N ?= 200
+RESULTS ?= results
 ARGS ?=
 
 .PHONY: setup test test-fast bench sweep leaderboard perf lint train-embedded clean-venv
@@ -30,15 +31,15 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
 
 bench: setup
-	$(PY) -m benchmarks.run method=$(METHOD) model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) $(ARGS)
-	$(PY) -m benchmarks.leaderboard results_dir=results
+	$(PY) -m benchmarks.run method=$(METHOD) model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) $(ARGS)
+	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
 sweep: setup
-	$(PY) -m benchmarks.run --multirun method=$(shell $(PY) -c "from pruners import available_pruners as a; print(','.join(n for n in a() if n != 'none'))") model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) $(ARGS)
-	$(PY) -m benchmarks.leaderboard results_dir=results
+	$(PY) -m benchmarks.run --multirun method=$(shell $(PY) -c "from pruners import available_pruners as a; print(','.join(n for n in a() if n != 'none'))") model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) $(ARGS)
+	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
 leaderboard: setup
-	$(PY) -m benchmarks.leaderboard results_dir=results
+	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
 perf: setup
 	$(PY) -m benchmarks.perf
