@@ -252,6 +252,7 @@ def make_sampler(name: str, seed: int, n_initial: int) -> Any:
 class TuneResult:
     method: str
     params: dict[str, Any]  # the full parameters of the best trial (as the pruner stores them)
+    searched: dict[str, Any]  # the best trial's values of the search-space dimensions
     budget: int
     cost: float
     objective: float
@@ -328,7 +329,7 @@ def tune(
     initial = [t.value for t in study.trials[:n_initial]]
     params = dict(cls(budget=None, seed=seed, **{**base, **best.params}).params)
     return TuneResult(
-        method=method, params=params, budget=int(best.user_attrs["budget"]), cost=float(best.user_attrs["cost"]),
+        method=method, params=params, searched=dict(best.params), budget=int(best.user_attrs["budget"]), cost=float(best.user_attrs["cost"]),
         objective=float(best.value), initial_best=float(max(initial)), kind=kind, target=float(target),
         n_trials=n_trials, n_initial=min(n_initial, n_trials), n_feasible=len(feasible), history=history,
     )
@@ -351,6 +352,7 @@ def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] 
         "params": result.params,
         "tuned": {
             "budget": result.budget,
+            "searched": result.searched,
             "target": {result.kind: result.target},
             result.kind: result.cost,
             "objective": result.objective,
@@ -436,7 +438,7 @@ def run(cfg: Any) -> dict[str, Any]:
              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
     path = write_tuned_config(result, out_dir, extra)
     summary = {"path": str(path), "objective": result.objective, "objective_initial_best": result.initial_best,
-               "budget": result.budget, kind: result.cost, "params": {k: result.params[k] for k in extra["search_space"]}}
+               "budget": result.budget, kind: result.cost, "searched": result.searched}
     print(summary)
     return summary
 

@@ -128,3 +128,4 @@ def test_written_config_is_runner_compatible(calib, tmp_path):
     # the runner builds the pruner from name + params
     p = get_pruner_class(conf["name"])(budget=conf["tuned"]["budget"], **conf["params"])
     assert p.params == r.params and conf["tuned"]["objective"] == r.objective
+    assert set(conf["tuned"]["searched"]) == set(get_pruner_class("vflowopt").search_space)
