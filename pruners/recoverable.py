@@ -188,8 +188,9 @@ class ClipTextSimilarity:
             raise ValueError(f"text_tower folder {folder!r} has no visual_projection.safetensors (the CLIP visual projection)")
         self.visual_projection = load_file(proj_path)["weight"].float()  # [P, Dv]
 
-    def text_embeds(self, texts: list[str]) -> torch.Tensor:
-        """[B, P] normalised text embeddings (EOT token through the text projection)."""
+    def text_embeds(self, texts: list[str], device: torch.device | None = None) -> torch.Tensor:
+        """[B, P] normalised text embeddings (EOT token through the text projection), on ``device``
+        (the tower moves there on first use)."""
         tok = self.tokenizer
         max_len = self.model.config.max_position_embeddings
         eos = tok.eos_token_id
@@ -201,8 +202,10 @@ class ClipTextSimilarity:
             rows.append(ids)
         L = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows])
-        mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows])
+        if device is not None and self.model.device != torch.device(device):
+            self.model.to(device)
+        input_ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=self.model.device)
+        mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=self.model.device)
         with torch.no_grad():
             out = self.model(input_ids=input_ids, attention_mask=mask).text_embeds  # [B, P]
         return F.normalize(out.float(), dim=-1)
@@ -212,7 +215,7 @@ class ClipTextSimilarity:
         with torch.no_grad():
             x = post_layernorm(features) if post_layernorm is not None else features  # [B, N, Dv]
             img = F.normalize(x.float() @ self.visual_projection.T.to(x.device), dim=-1)  # [B, N, P]
-        txt = self.text_embeds(texts).to(img.device)  # [B, P]
+        txt = self.text_embeds(texts, img.device)  # [B, P]
         return (img * txt[:, None]).sum(-1)
 
 
