@@ -1,7 +1,8 @@
 """Runtime measurements of one cell: prefill / decode latency, KV-cache bytes, peak memory.
 
-Conventions (``shared/specs/flops.md``): prefill time covers vision encoder + projector + LLM prefill
-to the first token, decode time is per generated token; both are medians over a few samples after
+Conventions (``shared/specs/flops.md``): prefill time is one forward pass (vision encoder + projector
++ LLM prefill to the first token's logits), decode time is per generated token (between consecutive
+tokens of greedy ``generate()``, the pruner's cache in place); both are medians over a few samples after
 warm-up, timed with CUDA events on GPU and ``time.perf_counter`` on CPU. KV bytes are read from the
 actual cache after prefill (layers can hold different lengths under in-LLM pruning).
 """
@@ -75,15 +76,24 @@ class _StepMarker(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def time_generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> tuple[float, list[float]]:
-    """Run greedy generate() for exactly ``new_tokens`` tokens; return (prefill_ms, [decode ms per step]).
+def time_prefill(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[float, Any]:
+    """One prefill forward (vision + projector + LLM up to the last position's logits), timed in ms.
 
-    Prefill is the time from the call to the first token; each decode step is the time between
-    consecutive tokens.
+    Returns (ms, the cache it filled).
     """
     device = next(model.parameters()).device
     clock = _Clock(device)
-    clock.mark()
+    with torch.inference_mode():
+        clock.mark()
+        out = model(**inputs, use_cache=True, logits_to_keep=1)
+        clock.mark()
+    return clock.times_ms()[1], out.past_key_values
+
+
+def time_decode(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) -> list[float]:
+    """Greedy generate() for exactly ``new_tokens`` tokens; the ms between consecutive tokens."""
+    device = next(model.parameters()).device
+    clock = _Clock(device)
     with torch.inference_mode():
         model.generate(
             **inputs,
@@ -93,7 +103,7 @@ def time_generate(model: Any, inputs: dict[str, torch.Tensor], new_tokens: int) 
             stopping_criteria=StoppingCriteriaList([_StepMarker(clock)]),
         )
     t = clock.times_ms()
-    return t[1] - t[0], [b - a for a, b in zip(t[1:], t[2:])]
+    return [b - a for a, b in zip(t, t[1:])]
 
 
 class PeakMemory:
@@ -178,18 +188,17 @@ def measure_runtime(
         raise ValueError(f"latency decode_tokens must be >= 2 (one prefill token + decode steps), got {decode_tokens}")
     device = next(model.parameters()).device
     for i in range(warmup):
-        time_generate(model, make_inputs(i), decode_tokens)
+        time_prefill(model, make_inputs(i))
+        time_decode(model, make_inputs(i), decode_tokens)
     prefill, decode, kv = [], [], []
     with PeakMemory(device) as mem:
         for i in range(n_samples):
             inputs = make_inputs(i)
-            p, steps = time_generate(model, inputs, decode_tokens)
-            prefill.append(p)
-            decode.append(statistics.median(steps))
-            with torch.inference_mode():
-                out = model(**inputs, use_cache=True, logits_to_keep=1)
-            kv.append(kv_cache_bytes(out.past_key_values))
-            del out
+            ms, cache = time_prefill(model, inputs)
+            prefill.append(ms)
+            kv.append(kv_cache_bytes(cache))
+            del cache
+            decode.append(statistics.median(time_decode(model, inputs, decode_tokens)))
     return {
         "prefill_ms": statistics.median(prefill),
         "decode_ms_per_token": statistics.median(decode),
