@@ -129,3 +129,22 @@ def test_written_config_is_runner_compatible(calib, tmp_path):
     p = get_pruner_class(conf["name"])(budget=conf["tuned"]["budget"], **conf["params"])
     assert p.params == r.params and conf["tuned"]["objective"] == r.objective
     assert set(conf["tuned"]["searched"]) == set(get_pruner_class("vflowopt").search_space)
+
+
+def test_tuner_is_seeded(calib):
+    runs = [tune(calib, "vflowopt", target=9, n_trials=6, n_initial=3, seed=s).history for s in (0, 0, 1)]
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_gp_sampler_needs_scipy_or_runs(calib):
+    from benchmarks.tune import make_sampler
+
+    try:
+        import scipy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="scipy"):
+            make_sampler("gp", 0, 2)
+    else:
+        r = tune(calib, "vflowopt", target=9, n_trials=3, n_initial=2, sampler="gp", seed=0)
+        assert r.cost <= 9
