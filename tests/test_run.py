@@ -202,3 +202,12 @@ def test_joblib_launcher_two_jobs_on_cpu(tmp_path):
     _check_complete(results)
     out = lb.write_all(results)
     assert pd.read_csv(out["leaderboard"]).shape[0] == 5 and out["plots"][0].is_file()
+
+
+def test_every_registered_task_has_a_config():
+    from benchmarks.tasks import available_tasks
+
+    for name in available_tasks():
+        path = CONF / "task" / f"{name}.yaml"
+        assert path.is_file(), f"conf/task/{name}.yaml missing (name: {name}, split: eval)"
+        assert yaml.safe_load(path.read_text())["name"] == name
