@@ -102,15 +102,16 @@ def attention_rows_reference(
     key_len: int | None = None,
     scale: float | None = None,
 ) -> torch.Tensor:
-    """Exact PyTorch ``attention_rows`` (fp32). Peak extra memory O(B * Hq * Nq * Nk), never Nk x Nk."""
+    """Exact PyTorch ``attention_rows`` (fp32). Extra memory O(B * Hq * Nq * Nk + B * Nk * D), never Nk x Nk."""
     key_start, key_len, scale = _check_inputs(q, k, key_mask, query_pos, key_start, key_len, scale)
     B, Hq, Nq, D = q.shape
     Hkv, Nk = k.shape[1], k.shape[2]
     G = Hq // Hkv  # query heads per key head
     qf = q.float().reshape(B, Hkv, G * Nq, D)  # [B, Hkv, G*Nq, D] (query head h = kv * G + g)
-    kf = k.float()  # [B, Hkv, Nk, D]
-    logits = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hkv, G*Nq, Nk]
-    logits = logits.view(B, Hkv, G, Nq, Nk)  # [B, Hkv, G, Nq, Nk]
+    logits = torch.empty(B, Hkv, G * Nq, Nk, dtype=torch.float32, device=q.device)  # [B, Hkv, G*Nq, Nk]
+    for h in range(Hkv):  # one key head at a time: a half-precision k is upcast O(B*Nk*D) at a time
+        logits[:, h] = torch.matmul(qf[:, h], k[:, h].float().transpose(-1, -2))  # [B, G*Nq, Nk]
+    logits = (logits * scale).view(B, Hkv, G, Nq, Nk)  # [B, Hkv, G, Nq, Nk]
 
     allowed = torch.ones(B, Nq, Nk, dtype=torch.bool, device=q.device)  # [B, Nq, Nk]
     if key_mask is not None:

@@ -1,0 +1,103 @@
+"""``make perf`` / ``python -m benchmarks.perf``: performance figures (not timed tests).
+
+Parts:
+  ops    (a) peak memory of the reference attention_rows (1 query row, 32 heads, N up to 2,880 keys)
+         against the full attention map; (b) per-op timings: reference on CPU, and on CUDA Triton vs
+         reference (a clear "skipped: no CUDA GPU" line otherwise).
+  model  pruner overhead as a fraction of the unpruned prefill and realised prefill speed-up against
+         the FLOPs bound on a LLaVA-1.5-shaped model (real hidden sizes, a few layers, random weights);
+         see ``benchmarks/perf/model.py``.
+
+Figures are printed as markdown tables and written to ``results/perf/perf.json`` (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
+    return str(v)
+
+
+def print_table(rows: list[dict[str, Any]], cols: list[str] | None = None) -> None:
+    if not rows:
+        return
+    cols = cols or list(rows[0])
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for r in rows:
+        print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
+    print()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", default="ops,model", help="comma list of: ops, model (default: ops,model)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable on shared machines)")
+    p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per op timing (torch.utils.benchmark)")
+    p.add_argument("--text-layers", type=int, default=2, help="model part: LLM decoder layers (hidden 4096)")
+    p.add_argument("--vision-layers", type=int, default=2, help="model part: CLIP-L/14-336 layers")
+    p.add_argument("--repeats", type=int, default=3, help="model part: timed prefills per configuration")
+    p.add_argument("--methods", default="fastv,random", help="model part: pruners to time")
+    p.add_argument("--budgets", default="192,128,64", help="model part: visual tokens kept (of 576)")
+    p.add_argument("--out", default="results/perf/perf.json", help="where to write the figures as JSON")
+    args = p.parse_args(argv)
+    parts = [s.strip() for s in args.parts.split(",") if s.strip()]
+    unknown = sorted(set(parts) - {"ops", "model"})
+    if unknown:
+        raise SystemExit(f"--parts accepts ops and model, got {unknown}")
+    torch.set_num_threads(args.threads)
+    report: dict[str, Any] = {
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
+        "threads": args.threads, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+    }
+
+    if "ops" in parts:
+        from benchmarks.perf.ops import attention_memory, op_timings
+
+        print("## (a) attention_rows reference: peak extra tensor memory, 1 query row, 32 heads, head_dim 128\n")
+        mem = attention_memory()
+        print_table(mem, ["what", "dtype", "n_keys", "peak_mb", "peak_over_HxN_fp32", "full_map_fp32_mb",
+                          "full_map_over_peak"])
+        print("peak_over_HxN_fp32 = peak / (heads * n_keys * 4 bytes): constant in N means O(H x N).\n")
+        report["attention_memory"] = mem
+
+        print("## (b) per-op timings\n")
+        rows, skip = op_timings(args.min_run_time)
+        print_table(rows)
+        if skip:
+            print(skip + "\n")
+        report["op_timings"] = rows
+        report["op_timings_triton"] = skip or "measured"
+
+    if "model" in parts:
+        from benchmarks.perf.model import model_perf
+
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        report["model"] = model_perf(
+            text_layers=args.text_layers, vision_layers=args.vision_layers, methods=methods, budgets=budgets,
+            repeats=args.repeats,
+        )
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, default=str))
+    print(f"wrote {out}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
