@@ -17,11 +17,13 @@ ARGS ?=
 setup: $(STAMP)
 
 # torch and torchvision are pinned together and installed first so pip never resolves a second torch.
+# lmms-eval pins antlr4 4.7.2 (through latex2sympy2) but Hydra needs 4.9.*: re-pin it afterwards.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,lmms]'
+	$(PY) -m pip install -q antlr4-python3-runtime==4.9.3
 	@touch $(STAMP)
 
 test: setup

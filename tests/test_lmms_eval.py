@@ -1,0 +1,111 @@
+"""lmms-eval integration: `prunebench_llava` runs a pruner inside lmms-eval, offline, and its answers
+are the ones prunebench's own generation gives for the same prompts and kept tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from benchmarks.lmms.export_shapes import export
+from benchmarks.lmms.model import chat_template_from_prompt
+from benchmarks.tasks import Task, get_task
+from mllm_adapters.tiny import build_tiny_llava
+from pruners import apply_pruner, register_pruner
+from pruners.base import LLMLayerContext, Pruner
+
+TEMPLATE = "USER: <image> {question} ASSISTANT:"
+N = 4
+
+
+@register_pruner("_test_broken_llm")
+class Broken(Pruner):
+    """Fails inside the LLM: lmms-eval must surface that, not score empty answers."""
+
+    stages = ("llm",)
+
+    def llm_layers(self) -> list[int]:
+        return [1]
+
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
+        raise RuntimeError("deliberately broken pruner")
+
+
+@pytest.fixture(scope="module")
+def lmms_setup(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("lmms")
+    model, processor = build_tiny_llava()
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    (root / "model" / "prunebench.json").write_text(json.dumps({"prompt_template": TEMPLATE}))
+    export(root / "task", "shapes", n=N)
+    return root, model, processor
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    mp.setenv("HF_DATASETS_OFFLINE", "1")
+    yield mp
+    mp.undo()
+
+
+def _evaluate(root, model_args: str):
+    from lmms_eval.evaluator import simple_evaluate
+    from lmms_eval.tasks import TaskManager
+
+    return simple_evaluate(
+        model="prunebench_llava",
+        model_args=f"pretrained={root / 'model'},{model_args}",
+        tasks=["prunebench_shapes"],
+        task_manager=TaskManager(include_path=str(root / "task")),
+        limit=N,
+        device="cpu",
+        log_samples=True,
+        batch_size=1,
+    )
+
+
+def test_chat_template_reproduces_the_prompt_template():
+    from jinja2 import Template
+
+    for template in (TEMPLATE, "USER: <image>\n{question} ASSISTANT:", "Q: <image>\n\n{question}\nA:"):
+        rendered = Template(chat_template_from_prompt(template)).render(
+            messages=[{"role": "user", "content": "<image>\nwhat is it's colour?"}]
+        )
+        assert rendered == template.format(question="what is it's colour?")
+
+
+@pytest.mark.parametrize("model_args", ["method=none", "method=fastv,budget=8,layer=2", "method=random,budget=5,seed=3"])
+def test_lmms_eval_answers_equal_prunebench_generation(lmms_setup, model_args):
+    root, model, processor = lmms_setup
+    res = _evaluate(root, model_args)
+    logged = res["samples"]["prunebench_shapes"]
+    assert len(logged) == N
+    args = dict(kv.split("=") for kv in model_args.split(","))
+    method = args.pop("method")
+    budget = int(args.pop("budget")) if "budget" in args else None
+    params = {k: int(v) for k, v in args.items()}
+    task = get_task("shapes")
+    samples = {s.id: s for s in task.samples(split="eval", n=N)}
+    hits = []
+    with apply_pruner(model, method, budget=budget, **params):
+        for entry in logged:
+            sample = samples[entry["doc"]["id"]]
+            inputs = processor(images=[sample.image], text=[TEMPLATE.format(question=sample.question)],
+                               return_tensors="pt")
+            eot = processor.tokenizer.eos_token_id
+            out = model.generate(**inputs, max_new_tokens=task.max_new_tokens, do_sample=False,
+                                 pad_token_id=eot, eos_token_id=eot)
+            ours = processor.tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0]
+            assert entry["filtered_resps"][0] == ours
+            hits.append(float(Task.normalise(ours) == Task.normalise(sample.answer)))
+    assert res["results"]["prunebench_shapes"]["exact_match,none"] == pytest.approx(sum(hits) / N)
+
+
+def test_a_failing_pruner_is_an_error_not_an_empty_answer(lmms_setup):
+    root, _, _ = lmms_setup
+    with pytest.raises(RuntimeError, match="did not run"):
+        _evaluate(root, "method=_test_broken_llm,budget=4")
