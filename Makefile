@@ -44,7 +44,7 @@ leaderboard: setup
 	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
 perf: setup
-	$(PY) -m benchmarks.perf
+	$(PY) -m benchmarks.perf $(ARGS)
 
 lint: setup
 	$(PY) -m ruff check pruners mllm_adapters benchmarks tests

@@ -72,6 +72,7 @@ class _Forward:
     sliced: dict[str, Any] = field(default_factory=dict)  # kwargs sliced for the current cols
     sliced_key: Any = None
     attn_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    attn_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its k_proj output [B, L, Hkv*hd]
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     pruner_state: dict[str, Any] = field(default_factory=dict)
     vision_qkv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # ViT layer -> its own q, k, v
@@ -161,6 +162,7 @@ class LlavaAdapter:
             for i in set(self.pruner.llm_attention_layers()):
                 attn = self.lm.layers[i].self_attn
                 self._hooks.append(attn.register_forward_pre_hook(self._make_attn_capture(i), with_kwargs=True))
+                self._hooks.append(attn.k_proj.register_forward_hook(self._make_key_capture(i)))
             for i in set(self.pruner.llm_capture_layers()):
                 self._install_sublayer_capture(i)
 
@@ -488,6 +490,15 @@ class LlavaAdapter:
 
         return hook
 
+    def _make_key_capture(self, i: int):
+        """Keep layer i's own key projection [B, L, Hkv*hd] (pre-RoPE) so scoring does not recompute it."""
+
+        def hook(module, args, output):
+            if self._fw.phase == "prefill":
+                self._fw.attn_keys[i] = output
+
+        return hook
+
     def _install_sublayer_capture(self, i: int) -> None:
         """Capture (input, output) of layer i's attention and MLP sub-layers at prefill (for TTV)."""
         layer = self.lm.layers[i]
@@ -519,9 +530,11 @@ class LlavaAdapter:
                 f"method {self.pruner.name!r} asked for the attention of LLM layer {layer_idx} but declared "
                 f"llm_attention_layers()={sorted(self.pruner.llm_attention_layers())}"
             )
-        return self._rows_from(layer, x, cos, sin, queries)
+        return self._rows_from(layer, x, cos, sin, queries, fw.attn_keys.get(layer_idx))
 
-    def _rows_from(self, layer, x, cos, sin, queries: str) -> torch.Tensor:
+    def _rows_from(self, layer, x, cos, sin, queries: str, k_raw: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Nv] head-mean attention rows from layer input ``x`` (after its norm); ``k_raw`` is the
+        layer's own key projection of ``x`` when it was captured (else recomputed)."""
         fw = self._fw
         attn = layer.self_attn
         B, Lc, _ = x.shape
@@ -538,7 +551,9 @@ class LlavaAdapter:
         hd = attn.head_dim
         xq = _gather_seq(x, qpos)  # [B, Nq, D]
         q = attn.q_proj(xq).view(B, qpos.shape[1], -1, hd).transpose(1, 2)  # [B, Hq, Nq, hd]
-        k = attn.k_proj(x).view(B, Lc, -1, hd).transpose(1, 2)  # [B, Hkv, Lc, hd]
+        if k_raw is None or k_raw.shape[:2] != x.shape[:2]:
+            k_raw = attn.k_proj(x)
+        k = k_raw.view(B, Lc, -1, hd).transpose(1, 2)  # [B, Hkv, Lc, hd]
         cos_b, sin_b = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
         q, _ = apply_rotary_pos_emb(q, q, _gather_seq(cos_b, qpos), _gather_seq(sin_b, qpos))
         k, _ = apply_rotary_pos_emb(k, k, cos_b, sin_b)
