@@ -365,3 +365,21 @@ def test_transprune_flat_ratio_parameters_for_the_tuner():
         cls(budget=6, ratio_1=0.9, ratios=[0.9, 0.5])
     with pytest.raises(ValueError, match="ratio_1, ratio_2"):
         cls(budget=6, ratio_x=0.9)
+
+
+def test_llava15_shaped_counts_through_the_adapter():
+    """A narrow model with LLaVA-1.5's token layout (24 x 24 patches) and depth (32 layers): the adapter
+    produces the authors' schedules, 576 -> 504 -> 360 -> 72 after layers 7, 9, 12 (236.25 equivalent)."""
+    from benchmarks.flops import equiv_tokens
+    from mllm_adapters.tiny import build_tiny_llava
+
+    model, processor = build_tiny_llava(seed=0, image_size=336, patch_size=14, text_layers=32)
+    inputs = processor(images=make_images(1, size=336), text=PROMPTS[:1], return_tensors="pt")
+    with apply_pruner(model, "transprune", budget=72) as h:
+        logits_of(model, inputs)
+        counts = h.token_counts["llm_visual"]
+    assert counts == [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
+    assert equiv_tokens(h.token_counts, 32, 576) == 236.25
+    with apply_pruner(model, "pdrop", budget=72) as h:
+        logits_of(model, inputs)
+        assert h.token_counts["llm_visual"] == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
