@@ -321,6 +321,32 @@ def test_flowcut_schedule_24_layers_budget_64():
                for i in range(0, 22, 2))
 
 
+def test_flowcut_model_follows_its_schedule(monkeypatch):
+    """A 24-layer ViT with 24 x 24 patches (LLaVA-1.5's layout at tiny width), budget 64: the ViT
+    token counts of each image are exactly the pure schedule driven by the entropies measured at its
+    pruning layers (1, 3, ..., 21), ending at 64 + CLS for the feature layer 22."""
+    import pruners.flowcut as fc
+
+    model, processor = build_tiny_llava(seed=0, vision_layers=24, patch_size=2)
+    inputs = processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
+    seen: list[list[float]] = []
+    real = fc.entropy_ratio
+
+    def spy(relation, mask):
+        out = real(relation, mask)
+        seen.append(out.tolist())
+        return out
+
+    monkeypatch.setattr(fc, "entropy_ratio", spy)
+    _, _, _, counts, _ = _pruned(model, inputs, "flowcut", budget=64)
+    assert len(seen) == 11  # one entropy per pruning layer
+    per = counts.get("vision_per_sample", [counts["vision"]] * 2)
+    for b in range(2):
+        expected = flowcut_schedule(576, 64, 22, lambda i, n, b=b: seen[(i - 1) // 2][b] if i % 2 else 1.0)
+        assert per[b] == [1 + c for c in expected]
+    assert per[0][-1] == 65 and per[0][2] < 577  # pruned early too, not only at the end
+
+
 def test_flowcut_low_entropy_cuts_more():
     n = 576
     peaked = torch.full((1, n), 1e-4)
