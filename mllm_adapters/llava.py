@@ -387,6 +387,7 @@ class LlavaAdapter:
             features, patch_index = _gather_seq(features, keep), patch_index.gather(1, keep)
             merged = decision.merged
             self.handle.info.update(decision.info)
+        self._fw.vision_qkv.clear()  # do not hold ViT q/k/v through decoding
         return features, patch_index, merged, anchor, scores
 
     @staticmethod
