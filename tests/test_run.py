@@ -59,6 +59,13 @@ def test_cells_metrics_and_skip(tmp_path):
     assert f["total"] == pytest.approx(f["vision"] + f["projector"] + f["llm"] + f["overhead"])
     # KV cache measured from the real cache: layers >= K hold 27 fewer tokens (4 layers, 2 kv heads x 16, fp32).
     assert m_ref["kv_cache_bytes"] - m["kv_cache_bytes"] == pytest.approx(2 * 2 * 2 * 16 * 4 * (36 - 9))
+    # ... and the unpruned cache is K and V of every prompt token in every layer (latency sample 0).
+    from benchmarks.tasks import get_task
+    from mllm_adapters.tiny import build_tiny_llava
+
+    s0 = get_task("shapes").samples(split="eval", n=1, seed=0)[0]
+    enc = build_tiny_llava()[1](images=[s0.image], text=[f"USER: <image>\n{s0.question} ASSISTANT:"])
+    assert m_ref["kv_cache_bytes"] == 2 * 4 * 2 * 16 * 4 * len(enc["input_ids"][0])
     assert m["params"] == {"layer": 2, "positions": "original"} and m["budget"] == 9
     assert set(m["accuracy_by_family"]) <= set(__import__("benchmarks.tasks", fromlist=["x"]).get_task("shapes").families)
     assert 0 <= m["relevant_recall"] <= 1 and m_ref["relevant_recall"] == pytest.approx(1.0)
