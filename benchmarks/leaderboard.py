@@ -6,7 +6,7 @@ Writes, under ``results_dir``:
   frontier over all methods highlighted and the unpruned point marked;
 - ``auc.csv``: per (model, task, method) the area under accuracy vs FLOPs fraction over the FLOPs
   range every method covers, divided by its width (a mean accuracy): methods ranked at equal
-  compute rather than at equal nominal budget.
+  compute rather than at equal nominal budget; plus the accuracy at fixed FLOPs fractions.
 
 ``accuracy_rel`` is recomputed here from the unpruned reference cell (method ``none``, budget
 null) of the same model, task, sample count and seed.
@@ -31,6 +31,8 @@ COLUMNS = [
 ]
 EXTRAS = ["relevant_recall", "vision_tflops", "llm_tflops", "projector_tflops", "overhead_tflops"]
 REF_KEYS = ["model", "task", "n_samples", "seed"]
+#: FLOPs fractions at which auc.csv also reports each method's interpolated accuracy (NaN outside its range).
+FLOPS_POINTS = (0.25, 0.5, 0.75)
 
 
 def load_cells(results_dir: str | Path) -> pd.DataFrame:
@@ -99,7 +101,9 @@ def auc_table(df: pd.DataFrame) -> pd.DataFrame:
     """Mean accuracy over the common FLOPs-fraction range, per (model, task, method).
 
     The range runs from the largest per-method minimum of ``flops_rel`` to 1 (the unpruned model),
-    so every method's curve covers it; each curve is interpolated linearly in ``flops_rel``.
+    so every method's curve covers it; each curve is interpolated linearly in ``flops_rel``. The
+    ``acc_at_flops_<q>`` columns give the accuracy at FLOPs fraction q where the method's own curve
+    reaches it, so methods that compress further than the common range are compared there too.
     """
     out = []
     for (model, task), group in df.groupby(["model", "task"]):
@@ -117,11 +121,13 @@ def auc_table(df: pd.DataFrame) -> pd.DataFrame:
                 auc = float(np.sum(np.diff(grid) * (y_grid[1:] + y_grid[:-1]) / 2) / (hi - lo))
             else:
                 auc = float(np.interp(lo, x, y))
+            at = {f"acc_at_flops_{q:.2f}": (float(np.interp(q, x, y)) if x.min() <= q <= x.max() else np.nan)
+                  for q in FLOPS_POINTS}
             out.append({"model": model, "task": task, "method": method, "auc_accuracy": auc,
-                        "flops_rel_lo": lo, "flops_rel_hi": hi, "n_points": len(c)})
+                        "flops_rel_lo": lo, "flops_rel_hi": hi, "n_points": len(c), **at})
     table = pd.DataFrame(out, columns=["model", "task", "method", "auc_accuracy", "flops_rel_lo", "flops_rel_hi",
-                                       "n_points"])
-    table["rank"] = table.groupby(["model", "task"])["auc_accuracy"].rank(ascending=False, method="min")
+                                       "n_points", *(f"acc_at_flops_{q:.2f}" for q in FLOPS_POINTS)])
+    table.insert(3, "rank", table.groupby(["model", "task"])["auc_accuracy"].rank(ascending=False, method="min"))
     return table.sort_values(["model", "task", "rank"]).reset_index(drop=True)
 
 

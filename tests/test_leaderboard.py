@@ -67,6 +67,11 @@ def test_auc_over_common_range_ranks_at_equal_compute(results):
     assert auc.loc["a", "auc_accuracy"] == pytest.approx(a, abs=1e-12)
     assert auc.loc["b", "auc_accuracy"] == pytest.approx(b, abs=1e-12)
     assert auc.loc["a", "rank"] == 1 and auc.loc["b", "rank"] == 2
+    # accuracy at fixed compute, interpolated on each method's own curve; NaN where it does not reach
+    assert auc.loc["a", "acc_at_flops_0.50"] == pytest.approx(0.74)
+    assert auc.loc["b", "acc_at_flops_0.50"] == pytest.approx(0.60)
+    assert auc.loc["b", "acc_at_flops_0.25"] == pytest.approx(0.40 + 0.2 * 0.05 / 0.3)
+    assert np.isnan(auc.loc["a", "acc_at_flops_0.25"])
 
 
 def test_write_all_writes_csv_auc_and_png(results, capsys):
