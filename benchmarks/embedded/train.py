@@ -360,6 +360,16 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
     from benchmarks.tasks import get_task
 
     model, _ = M.build_llava(args.seed + 2)
+    if args.s2_init == "fanin":
+        # Llama's default init (std 0.02) makes attention scores x^T Wq^T Wk y and the value path Wo Wv x
+        # products of two tiny matrices: each one's gradient is proportional to the other, a saddle that
+        # kept content-addressed retrieval at the answer prior for thousands of steps. Start the
+        # attention projections at std 1/sqrt(fan_in) instead (as for a plain linear layer).
+        g = torch.Generator().manual_seed(args.seed + 3)
+        with torch.no_grad():
+            for name, p in model.model.language_model.named_parameters():
+                if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
+                    p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     model.model.vision_tower.load_state_dict(s1.vision.state_dict())
     model.model.vision_tower.requires_grad_(False)
     trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
@@ -449,6 +459,8 @@ def parse_args(argv=None):
     ap.add_argument("--s2-batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--s2-lr", type=float, default=2e-3)
+    ap.add_argument("--s2-init", choices=["default", "fanin"], default="fanin",
+                    help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--val-n", type=int, default=300)
     ap.add_argument("--patience", type=int, default=0, help="stop after this many evals without improvement (0 = never)")
