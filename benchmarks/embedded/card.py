@@ -129,7 +129,7 @@ def targets(res: dict) -> list[tuple[str, str, bool, str]]:
 def write_card(asset: Path, run: Path, res: dict) -> str:
     s1, s2, val = read_curve(run)
     wall = training_wall_time(run)
-    args_line = next(line for line in (run / "train.log").read_text().splitlines() if " args: " in line)
+    args_lines = [line.split(" args: ", 1)[1] for line in (run / "train.log").read_text().splitlines() if " args: " in line]
     best_state = json.loads((run / "best" / "train_state.json").read_text()) if (run / "best" / "train_state.json").exists() else None
     size_mb = sum(p.stat().st_size for p in asset.rglob("*") if p.is_file()) / 1e6
     cfg = json.loads((asset / "config.json").read_text())
@@ -157,13 +157,17 @@ def write_card(asset: Path, run: Path, res: dict) -> str:
     L.append("Two stages (the reasons are measured in `shared/notes/embedded-model.md`): (1) the ViT alone with dense "
              "per-patch targets on hidden_states[-2] (colour, shape, digit, object centre, cell row/column), CLS heads "
              "(colour x shape / digit presence, per-colour counts) and, late, a CLIP contrastive loss (weight 0.3) "
-             "against generated captions; (2) ViT frozen, projector + LLM trained on sequences packing several "
+             "against generated captions; with `--conj` (continuing a finished vision stage via `--s1-init`), also "
+             "conjunctive per-patch targets (colour x shape, colour x shape x column / row, shape x cell, "
+             "colour x cell, colour at object centres), so the patch features carry bound attributes and positions; (2) ViT frozen, projector + LLM trained on sequences packing several "
              "question/answer turns about one image (loss on every answer), with a bridge curriculum "
              "(position-addressed questions about every attribute first, then the content-addressed families). "
              "No loss touches LLM attention. Early stopping / checkpoint choice uses the separate `val` split "
              "(300 samples); the eval split is never trained or selected on, and the training stream skips any "
              "sample structurally identical to an eval sample.\n")
-    L.append(f"- Command line: `{args_line.split(' args: ', 1)[1]}`")
+    L.append("- Arguments of each training session (in order; later sessions resume or continue earlier ones):")
+    for a in args_lines:
+        L.append(f"  - `{a}`")
     L.append(f"- Wall-clock: {wall.get('total_minutes')} min over {wall['sessions']} session(s) on one CPU thread "
              f"(stage 1: {wall.get('stage1_minutes', '?')} min); stage 1 ran {s1[-1]['step'] if s1 else 0} steps, "
              f"stage 2 {s2[-1]['step'] if s2 else 0} steps.")

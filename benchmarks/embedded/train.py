@@ -67,6 +67,17 @@ class VisionHeads(nn.Module):
         self.col = nn.Linear(d, G.GRID)
         self.presence = nn.Linear(d, N_COMBOS + 10)
         self.counts = nn.Linear(d, len(G.COLOUR_NAMES) * (MAX_CLS_COUNT + 1))
+        # Conjunctive per-patch targets ("conj" recipe): each object patch linearly encodes its
+        # colour x shape, colour x shape x column / row, shape x cell and colour x cell, and object-centre
+        # patches their colour, so that pooled (attention-averaged) visual tokens already carry bound
+        # attributes and positions.
+        nc, ns, nk = len(G.COLOUR_NAMES), len(G.SHAPES), G.GRID * G.GRID
+        self.combo = nn.Linear(d, 1 + nc * ns)
+        self.combo_col = nn.Linear(d, 1 + nc * ns * G.GRID)
+        self.combo_row = nn.Linear(d, 1 + nc * ns * G.GRID)
+        self.shape_cell = nn.Linear(d, 1 + ns * nk)
+        self.colour_cell = nn.Linear(d, 1 + nc * nk)
+        self.centre_colour = nn.Linear(d, 1 + nc)
 
 
 def patch_targets(scene: dict) -> dict[str, np.ndarray]:
@@ -103,10 +114,30 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         centre[d["cy"] // p, d["cx"] // p] = 1
         presence[N_COMBOS + d["value"]] = 1
     rows = np.repeat(np.arange(g) * p // G.CELL, g).reshape(g, g)  # cell row of each patch
+    ns = len(G.SHAPES)
+    combo = np.zeros((g, g), dtype=np.int64)
+    combo_col = np.zeros((g, g), dtype=np.int64)
+    combo_row = np.zeros((g, g), dtype=np.int64)
+    shape_cell = np.zeros((g, g), dtype=np.int64)
+    colour_cell = np.zeros((g, g), dtype=np.int64)
+    centre_colour = np.zeros((g, g), dtype=np.int64)
+    for i, o in items:
+        ci, si = G.COLOUR_NAMES.index(o["colour"]), G.SHAPES.index(o["shape"])
+        cell = o["row"] * G.GRID + o["col"]
+        k = ci * ns + si
+        combo[owner == i] = 1 + k
+        combo_col[owner == i] = 1 + k * G.GRID + o["col"]
+        combo_row[owner == i] = 1 + k * G.GRID + o["row"]
+        shape_cell[owner == i] = 1 + si * G.GRID * G.GRID + cell
+        colour_cell[owner == i] = 1 + ci * G.GRID * G.GRID + cell
+        centre_colour[o["cy"] // p, o["cx"] // p] = 1 + ci
+    conj = {"combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
+            "colour_cell": colour_cell, "centre_colour": centre_colour}
     return {
         "colour": colour.reshape(-1), "shape": shape.reshape(-1), "digit": digit.reshape(-1),
         "centre": centre.reshape(-1), "row": rows.reshape(-1), "col": rows.T.reshape(-1),
         "presence": presence, "counts": np.minimum(counts, MAX_CLS_COUNT),
+        **{k: v.reshape(-1) for k, v in conj.items()},
     }
 
 
@@ -128,6 +159,7 @@ class Stage1:
         self.opt = torch.optim.AdamW(params, lr=args.s1_lr, weight_decay=0.01)
         self.text_tok = M.make_tokenizer(padding_side="right")
         self.step = 0
+        self.conj = args.conj
 
     def state(self) -> dict:
         return {"modules": self.modules.state_dict(), "logit_scale": self.logit_scale.data,
@@ -182,6 +214,12 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
         "counts": F.cross_entropy(
             H.counts(cls).view(-1, MAX_CLS_COUNT + 1), T["counts"].flatten()),  # [B*6, 5]
     }
+    if s1.conj:
+        for name in ("combo", "combo_col", "combo_row", "shape_cell", "colour_cell", "centre_colour"):
+            head = getattr(H, name)
+            w = torch.full((head.out_features,), 3.0)
+            w[0] = 1.0  # background / non-centre
+            losses[name] = F.cross_entropy(head(pt).flatten(0, 1), T[name].flatten(), weight=w)
     if contrastive:
         caps = [G.caption(sc) + " " + M.EOS_TOKEN for sc in scenes]
         tb = s1.text_tok(caps, return_tensors="pt", padding=True)
@@ -196,6 +234,9 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
             "acc_colour_fg": (H.colour(pt).argmax(-1)[fg] == T["colour"][fg]).float().mean().item(),
             "acc_shape_fg": (H.shape(pt).argmax(-1)[fg] == T["shape"][fg]).float().mean().item(),
         }
+        if s1.conj:
+            for name in ("combo_col", "shape_cell", "colour_cell"):
+                acc[f"acc_{name}_fg"] = (getattr(H, name)(pt).argmax(-1)[fg] == T[name][fg]).float().mean().item()
         dg = T["digit"] > 0
         if dg.any():
             acc["acc_digit_fg"] = (H.digit(pt).argmax(-1)[dg] == T["digit"][dg]).float().mean().item()
@@ -226,6 +267,14 @@ def run_stage1(args, out: Path, curve) -> Stage1:
     if ck.exists():
         s1.load(torch.load(ck, weights_only=False))
         log.info("resuming stage 1 from step %d", s1.step)
+    elif args.s1_init:
+        # Continue a finished vision stage with new heads: weights only, fresh optimizer, step 0.
+        st = torch.load(args.s1_init, weights_only=False)
+        missing, unexpected = s1.modules.load_state_dict(st["modules"], strict=False)
+        s1.logit_scale.data.copy_(st["logit_scale"])
+        log.info("stage 1 initialised from %s (new parameters: %s)", args.s1_init, sorted({m.rsplit('.', 1)[0] for m in missing}))
+        if unexpected:
+            raise ValueError(f"parameter '--s1-init': unexpected keys {unexpected}")
     s1.modules.train()
     t0, agg = time.time(), {}
     while s1.step < args.stage1_steps:
@@ -459,6 +508,8 @@ def parse_args(argv=None):
     ap.add_argument("--s2-batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--s2-lr", type=float, default=2e-3)
+    ap.add_argument("--conj", action="store_true", help="add the conjunctive per-patch targets in stage 1")
+    ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="fanin",
                     help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
     ap.add_argument("--eval-every", type=int, default=500)
