@@ -77,3 +77,26 @@ TOL = {  # (rtol, atol) for outputs in the input dtype (one output ulp)
     torch.bfloat16: (1.6e-2, 1e-5),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def interpreter_suite(test_file: str, cases: dict[str, dict], check: Callable[[dict], None]):
+    """The three pieces every ``tests/test_ops_*.py`` needs, bound to its cases and check:
+
+    ``interpreter_results`` (called in the subprocess), the module-scoped ``interp`` fixture (runs the
+    subprocess once per file) and the parametrised ``test_triton_kernel_matches_reference``. Unpack
+    them into module globals with those names so pytest collects them.
+    """
+    import pytest
+
+    def interpreter_results() -> dict:
+        return collect(cases, check)
+
+    @pytest.fixture(scope="module")
+    def interp():
+        return run_interpreter_cases(test_file)
+
+    @pytest.mark.parametrize("case", sorted(cases))
+    def test_triton_kernel_matches_reference(interp, case):
+        assert_case(interp, case)
+
+    return interpreter_results, interp, test_triton_kernel_matches_reference

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from pruners.ops import attention_rows
 from pruners.ops.attention import attention_rows_reference
-from tests._ops_interp import DTYPES, assert_case, collect, run_interpreter_cases
+from tests._ops_interp import DTYPES, interpreter_suite
 
 
 def make_inputs(B=2, Hq=4, Hkv=2, Nq=3, Nk=37, D=24, dtype=torch.float32, seed=0, pad=(0, 5), causal=True,
@@ -213,15 +213,5 @@ def _check(params: dict) -> None:
     torch.testing.assert_close(attention_rows(q, k, impl="triton", **kw), want, rtol=1e-5, atol=1e-6)
 
 
-def interpreter_results() -> dict:
-    return collect(INTERP_CASES, _check)
-
-
-@pytest.fixture(scope="module")
-def interp():
-    return run_interpreter_cases(__file__)
-
-
-@pytest.mark.parametrize("case", sorted(INTERP_CASES))
-def test_triton_kernel_matches_reference(interp, case):
-    assert_case(interp, case)
+# interpreter_results() runs in the TRITON_INTERPRET=1 subprocess; interp + the test compare in pytest.
+interpreter_results, interp, test_triton_kernel_matches_reference = interpreter_suite(__file__, INTERP_CASES, _check)

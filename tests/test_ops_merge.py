@@ -8,7 +8,7 @@ import torch
 
 from pruners.ops import merge_tokens
 from pruners.ops.merge import merge_tokens_reference
-from tests._ops_interp import DTYPES, TOL, assert_case, collect, run_interpreter_cases
+from tests._ops_interp import DTYPES, TOL, interpreter_suite
 
 
 def make_inputs(B=2, N=45, D=70, T=37, dtype=torch.float32, seed=0, weighted=True, non_contiguous=False):
@@ -93,15 +93,5 @@ def _check(params: dict) -> None:
     torch.testing.assert_close(merge_tokens(x, assign, T, weights=w, impl="triton"), want, rtol=rtol, atol=atol)
 
 
-def interpreter_results() -> dict:
-    return collect(INTERP_CASES, _check)
-
-
-@pytest.fixture(scope="module")
-def interp():
-    return run_interpreter_cases(__file__)
-
-
-@pytest.mark.parametrize("case", sorted(INTERP_CASES))
-def test_triton_kernel_matches_reference(interp, case):
-    assert_case(interp, case)
+# interpreter_results() runs in the TRITON_INTERPRET=1 subprocess; interp + the test compare in pytest.
+interpreter_results, interp, test_triton_kernel_matches_reference = interpreter_suite(__file__, INTERP_CASES, _check)

@@ -9,7 +9,7 @@ import torch
 
 from pruners.ops import select_and_gather
 from pruners.ops.select import select_and_gather_reference
-from tests._ops_interp import DTYPES, assert_case, collect, run_interpreter_cases
+from tests._ops_interp import DTYPES, interpreter_suite
 
 
 def naive_topk(scores: torch.Tensor, k: int, valid_len: list[int]) -> torch.Tensor:
@@ -111,15 +111,5 @@ def _check(params: dict) -> None:
     assert torch.equal(idx_p, idx_r)
 
 
-def interpreter_results() -> dict:
-    return collect(INTERP_CASES, _check)
-
-
-@pytest.fixture(scope="module")
-def interp():
-    return run_interpreter_cases(__file__)
-
-
-@pytest.mark.parametrize("case", sorted(INTERP_CASES))
-def test_triton_kernel_matches_reference(interp, case):
-    assert_case(interp, case)
+# interpreter_results() runs in the TRITON_INTERPRET=1 subprocess; interp + the test compare in pytest.
+interpreter_results, interp, test_triton_kernel_matches_reference = interpreter_suite(__file__, INTERP_CASES, _check)

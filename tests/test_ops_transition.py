@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from pruners.ops import transition_variation
 from pruners.ops.transition import transition_variation_reference
-from tests._ops_interp import DTYPES, assert_case, collect, run_interpreter_cases
+from tests._ops_interp import DTYPES, interpreter_suite
 
 
 def make_inputs(B=2, N=45, D=300, dtype=torch.float32, seed=0, lengths=(45, 30), masked=True):
@@ -94,15 +94,5 @@ def _check(params: dict) -> None:
     torch.testing.assert_close(transition_variation(x, y, mask=mask, impl="triton"), got, rtol=0, atol=0)
 
 
-def interpreter_results() -> dict:
-    return collect(INTERP_CASES, _check)
-
-
-@pytest.fixture(scope="module")
-def interp():
-    return run_interpreter_cases(__file__)
-
-
-@pytest.mark.parametrize("case", sorted(INTERP_CASES))
-def test_triton_kernel_matches_reference(interp, case):
-    assert_case(interp, case)
+# interpreter_results() runs in the TRITON_INTERPRET=1 subprocess; interp + the test compare in pytest.
+interpreter_results, interp, test_triton_kernel_matches_reference = interpreter_suite(__file__, INTERP_CASES, _check)
