@@ -62,3 +62,25 @@ def layer_counts(n_visual: int, n_layers: int, layers: Sequence[int], counts: Se
 def equivalent_tokens(per_layer: Sequence[int]) -> float:
     """Layer-averaged visual tokens, sum_l n_vis(l) / L (``shared/specs/flops.md``)."""
     return sum(per_layer) / len(per_layer)
+
+
+class ProgressiveSchedule:
+    """Mixin for progressive in-LLM pruners (list it before ``Pruner``): ``attach()`` stores a schedule
+    dict ``{"layers": [K...], "counts": [tokens kept from each K], "per_layer": [...]}`` in
+    ``self._schedule``; this supplies the pruning layers, per-layer counts and each K's count."""
+
+    _schedule: dict | None = None
+
+    def token_schedule(self) -> list[int]:
+        """Visual tokens entering each decoder layer (after attach)."""
+        assert self.info is not None, "attach() first"
+        if self.keeps_all:
+            return [self.info.num_visual_tokens] * self.info.llm_num_layers
+        return list(self._schedule["per_layer"])
+
+    def llm_layers(self) -> list[int]:
+        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
+
+    def count_at(self, layer: int) -> int:
+        """Visual tokens kept from pruning layer ``layer`` on."""
+        return self._schedule["counts"][self._schedule["layers"].index(layer)]

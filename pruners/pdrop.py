@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from pruners._schedule import check_layers, equivalent_tokens, layer_counts, scale_layers
+from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.registry import register_pruner
 
@@ -47,7 +47,7 @@ def pdrop_schedule(
 
 
 @register_pruner("pdrop")
-class PDrop(Pruner):
+class PDrop(ProgressiveSchedule, Pruner):
     """PyramidDrop; see the module docstring."""
 
     stages = ("llm",)
@@ -65,17 +65,7 @@ class PDrop(Pruner):
             info.num_visual_tokens, info.llm_num_layers, budget, self.params["layers"], self.params["lam"]
         )
 
-    def token_schedule(self) -> list[int]:
-        """Visual tokens entering each decoder layer (after attach)."""
-        assert self.info is not None, "attach() first"
-        if self.keeps_all:
-            return [self.info.num_visual_tokens] * self.info.llm_num_layers
-        return list(self._schedule["per_layer"])
-
-    def llm_layers(self) -> list[int]:
-        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
-
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        k = self._schedule["counts"][self._schedule["layers"].index(ctx.layer)]
+        k = self.count_at(ctx.layer)
         scores = ctx.attention_rows(ctx.layer - 1, "last")  # [B, Nv]
         return scores.topk(k, dim=1).indices

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from pruners._schedule import check_layers, equivalent_tokens, layer_counts, scale_layers
+from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.ops import transition_variation
 from pruners.registry import register_pruner
@@ -86,7 +86,7 @@ def layer_ttv(capture: dict[str, torch.Tensor], mask: torch.Tensor | None = None
 
 
 @register_pruner("transprune")
-class TransPrune(Pruner):
+class TransPrune(ProgressiveSchedule, Pruner):
     """TTV (+ IGA) progressive pruning inside the LLM; see the module docstring."""
 
     stages = ("llm",)
@@ -135,16 +135,6 @@ class TransPrune(Pruner):
         if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < first:
             raise ValueError(f"ttv_start must be an int in 0..{first - 1} (before the first pruning layer), got {start!r}")
         self._ttv_start = start
-
-    def token_schedule(self) -> list[int]:
-        """Visual tokens entering each decoder layer (after attach)."""
-        assert self.info is not None, "attach() first"
-        if self.keeps_all:
-            return [self.info.num_visual_tokens] * self.info.llm_num_layers
-        return list(self._schedule["per_layer"])
-
-    def llm_layers(self) -> list[int]:
-        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
 
     def llm_attention_layers(self) -> list[int]:
         return []  # IGA uses layer K's own rows (ctx.extras["layer_rows"])

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from pruners._schedule import check_layers, equivalent_tokens, layer_counts, scale_layers
+from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, PreLLMContext, PreLLMDecision, Pruner
 from pruners.ops import attention_rows, merge_tokens
 from pruners.registry import register_pruner
@@ -142,7 +142,7 @@ def recycle_plan(importance: torch.Tensor, cell: torch.Tensor, n_v: int) -> tupl
 
 
 @register_pruner("vflowopt")
-class VFlowOpt(Pruner):
+class VFlowOpt(ProgressiveSchedule, Pruner):
     """Importance map + recycling pre-LLM, progressive drops in the LLM; see the module docstring."""
 
     stages = ("pre_llm", "llm")
@@ -194,13 +194,6 @@ class VFlowOpt(Pruner):
             )
         self._vision_layer = vl
         self._m = float(p["m"]) if p["m"] is not None else REF_M / REF_GRID * info.grid_hw[1]
-
-    def token_schedule(self) -> list[int]:
-        """Visual tokens entering each decoder layer (after attach)."""
-        assert self.info is not None, "attach() first"
-        if self.keeps_all:
-            return [self.info.num_visual_tokens] * self.info.llm_num_layers
-        return list(self._schedule["per_layer"])
 
     def vision_probe_layers(self) -> list[int]:
         return [self._vision_layer] if self._schedule and not self.keeps_all else []
@@ -269,13 +262,10 @@ class VFlowOpt(Pruner):
         )
 
     # ---- step 3: progressive drops in the LLM ----------------------------------------------
-    def llm_layers(self) -> list[int]:
-        return list(self._schedule["layers"]) if self._schedule and not self.keeps_all else []
-
     def llm_attention_layers(self) -> list[int]:
         return []
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        k = self._schedule["counts"][self._schedule["layers"].index(ctx.layer)]
+        k = self.count_at(ctx.layer)
         scores = ctx.extras["token_scores"]  # [B, Nv] pre-LLM importance of the current visual tokens
         return scores.topk(k, dim=1).indices
