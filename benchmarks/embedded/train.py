@@ -57,7 +57,7 @@ MIXED_WEIGHTS = {f: (3 if f in G.EVAL_FAMILIES else 1) for f in G.ALL_FAMILIES}
 class VisionHeads(nn.Module):
     """Linear probes on ViT hidden_states[-2]: per patch and on CLS."""
 
-    def __init__(self, d: int):
+    def __init__(self, d: int, conj: bool = False):
         super().__init__()
         self.colour = nn.Linear(d, 1 + len(G.COLOUR_NAMES))
         self.shape = nn.Linear(d, 1 + len(G.SHAPES))
@@ -67,6 +67,8 @@ class VisionHeads(nn.Module):
         self.col = nn.Linear(d, G.GRID)
         self.presence = nn.Linear(d, N_COMBOS + 10)
         self.counts = nn.Linear(d, len(G.COLOUR_NAMES) * (MAX_CLS_COUNT + 1))
+        if not conj:
+            return
         # Conjunctive per-patch targets ("conj" recipe): each object patch linearly encodes its
         # colour x shape, colour x shape x column / row, shape x cell and colour x cell, and object-centre
         # patches their colour, so that pooled (attention-averaged) visual tokens already carry bound
@@ -149,7 +151,7 @@ class Stage1:
         self.vision = CLIPVisionModel(M.vision_config())
         self.text = M.build_text_tower(args.seed + 1)
         d = self.vision.config.hidden_size
-        self.heads = VisionHeads(d)
+        self.heads = VisionHeads(d, conj=args.conj)
         self.visual_projection = nn.Linear(d, self.text.config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.modules = nn.ModuleDict(
