@@ -104,16 +104,16 @@ def targets(res: dict) -> list[tuple[str, str, bool, str]]:
     none, r8, o8 = st["none"], st["random@18"], st["oracle@18"]
     rows = []
     rows.append(("unpruned overall >= 85%", f"{none['overall']:.1%}", none["overall"] >= TARGETS["overall"],
-                 f"{none['overall'] - TARGETS['overall']:+.1%}"))
+                 f"{(none['overall'] - TARGETS['overall']) * 100:+.1f} pts"))
     worst = min(none["per_family"], key=none["per_family"].get)
     wv = none["per_family"][worst]
     rows.append(("every family >= 70%", f"min {wv:.1%} ({worst})", wv >= TARGETS["family_min"],
-                 f"{wv - TARGETS['family_min']:+.1%}"))
+                 f"{(wv - TARGETS['family_min']) * 100:+.1f} pts"))
     drop = none["overall"] - r8["overall"]
     rows.append(("random 1/8 (18 tokens) loses >= 15 points", f"{r8['overall']:.1%} ({drop * 100:+.1f} pts lost)",
                  drop >= TARGETS["random_drop_1_8"], f"{(drop - TARGETS['random_drop_1_8']) * 100:+.1f} pts"))
     gap = none["overall"] - o8["overall"]
-    rows.append(("oracle 1/8 within 5 points of unpruned", f"{o8['overall']:.1%} ({gap * 100:.1f} pts below)",
+    rows.append(("oracle 1/8 within 5 points of unpruned", f"{o8['overall']:.1%} ({abs(gap) * 100:.1f} pts {'below' if gap >= 0 else 'above'})",
                  gap <= TARGETS["oracle_gap_1_8"], f"{(TARGETS['oracle_gap_1_8'] - gap) * 100:+.1f} pts"))
     c4, r4 = st["cls@36"]["overall"], st["random@36"]["overall"]
     rows.append(("CLS-attention top-k (ViT layer -2) at 1/4 beats random at 1/4", f"{c4:.1%} vs {r4:.1%}", c4 > r4,
