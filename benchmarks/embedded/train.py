@@ -16,7 +16,9 @@ answer prior for CPU-hours):
 
 Seeded, single-threaded by default (2 shared cores: two 1-thread processes beat one 2-thread one),
 logs to ``<out>/train.log`` and ``<out>/curve.jsonl``, checkpoints every ``--ckpt-every`` steps and
-resumes from the last checkpoint when re-run with the same ``--out``.
+resumes from the last checkpoint when re-run with the same ``--out``. The defaults are the recipe of
+the shipped checkpoint (its card lists every session's arguments); a resumed stage 2 keeps its
+elapsed time, so raise ``--stage2-minutes`` to train further.
 """
 
 from __future__ import annotations
@@ -500,19 +502,19 @@ def parse_args(argv=None):
     ap.add_argument("--out", default="runs/embedded", help="run folder (logs, checkpoints, best export)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--stage1-steps", type=int, default=6000)
+    ap.add_argument("--stage1-steps", type=int, default=5500)
     ap.add_argument("--contrastive-start", type=int, default=4000)
     ap.add_argument("--s1-batch", type=int, default=16)
     ap.add_argument("--s1-lr", type=float, default=1e-3)
-    ap.add_argument("--stage2-steps", type=int, default=10000)
-    ap.add_argument("--stage2-minutes", type=float, default=0.0, help="wall-clock budget of stage 2 (0 = none)")
+    ap.add_argument("--stage2-steps", type=int, default=20000)
+    ap.add_argument("--stage2-minutes", type=float, default=75.0, help="wall-clock budget of stage 2 (0 = none)")
     ap.add_argument("--bridge-steps", type=int, default=1500)
     ap.add_argument("--s2-batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--s2-lr", type=float, default=2e-3)
     ap.add_argument("--conj", action="store_true", help="add the conjunctive per-patch targets in stage 1")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
-    ap.add_argument("--s2-init", choices=["default", "fanin"], default="fanin",
+    ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",
                     help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--val-n", type=int, default=300)
