@@ -25,6 +25,9 @@ across pruning points, so the score at K=12 covers layers 7..12 (1-indexed).
 
 Positions: the authors renumber kept tokens contiguously, which is the default here
 (``positions="compact"``); ``positions="original"`` keeps the original RoPE positions (as FastV does).
+Measured on the shipped embedded model (shapes eval, 1,000 samples, budget 18 of 144, default
+schedule): accuracy 0.571 compact vs 0.592 original (unpruned 0.595; TTV-only compact 0.554), a
+difference within about one standard error of the difference (~0.022), so the authors' choice stays.
 """
 
 from __future__ import annotations
