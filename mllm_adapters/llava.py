@@ -69,8 +69,8 @@ class _Forward:
     instruction_pos: torch.Tensor | None = None  # [B, Ni] (-1 padded)
     cur_cols: torch.Tensor | None = None  # [B, Lc] prompt columns in the current sequence (None = all)
     layer_cols: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> prompt cols it caches
-    sliced: dict[str, Any] = field(default_factory=dict)  # kwargs sliced for the current cols
-    sliced_key: Any = None
+    full_kwargs: dict[str, Any] = field(default_factory=dict)  # mask/positions/RoPE of the full prompt
+    cur_kwargs: dict[str, Any] | None = None  # the same sliced to cur_cols (None = not computed yet)
     attn_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     attn_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its k_proj output [B, L, Hkv*hd]
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -395,7 +395,6 @@ class LlavaAdapter:
         """Tokens for the LLM, their grid index (-1 for merged tokens) and scores, in raster order."""
         if merged is None or merged.shape[1] == 0:
             return features, patch_index, scores
-        B = features.shape[0]
         fill = torch.full(merged.shape[:2], -1, dtype=torch.long, device=merged.device)
         tokens = torch.cat([features, merged.to(features.dtype)], dim=1)
         index = torch.cat([patch_index, fill], dim=1)
@@ -405,7 +404,6 @@ class LlavaAdapter:
             order = key.argsort(dim=1, stable=True)
             tokens, index = _gather_seq(tokens, order), index.gather(1, order)
             scores = scores.gather(1, order) if scores is not None else None
-        assert tokens.shape[0] == B
         return tokens, index, scores
 
     def _run_vision_layer(self, i: int, hs: torch.Tensor, mask: torch.Tensor | None, capture: bool) -> torch.Tensor:
@@ -599,8 +597,8 @@ class LlavaAdapter:
         fw, pruner = self._fw, self.pruner
         if fw.key_mask is None:  # no image went through the top-level hook
             return hs
-        if i == self._llm_layers[0] and not fw.sliced:
-            fw.sliced = {"attention_mask": kwargs.get("attention_mask"),
+        if i == self._llm_layers[0] and not fw.full_kwargs:
+            fw.full_kwargs = {"attention_mask": kwargs.get("attention_mask"),
                          "position_ids": kwargs.get("position_ids"),
                          "position_embeddings": kwargs.get("position_embeddings")}
         if i in self._llm_layers and not pruner.keeps_all:
@@ -634,7 +632,7 @@ class LlavaAdapter:
             if fw.visual_scores is not None:
                 fw.visual_scores = fw.visual_scores.gather(1, keep)
             fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
-            fw.sliced_key = None
+            fw.cur_kwargs = None
             idx = fw.visual_index
             self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in range(B)]
             counts = self.handle.token_counts.setdefault("llm_visual", [nv] * self.info.llm_num_layers)
@@ -642,17 +640,19 @@ class LlavaAdapter:
                 counts[j] = k
         if fw.cur_cols is not None:
             fw.layer_cols[i] = fw.cur_cols
-            if fw.sliced_key is None:
-                fw.sliced_key = self._slice_prefill_kwargs()
-            kwargs.update(fw.sliced_key)
+            if fw.cur_kwargs is None:
+                fw.cur_kwargs = self._slice_prefill_kwargs()
+            kwargs.update(fw.cur_kwargs)
         return hs
 
     def _rows_next(self, i: int, hs: torch.Tensor, queries: str) -> torch.Tensor:
         """Attention rows of layer i itself, computed from its input (its norm, q/k projections, RoPE)."""
         layer = self.lm.layers[i]
         x = layer.input_layernorm(hs)
-        sliced = self._slice_prefill_kwargs() if self._fw.cur_cols is not None else self._fw.sliced
-        cos, sin = sliced["position_embeddings"]
+        fw = self._fw
+        # cur_kwargs is always computed by the time a later layer runs with cur_cols set
+        current = fw.cur_kwargs if fw.cur_cols is not None else fw.full_kwargs
+        cos, sin = current["position_embeddings"]
         return self._rows_from(layer, x, cos, sin, queries)
 
     def _compact_positions(self, cols: torch.Tensor, orig_pos: torch.Tensor) -> torch.Tensor:
@@ -665,7 +665,7 @@ class LlavaAdapter:
 
     def _slice_prefill_kwargs(self) -> dict:
         fw, cols = self._fw, self._fw.cur_cols
-        src = fw.sliced
+        src = fw.full_kwargs
         out: dict[str, Any] = {}
         mask = src.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
