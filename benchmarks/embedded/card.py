@@ -69,13 +69,15 @@ def training_wall_time(run: Path) -> dict:
     return out
 
 
-def plot(run: Path, out_png: Path) -> None:
+def plot(run: Path, out_png: Path, stage1_run: Path | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     s1, s2, val = read_curve(run)
+    if stage1_run is not None:
+        s1 = read_curve(stage1_run)[0]
     fig, ax = plt.subplots(1, 3, figsize=(14, 3.6))
     for key in ("acc_colour_fg", "acc_shape_fg", "acc_digit_fg", "clip_r1"):
         pts = [(r["step"], r[key]) for r in s1 if key in r]
@@ -84,8 +86,12 @@ def plot(run: Path, out_png: Path) -> None:
     ax[0].set(title="stage 1: ViT per-patch accuracy (train batches)", xlabel="step", ylim=(0, 1.02))
     ax[0].legend(fontsize=7)
     if s2:
-        ax[1].plot([r["step"] for r in s2], [r["loss"] for r in s2])
-    ax[1].set(title="stage 2: answer loss (train)", xlabel="step", yscale="log")
+        ax[1].plot([r["step"] for r in s2], [r["loss"] for r in s2], label="total")
+        g = [(r["step"], r["grounding_loss"]) for r in s2 if "grounding_loss" in r]
+        if g:
+            ax[1].plot(*zip(*g), label="grounding (unweighted)")
+            ax[1].legend(fontsize=7)
+    ax[1].set(title="stage 2: training loss", xlabel="step", yscale="log")
     if val:
         fams = [k for k in val[-1]["val"] if k != "overall"]
         for f in fams + ["overall"]:
@@ -126,10 +132,54 @@ def targets(res: dict) -> list[tuple[str, str, bool, str]]:
     return rows
 
 
-def write_card(asset: Path, run: Path, res: dict) -> str:
-    s1, s2, val = read_curve(run)
+def session_args(run: Path) -> list[str]:
+    """The JSON argument line of every training session in ``run/train.log``, in order."""
+    return [line.split(" args: ", 1)[1] for line in (run / "train.log").read_text().splitlines() if " args: " in line]
+
+
+def stage2_options(args_lines: list[str]) -> list[str]:
+    """Card sentences for the stage-2 options a run used (read from its logged arguments)."""
+    used: dict[str, dict] = {}
+    for line in args_lines:
+        a = json.loads(line)
+        if a.get("attn_aux_weight", 0) > 0:
+            used["aux"] = a
+        if a.get("bg_ramp_end", 0) > 0:
+            used["bg"] = a
+        if a.get("caption_prob", 0) > 0:
+            used["cap"] = a
+    out = []
+    if "cap" in used:
+        out.append(f"With probability {used['cap']['caption_prob']} an image's turns include a caption turn "
+                   "(\"what objects are there ?\" answered by every object's size, colour, shape and cell in raster order, "
+                   "loss on every caption word), as LLaVA's caption data does.")
+    if "bg" in used:
+        a = used["bg"]
+        out.append(f"Token-dropout curriculum: until step {a['bg_ramp_start']} only the foreground patches reach the LLM "
+                   f"(at their full-image positions), then a growing random share of the background ones, all of them "
+                   f"from step {a['bg_ramp_end']}.")
+    if "aux" in used:
+        a = used["aux"]
+        out.append(f"**A grounding loss touches LLM attention**: for the first {a['attn_aux_steps']} stage-2 steps, "
+                   f"{a['attn_aux_weight']} x -log(head-mean attention mass that each question's answer-predicting "
+                   f"position puts on the question's answer-relevant patches) at LLM layer {a['attn_aux_layer']} "
+                   "(0-based); off afterwards. Without it the LLM stayed at the pooled-statistics plateau (Notes). "
+                   "It shapes attention at a layer no default pruner scores from (FastV scores layer 1, PDrop layers "
+                   "1/3/5, TransPrune 1-3 on 8 layers), but the features feeding later layers were trained to make "
+                   "the relevant patches findable, which may favour attention-based pruners on this model more "
+                   "than on a real LLaVA.")
+    else:
+        out.append("No loss touches LLM attention.")
+    return out
+
+
+def write_card(asset: Path, run: Path, res: dict, stage1_run: Path | None = None) -> str:
+    s2_curve = read_curve(run)
+    s1 = read_curve(stage1_run)[0] if stage1_run is not None else s2_curve[0]
+    _, s2, val = s2_curve
     wall = training_wall_time(run)
-    args_lines = [line.split(" args: ", 1)[1] for line in (run / "train.log").read_text().splitlines() if " args: " in line]
+    args_lines = session_args(run)
+    s1_wall = training_wall_time(stage1_run) if stage1_run is not None else None
     best_state = json.loads((run / "best" / "train_state.json").read_text()) if (run / "best" / "train_state.json").exists() else None
     size_mb = sum(p.stat().st_size for p in asset.rglob("*") if p.is_file()) / 1e6
     cfg = json.loads((asset / "config.json").read_text())
@@ -168,15 +218,24 @@ def write_card(asset: Path, run: Path, res: dict) -> str:
              "colour x cell, colour at object centres), so the patch features carry bound attributes and positions; (2) ViT frozen, projector + LLM trained on sequences packing several "
              "question/answer turns about one image (loss on every answer), with a bridge curriculum "
              "(position-addressed questions about every attribute first, then the content-addressed families). "
-             "No loss touches LLM attention. Early stopping / checkpoint choice uses the separate `val` split "
+             + " ".join(stage2_options(args_lines)) + " Early stopping / checkpoint choice uses the separate `val` split "
              "(300 samples); the eval split is never trained or selected on, and the training stream skips any "
              "sample structurally identical to an eval sample.\n")
+    if stage1_run is not None:
+        L.append(f"- Stage 1 (vision) was trained in `{stage1_run}` and its final checkpoint copied into `{run}` "
+                 f"({s1_wall.get('stage1_minutes', '?')} min, {s1[-1]['step'] if s1 else 0} steps); its arguments:")
+        for a in session_args(stage1_run)[:1]:
+            L.append(f"  - `{a}`")
     L.append("- Arguments of each training session (in order; later sessions resume or continue earlier ones):")
     for a in args_lines:
         L.append(f"  - `{a}`")
-    L.append(f"- Wall-clock: {wall.get('total_minutes')} min over {wall['sessions']} session(s) on one CPU thread "
-             f"(stage 1: {wall.get('stage1_minutes', '?')} min); stage 1 ran {s1[-1]['step'] if s1 else 0} steps, "
-             f"stage 2 {s2[-1]['step'] if s2 else 0} steps.")
+    if stage1_run is None:
+        L.append(f"- Wall-clock: {wall.get('total_minutes')} min over {wall['sessions']} session(s) on one CPU thread "
+                 f"(stage 1: {wall.get('stage1_minutes', '?')} min); stage 1 ran {s1[-1]['step'] if s1 else 0} steps, "
+                 f"stage 2 {s2[-1]['step'] if s2 else 0} steps.")
+    else:
+        L.append(f"- Wall-clock of stage 2: {wall.get('total_minutes')} min over {wall['sessions']} session(s) on one "
+                 f"CPU thread, {s2[-1]['step'] if s2 else 0} steps.")
     if best_state:
         L.append(f"- Shipped checkpoint: stage-2 step {best_state['step']} (best val score = min family + overall accuracy).")
     L.append("\n![training curve](training_curve.png)\n")
@@ -232,6 +291,8 @@ def main(argv=None) -> None:
     ap.add_argument("--run", default="runs/embedded")
     ap.add_argument("--asset", default=str(M.ASSET_DIR))
     ap.add_argument("--ship", action="store_true", help="copy <run>/best into the asset folder first")
+    ap.add_argument("--stage1-run", default=None,
+                    help="run folder whose vision stage the run reused (its stage1_final.pt was copied into --run)")
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse-results", action="store_true",
@@ -255,8 +316,9 @@ def main(argv=None) -> None:
 
         res = evaluate_run(asset, n=args.n, threads=args.threads)
         (asset / "eval_results.json").write_text(json.dumps(res, indent=2) + "\n")
-    plot(run, asset / "training_curve.png")
-    print(write_card(asset, run, res))
+    s1_run = Path(args.stage1_run) if args.stage1_run else None
+    plot(run, asset / "training_curve.png", s1_run)
+    print(write_card(asset, run, res, s1_run))
 
 
 if __name__ == "__main__":

@@ -332,15 +332,18 @@ class Encoder:
         """Single-turn prompt ids with ``n_image`` image placeholders."""
         return self.user + [self.image] * n_image + self.words(question) + self.assistant
 
-    def packed(self, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    def packed(self, turns: list[tuple[str, str]], answer_pos: list[int] | None = None) -> tuple[list[int], list[int]]:
         """(ids, targets) of a multi-turn sequence; targets = next-token ids at answer/end positions
-        (predicting the token at t+1 from position t), -100 elsewhere."""
+        (predicting the token at t+1 from position t), -100 elsewhere. ``answer_pos`` (if given)
+        receives each turn's answer-predicting position (its final ':')."""
         ids: list[int] = []
         tgt: list[int] = []
         for t, (q, a) in enumerate(turns):
             seg = self.prompt(q) if t == 0 else self.user + self.words(q) + self.assistant
             ids += seg
             tgt += [-100] * len(seg)
+            if answer_pos is not None:
+                answer_pos.append(len(ids) - 1)
             ans = self.words(a) + [self.eos]
             tgt[-1] = ans[0]  # the last prompt token predicts the answer word
             ids += ans
@@ -361,13 +364,45 @@ def pad_batch(seqs: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor
     return ids, am
 
 
+def llm_caption(scene: dict) -> str:
+    """The caption turn's answer: every object in raster order with its size, colour, shape and cell,
+    e.g. "large red circle at row one column two , digit seven at row three column one" (LLaVA's
+    caption-style supervision: every word after the first needs the image, most need binding)."""
+    items = [(o["row"], o["col"], f"{o['size']} {o['colour']} {o['shape']} at {G._pos(o['row'], o['col'])}")
+             for o in scene["objects"]]
+    d = scene["digit"]
+    if d is not None:
+        items.append((d["row"], d["col"], f"digit {G.NUMBER_WORDS[d['value']]} at {G._pos(d['row'], d['col'])}"))
+    return " , ".join(t for _, _, t in sorted(items))
+
+
+CAPTION_QUESTION = "what objects are there ?"
+
+
+def foreground_patches(scene: dict, min_cover: float = 0.05) -> np.ndarray:
+    """[144] bool: patches at least ``min_cover`` covered by an object or the digit."""
+    g, p = M.GRID, M.PATCH_SIZE
+    cover = (G.label_map(scene) > 0).reshape(g, p, g, p).mean(axis=(1, 3))  # [12, 12]
+    return (cover >= min_cover).reshape(-1)
+
+
+def bg_keep_fraction(args, step: int) -> float:
+    """Background-patch keep fraction of the token-dropout curriculum: 0 until ``--bg-ramp-start``,
+    linear to 1 at ``--bg-ramp-end`` (1 throughout when the curriculum is off)."""
+    if args.bg_ramp_end <= 0:
+        return 1.0
+    if step < args.bg_ramp_start:
+        return 0.0
+    return min(1.0, (step - args.bg_ramp_start) / max(1, args.bg_ramp_end - args.bg_ramp_start))
+
+
 def stage2_batch(args, step: int, enc: Encoder, keys: frozenset):
-    """Images and packed turn sequences for one step (deterministic in (seed, step))."""
-    weights = BRIDGE_WEIGHTS if step < args.bridge_steps else MIXED_WEIGHTS
+    """Images, scenes and packed turn sequences for one step (deterministic in (seed, step))."""
+    weights = BRIDGE_WEIGHTS if step < args.bridge_steps else {**MIXED_WEIGHTS, **json.loads(args.family_weights)}
     fams = list(weights)
     p = np.array([weights[f] for f in fams], dtype=float)
     p /= p.sum()
-    images, seqs, tgts = [], [], []
+    images, scenes, seqs, tgts, grounding = [], [], [], [], []
     j = 0
     while len(images) < args.s2_batch:
         rng = np.random.default_rng([G.DOMAIN_TRAIN, args.seed, 2, step, j])
@@ -377,19 +412,84 @@ def stage2_batch(args, step: int, enc: Encoder, keys: frozenset):
             continue
         scene = first.meta["scene"]
         turns = [(first.question, first.answer)]
+        infos: list[dict | None] = [first.meta]
+        if args.caption_prob > 0 and rng.random() < args.caption_prob:
+            at = int(rng.integers(2))
+            turns.insert(at, (CAPTION_QUESTION, llm_caption(scene)))
+            infos.insert(at, None)
         for _ in range(4 * args.turns):
             if len(turns) >= args.turns:
                 break
             q = G.question_about(rng, scene, fams[int(rng.choice(len(fams), p=p))])
             if q is not None and q[0] not in [t[0] for t in turns]:
                 turns.append((q[0], q[1]))
-        ids, tgt = enc.packed(turns)
+                infos.append(q[2])
+        answer_pos: list[int] = []
+        ids, tgt = enc.packed(turns, answer_pos)
         images.append(first.image)
+        scenes.append(scene)
         seqs.append(ids)
         tgts.append(tgt)
-    ids, am = pad_batch(seqs, enc.pad, left=False)
-    tg, _ = pad_batch(tgts, -100, left=False)
-    return M.pixel_values(images), ids, am, tg
+        # (answer-predicting position, answer-relevant patches) per question turn, for --attn-aux-weight
+        grounding.append([(pos, G.relevant_patches(scene, info, (M.GRID, M.GRID)))
+                          for pos, info, (_, a) in zip(answer_pos, infos, turns)
+                          if info is not None and grounded(args, info, a)] if args.attn_aux_weight > 0 else [])
+    return images, scenes, seqs, tgts, grounding
+
+
+def grounded(args, info: dict, answer: str) -> bool:
+    """Whether a turn gets the grounding loss. 'all': every turn with relevant patches. 'evidence':
+    only turns whose relevant patches are evidence for the answer; POPE-style negatives ("is there a
+    red circle ?" -> no, relevant = objects sharing colour or shape) and zero counts (relevant = every
+    object) are skipped, as attending to near-misses is not how such a question is answered."""
+    if args.grounding_targets == "all":
+        return True
+    return info.get("neg_type") is None and answer != "zero"
+
+
+def stage2_inputs(args, step: int, enc: Encoder, hv: torch.Tensor, scenes: list[dict], seqs, tgts):
+    """Token-dropout curriculum: per image keep every foreground patch and a random
+    ``bg_keep_fraction`` of the background ones, shrinking its placeholder run to match; kept patches
+    keep their full-image position ids (text after the image too), so the LLM sees the same relative
+    geometry as on full images. Returns ([B, k_max, Dv] padded kept features, ids, mask, positions,
+    targets, [B] kept counts)."""
+    f = bg_keep_fraction(args, step)
+    n = M.NUM_PATCHES
+    keeps = []
+    for i, sc in enumerate(scenes):
+        if f >= 1.0:
+            keeps.append(torch.arange(n))
+            continue
+        fg = torch.from_numpy(foreground_patches(sc))
+        g = torch.Generator().manual_seed(int(args.seed * 1_000_003 + step * 101 + i))
+        bg = (torch.rand(n, generator=g) < f) & ~fg
+        keeps.append(torch.nonzero(fg | bg).squeeze(-1))
+    rows, trows, prows = [], [], []
+    for ids, tgt, keep in zip(seqs, tgts, keeps):
+        a = ids.index(enc.image)  # first placeholder; the run is n long
+        rows.append(ids[:a] + [enc.image] * len(keep) + ids[a + n:])
+        trows.append(tgt[:a] + [-100] * len(keep) + tgt[a + n:])
+        prows.append(list(range(a)) + (a + keep).tolist() + list(range(a + n, len(ids))))
+    ids, am = pad_batch(rows, enc.pad, left=False)
+    tg, _ = pad_batch(trows, -100, left=False)
+    pos, _ = pad_batch(prows, 0, left=False)
+    feats = [hv[i, k] for i, k in enumerate(keeps)]  # ragged [k_i, Dv]
+    return feats, ids, am, pos, tg, keeps
+
+
+def grounding_loss(attn: torch.Tensor, seqs, keeps, grounding, n_image: int = M.NUM_PATCHES) -> torch.Tensor:
+    """Mean over question turns of -log(head-mean attention mass, from the turn's answer-predicting
+    position, on its answer-relevant patches) at one LLM layer. attn: [B, H, L, L] (shrunk sequences)."""
+    terms = []
+    for b, (ids, keep, turns) in enumerate(zip(seqs, keeps, grounding)):
+        a = ids.index(M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN))
+        where = {int(p): a + r for r, p in enumerate(keep.tolist())}  # patch -> shrunk sequence index
+        shift = n_image - len(keep)
+        for pos, rel in turns:
+            cols = [where[p] for p in rel if p in where]
+            if cols:
+                terms.append(-torch.log(attn[b, :, pos - shift, cols].sum(-1).mean() + 1e-6))
+    return torch.stack(terms).mean() if terms else attn.new_zeros(())
 
 
 @torch.no_grad()
@@ -413,6 +513,8 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
     from benchmarks.tasks import get_task
 
     model, _ = M.build_llava(args.seed + 2)
+    if args.attn_aux_weight > 0:
+        model.set_attn_implementation("eager")  # the grounding loss reads one layer's attention probabilities
     if args.s2_init == "fanin":
         # Llama's default init (std 0.02) makes attention scores x^T Wq^T Wk y and the value path Wo Wv x
         # products of two tiny matrices: each one's gradient is proportional to the other, a saddle that
@@ -439,7 +541,7 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         step, best, since_best = st["step"], st["best"], st["since_best"]
         elapsed0 = st.get("elapsed", 0.0)
         log.info("resuming stage 2 from step %d (best %.4f, %.1f min done)", step, best, elapsed0 / 60)
-    t0, agg = time.time(), []
+    t0, agg, aux_agg = time.time(), [], []
 
     def state() -> dict:
         return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
@@ -455,12 +557,21 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         progress = elapsed / (60 * args.stage2_minutes) if args.stage2_minutes else None
         for gp in opt.param_groups:
             gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps, progress=progress)
-        pix, ids, am, tg = stage2_batch(args, step, enc, keys)
+        images, scenes, seqs, tgts, grounding = stage2_batch(args, step, enc, keys)
         with torch.no_grad():
-            hv = M.vision_hidden(model.model.vision_tower, pix).hidden_states[-2][:, 1:]  # [B, 144, Dv]
-        feats = model.model.multi_modal_projector(hv)  # [B, 144, D]
-        logits = M.llm_logits(model, feats, ids, am)  # [B, L, V]
+            hv = M.vision_hidden(model.model.vision_tower, M.pixel_values(images)).hidden_states[-2][:, 1:]  # [B, 144, Dv]
+        kept, ids, am, pos, tg, keeps = stage2_inputs(args, step, enc, hv, scenes, seqs, tgts)
+        feats = model.model.multi_modal_projector(torch.cat(kept))  # [sum k_i, D], row-major like the placeholders
+        embeds = model.get_input_embeddings()(ids).masked_scatter((ids == enc.image).unsqueeze(-1), feats)
+        aux_w = args.attn_aux_weight if step < args.attn_aux_steps else 0.0
+        lm_out = model.model.language_model(inputs_embeds=embeds, attention_mask=am, position_ids=pos,
+                                            output_attentions=aux_w > 0)
+        logits = model.lm_head(lm_out.last_hidden_state)  # [B, L, V]
         loss = F.cross_entropy(logits.flatten(0, 1), tg.flatten(), ignore_index=-100)
+        if aux_w > 0:
+            g_loss = grounding_loss(lm_out.attentions[args.attn_aux_layer], seqs, keeps, grounding)
+            aux_agg.append(g_loss.item())
+            loss = loss + aux_w * g_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(trainable, 1.0)
@@ -468,11 +579,14 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         step += 1
         agg.append(loss.item())
         if step % args.log_every == 0:
-            rec = {"stage": 2, "step": step, "time_s": round(elapsed0 + time.time() - t0, 1), "loss": round(float(np.mean(agg)), 4)}
+            rec = {"stage": 2, "step": step, "time_s": round(elapsed0 + time.time() - t0, 1), "loss": round(float(np.mean(agg)), 4),
+                   "bg_keep": round(bg_keep_fraction(args, step), 3)}
+            if aux_agg:
+                rec["grounding_loss"] = round(float(np.mean(aux_agg)), 4)
             log.info(json.dumps(rec))
             curve.write(json.dumps(rec) + "\n")
             curve.flush()
-            agg = []
+            agg, aux_agg = [], []
         if step % args.eval_every == 0 or step == args.stage2_steps:
             res = validate(model, enc, val)
             score = min(v for k, v in res.items() if k != "overall") + res["overall"]
@@ -511,7 +625,22 @@ def parse_args(argv=None):
     ap.add_argument("--bridge-steps", type=int, default=1500)
     ap.add_argument("--s2-batch", type=int, default=8)
     ap.add_argument("--turns", type=int, default=6)
+    ap.add_argument("--family-weights", default="{}",
+                    help='JSON overrides of the mixed-phase family weights, e.g. \'{"count": 6}\' (default: 3 per eval family, 1 otherwise)')
     ap.add_argument("--s2-lr", type=float, default=2e-3)
+    ap.add_argument("--bg-ramp-start", type=int, default=0,
+                    help="token-dropout curriculum: only foreground patches reach the LLM before this step")
+    ap.add_argument("--bg-ramp-end", type=int, default=0,
+                    help="... and all patches from this step on, linear in between (0 = curriculum off)")
+    ap.add_argument("--caption-prob", type=float, default=0.0,
+                    help="probability that an image's turns include a caption turn ('what objects are there ?')")
+    ap.add_argument("--attn-aux-weight", type=float, default=0.0,
+                    help="weight of a grounding loss on one LLM layer's attention (answer position -> relevant patches)")
+    ap.add_argument("--attn-aux-layer", type=int, default=4,
+                    help="LLM layer of the grounding loss (4: no default pruner scores there on 8 layers)")
+    ap.add_argument("--grounding-targets", choices=["all", "evidence"], default="all",
+                    help="turns that get the grounding loss: all with relevant patches, or only positive evidence")
+    ap.add_argument("--attn-aux-steps", type=int, default=10**9, help="the grounding loss is off from this step on")
     ap.add_argument("--conj", action="store_true", help="add the conjunctive per-patch targets in stage 1")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",

@@ -1,0 +1,99 @@
+"""The embedded model's stage-2 training inputs (benchmarks.embedded.train): token-dropout sequences,
+caption turns and grounding targets are built the way their docstrings say. Fresh untrained model,
+a handful of samples: seconds on CPU, no training."""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.embedded import model as M
+from benchmarks.embedded import train as T
+from benchmarks.tasks.shapes import eval_keys
+from benchmarks.tasks.shapes import generator as G
+
+
+def _batch(argv: list[str], step: int = 3):
+    args = T.parse_args(["--s2-batch", "4", *argv])
+    enc = T.Encoder()
+    images, scenes, seqs, tgts, grounding = T.stage2_batch(args, step, enc, eval_keys())
+    return args, enc, images, scenes, seqs, tgts, grounding
+
+
+def _logits(model, enc, kept, ids, am, pos):
+    feats = model.model.multi_modal_projector(torch.cat(kept))
+    emb = model.get_input_embeddings()(ids).masked_scatter((ids == enc.image).unsqueeze(-1), feats)
+    out = model.model.language_model(inputs_embeds=emb, attention_mask=am, position_ids=pos)
+    return model.lm_head(out.last_hidden_state)
+
+
+def test_keep_all_inputs_equal_the_llava_path():
+    args, enc, images, scenes, seqs, tgts, _ = _batch(["--bg-ramp-start", "10", "--bg-ramp-end", "20"])
+    model, _ = M.build_llava(0)
+    with torch.no_grad():
+        hv = M.vision_hidden(model.model.vision_tower, M.pixel_values(images)).hidden_states[-2][:, 1:]
+        kept, ids, am, pos, tg, keeps = T.stage2_inputs(args, 20, enc, hv, scenes, seqs, tgts)  # ramp done
+        assert all(len(k) == M.NUM_PATCHES for k in keeps)
+        ours = _logits(model, enc, kept, ids, am, pos)
+        ref = M.llm_logits(model, model.model.multi_modal_projector(hv), ids, am)
+    real = am.bool()
+    assert torch.equal(ours[real], ref[real])
+
+
+def test_dropout_keeps_foreground_and_full_image_positions():
+    args, enc, images, scenes, seqs, tgts, _ = _batch(["--bg-ramp-start", "10", "--bg-ramp-end", "20"])
+    hv = torch.randn(len(images), M.NUM_PATCHES, 8)
+    kept, ids, am, pos, tg, keeps = T.stage2_inputs(args, 0, enc, hv, scenes, seqs, tgts)  # foreground only
+    for b, (sc, keep) in enumerate(zip(scenes, keeps)):
+        fg = torch.from_numpy(T.foreground_patches(sc))
+        assert torch.equal(keep, torch.nonzero(fg).squeeze(-1))
+        assert torch.equal(kept[b], hv[b, keep])
+        a = seqs[b].index(enc.image)
+        n = int(am[b].sum())
+        assert (ids[b, a: a + len(keep)] == enc.image).all()
+        assert torch.equal(pos[b, a: a + len(keep)], a + keep)  # patch positions as in the full image
+        # the text after the image keeps its full-image positions and its targets
+        assert pos[b, n - 1] == len(seqs[b]) - 1
+        assert ids[b, a + len(keep): n].tolist() == seqs[b][a + M.NUM_PATCHES:]
+        assert tg[b, a + len(keep): n].tolist() == tgts[b][a + M.NUM_PATCHES:]
+    half = T.bg_keep_fraction(args, 15)
+    assert half == 0.5 and T.bg_keep_fraction(args, 25) == 1.0
+
+
+def test_caption_turn_lists_every_object_with_its_cell():
+    args, enc, _, scenes, seqs, _, _ = _batch(["--caption-prob", "1.0"])
+    for sc, ids in zip(scenes, seqs):
+        cap = T.llm_caption(sc)
+        assert cap.count(",") == len(sc["objects"]) + (sc["digit"] is not None) - 1
+        for o in sc["objects"]:
+            assert f"{o['size']} {o['colour']} {o['shape']} at row {G.NUMBER_WORDS[o['row'] + 1]}" in cap
+        assert " ".join(enc.tok.convert_ids_to_tokens(ids)).count(T.CAPTION_QUESTION) == 1
+        enc.words(cap)  # every caption word is in the vocabulary
+
+
+def test_grounding_targets_point_at_relevant_image_tokens():
+    args, enc, images, scenes, seqs, tgts, grounding = _batch(["--attn-aux-weight", "0.5", "--caption-prob", "0.5"])
+    colon = enc.tok.convert_tokens_to_ids(":")
+    hv = torch.zeros(len(images), M.NUM_PATCHES, 4)
+    *_, keeps = T.stage2_inputs(args, 0, enc, hv, scenes, seqs, tgts)
+    n_turns = 0
+    for b, turns in enumerate(grounding):
+        a = seqs[b].index(enc.image)
+        for pos, rel in turns:
+            assert seqs[b][pos] == colon and tgts[b][pos] != -100  # the answer-predicting position
+            assert all(0 <= p < M.NUM_PATCHES and seqs[b][a + p] == enc.image for p in rel)  # may be empty
+            n_turns += bool(rel)
+    assert n_turns > 0
+    # 'evidence' drops POPE-style negatives and zero counts, 'all' keeps them
+    ev = T.parse_args(["--grounding-targets", "evidence"])
+    assert not T.grounded(ev, {"neg_type": "popular"}, "no") and not T.grounded(ev, {}, "zero")
+    assert T.grounded(ev, {"neg_type": None}, "yes") and T.grounded(T.parse_args([]), {"neg_type": "random"}, "no")
+
+
+def test_grounding_loss_is_minus_log_relevant_mass():
+    attn = torch.zeros(1, 2, 5, 5)
+    attn[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    attn[0, 1, 4] = torch.tensor([0.5, 0.1, 0.1, 0.3, 0.0])
+    seqs = [[1, M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN), M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN), 7, 8]]
+    keeps = [torch.tensor([5, 9])]  # two of 10 patches kept, at sequence indices 1 and 2
+    loss = T.grounding_loss(attn, seqs, keeps, [[(4 + 8, [9, 3])]], n_image=10)  # patch 3 was dropped
+    assert torch.isclose(loss, -torch.log(torch.tensor((0.3 + 0.1) / 2 + 1e-6)))
