@@ -15,6 +15,7 @@ null) of the same model, task, sample count and seed.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,13 +25,15 @@ import pandas as pd
 
 from benchmarks import store
 
+log = logging.getLogger(__name__)
+
 COLUMNS = [
     "model", "task", "method", "budget", "equiv_tokens", "accuracy", "accuracy_rel", "tflops_prefill",
     "flops_rel", "prefill_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb", "n_samples", "seed",
-    "params", "config_hash",
+    "params", "weights", "config_hash",
 ]
 EXTRAS = ["relevant_recall", "vision_tflops", "llm_tflops", "projector_tflops", "overhead_tflops"]
-REF_KEYS = ["model", "task", "n_samples", "seed"]
+REF_KEYS = ["model", "task", "weights", "n_samples", "seed"]
 #: FLOPs fractions at which auc.csv also reports each method's interpolated accuracy (NaN outside its range).
 FLOPS_POINTS = (0.25, 0.5, 0.75)
 
@@ -42,6 +45,7 @@ def load_cells(results_dir: str | Path) -> pd.DataFrame:
         m = store.read_metrics(cell)
         row: dict[str, Any] = {c: m.get(c) for c in COLUMNS + EXTRAS}
         row["params"] = json.dumps(m.get("params", {}), sort_keys=True)
+        row["_written"] = (Path(cell) / store.METRICS).stat().st_mtime
         for fam, acc in (m.get("accuracy_by_family") or {}).items():
             row[f"accuracy_{fam}"] = acc
         rows.append(row)
@@ -52,7 +56,20 @@ def load_cells(results_dir: str | Path) -> pd.DataFrame:
     dupes = df["config_hash"].duplicated(keep=False)
     if dupes.any():
         raise RuntimeError(f"duplicated cells in {results_dir}: {sorted(df.loc[dupes, 'config_hash'].unique())}")
-    return df
+    return latest_weights(df).drop(columns="_written")
+
+
+def latest_weights(df: pd.DataFrame) -> pd.DataFrame:
+    """Per model name, only the cells of its most recently written weights (``weights`` fingerprint):
+    a retrained or swapped checkpoint under the same name must not share curves with the old one.
+    The set-aside cells stay on disk; a warning says how many."""
+    w = df["weights"].fillna("")
+    newest = df.assign(_w=w).sort_values("_written").groupby("model")["_w"].last()
+    keep = w == df["model"].map(newest)
+    if not keep.all():
+        log.warning("leaderboard: %d cell(s) of older weights set aside (%s)", int((~keep).sum()),
+                    ", ".join(sorted(df.loc[~keep, "model"].unique())))
+    return df[keep].reset_index(drop=True)
 
 
 def add_relative(df: pd.DataFrame) -> pd.DataFrame:

@@ -31,6 +31,9 @@ class LoadedModel:
     model: Any
     processor: Any
     prompt_template: str
+    #: Fingerprint of the weights (see `weights_fingerprint`); part of every result cell's hash, so
+    #: retrained or swapped weights under the same model name never reuse stale cells.
+    weights: str | None = None
 
     @property
     def config(self) -> Any:
@@ -95,6 +98,34 @@ def _load_pretrained(path: str, model_class: str, dtype: torch.dtype, attn: str 
     return model.eval(), processor
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+_EDGE = 1 << 20  # bytes hashed at each end of a weight file
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """Cheap content fingerprint of a checkpoint folder: sha256 over every weight file's relative path,
+    size and first and last MiB, and the full text of its JSON files (configs, tokenizer,
+    ``prunebench.json``); subfolders (e.g. the embedded model's ``text_tower/``) included. Retrained
+    weights change every tensor, so the edges change; hashing edges keeps a 14 GB 7B folder at ~ms."""
+    import hashlib
+
+    root = Path(folder)
+    h = hashlib.sha256()
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = f.relative_to(root).as_posix()
+        if f.suffix in WEIGHT_SUFFIXES:
+            size = f.stat().st_size
+            h.update(f"{rel}:{size}:".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(_EDGE))
+                if size > _EDGE:
+                    fh.seek(max(_EDGE, size - _EDGE))
+                    h.update(fh.read())
+        elif f.suffix == ".json" and f.name != "eval_results.json":
+            h.update(f"{rel}:".encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
     """Build the model described by ``model_cfg`` (a conf/model mapping) on ``device``, in eval mode."""
     cfg = dict(model_cfg)
@@ -113,6 +144,7 @@ def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
         model = model.to(dtype)
         where = "conf/model"
         template = template or DEFAULT_TEMPLATE
+        weights = None  # built from the config and its seed, both hashed already
     elif source == "embedded":
         folder = Path(cfg.get("path") or EMBEDDED_DIR)
         meta_path = folder / "prunebench.json"
@@ -127,6 +159,7 @@ def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
         )
         where = str(meta_path)
         template = template or meta.get("prompt_template") or DEFAULT_TEMPLATE
+        weights = weights_fingerprint(folder)
     else:
         path = cfg.get("path")
         if not path:
@@ -141,5 +174,9 @@ def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
         )
         where = "conf/model"
         template = template or DEFAULT_TEMPLATE
+        # A local folder is fingerprinted; a hub id is pinned by the commit transformers resolved.
+        weights = (weights_fingerprint(path) if Path(str(path)).is_dir()
+                   else getattr(model.config, "_commit_hash", None))
     model = model.to(device).eval()
-    return LoadedModel(name=name, model=model, processor=processor, prompt_template=_check_template(template, where))
+    return LoadedModel(name=name, model=model, processor=processor, prompt_template=_check_template(template, where),
+                       weights=weights)

@@ -71,10 +71,16 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int |
     return sorted(out, key=lambda x: -1 if x is None else x)
 
 
-def cell_config(cfg: DictConfig, budget: int | None, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The resolved config of one cell (what its hash covers and what ``config.yaml`` records)."""
+def cell_config(
+    cfg: DictConfig, budget: int | None, method: str, params: dict[str, Any], weights: str | None = None
+) -> dict[str, Any]:
+    """The resolved config of one cell (what its hash covers and what ``config.yaml`` records).
+    ``weights``: the loaded model's weights fingerprint (`LoadedModel.weights`), recorded as
+    ``model.weights`` so that new weights under the same model name get new cells."""
     base = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(base, dict)
+    if weights is not None:
+        base["model"]["weights"] = weights
     for key in UNHASHED:
         base.pop(key, None)
     base.pop("budgets", None)
@@ -309,7 +315,7 @@ def run(cfg: DictConfig) -> list[Path]:
         budgets = [None]
     todo = []
     for budget in budgets:
-        ccfg = cell_config(cfg, budget, method, params)
+        ccfg = cell_config(cfg, budget, method, params, lm.weights)
         digest = store.config_hash(ccfg)
         path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], ccfg["method"]["name"],
                               budget, digest)
@@ -332,7 +338,9 @@ def run(cfg: DictConfig) -> list[Path]:
             continue
         metrics, rows = run_cell(lm, task, samples, ccfg, progress)
         metrics["config_hash"] = digest
-        ref = metrics["accuracy"] if ccfg["budget"] is None else _reference_accuracy(results_dir, cfg, method, params)
+        metrics["weights"] = lm.weights
+        ref = (metrics["accuracy"] if ccfg["budget"] is None
+               else _reference_accuracy(results_dir, cfg, method, params, lm.weights))
         if ref is not None:
             metrics["accuracy_rel"] = metrics["accuracy"] / ref if ref > 0 else None
         files = {
@@ -347,8 +355,10 @@ def run(cfg: DictConfig) -> list[Path]:
     return [t[3] for t in todo]
 
 
-def _reference_accuracy(results_dir: Path, cfg: DictConfig, method: str, params: dict[str, Any]) -> float | None:
-    ccfg = cell_config(cfg, None, method, params)
+def _reference_accuracy(
+    results_dir: Path, cfg: DictConfig, method: str, params: dict[str, Any], weights: str | None
+) -> float | None:
+    ccfg = cell_config(cfg, None, method, params, weights)
     digest = store.config_hash(ccfg)
     path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], "none", None, digest)
     return store.read_metrics(path)["accuracy"] if store.is_finished(path) else None

@@ -12,8 +12,8 @@ from benchmarks import leaderboard as lb
 from benchmarks import store
 
 
-def _cell(root, method, budget, accuracy, flops_rel, model="tiny", task="shapes", n=8, seed=0):
-    ccfg = {"model": model, "task": task, "method": method, "budget": budget, "n": n, "seed": seed}
+def _cell(root, method, budget, accuracy, flops_rel, model="tiny", task="shapes", n=8, seed=0, weights=None):
+    ccfg = {"model": model, "task": task, "method": method, "budget": budget, "n": n, "seed": seed, "weights": weights}
     digest = store.config_hash(ccfg)
     metrics = {
         "model": model, "task": task, "method": method, "budget": budget, "params": {"layer": 2},
@@ -21,7 +21,7 @@ def _cell(root, method, budget, accuracy, flops_rel, model="tiny", task="shapes"
         "tflops_prefill": 2.0 * flops_rel, "flops_rel": flops_rel, "prefill_ms": 1.0, "decode_ms_per_token": 0.5,
         "kv_cache_mb": 0.1, "peak_mem_mb": 100.0, "config_hash": digest, "relevant_recall": 0.5,
         "vision_tflops": 0.1, "llm_tflops": 1.8 * flops_rel, "projector_tflops": 0.01, "overhead_tflops": 0.0,
-        "accuracy_by_family": {"colour": accuracy, "count": accuracy / 2},
+        "accuracy_by_family": {"colour": accuracy, "count": accuracy / 2}, "weights": weights,
     }
     store.write_cell(store.cell_dir(root, model, task, method, budget, digest),
                      {"metrics.json": json.dumps(metrics), "config.yaml": "{}\n", "predictions.jsonl": ""})
@@ -89,3 +89,23 @@ def test_empty_results_and_bad_arguments_are_clear(tmp_path):
         lb.write_all(tmp_path)
     with pytest.raises(SystemExit, match="accepted: results_dir"):
         lb.main(["result_dir=x"])
+
+
+def test_only_the_newest_weights_of_a_model_are_ranked(tmp_path, caplog):
+    """Cells of a retrained checkpoint under the same model name replace, not join, the old ones."""
+    import os
+    import time
+
+    _cell(tmp_path, "none", None, 0.50, 1.0, weights="old")
+    _cell(tmp_path, "a", 18, 0.40, 0.6, weights="old")
+    _cell(tmp_path, "b", 18, 0.45, 0.5, weights="old")
+    for cell in store.iter_cells(tmp_path):  # written earlier
+        t = time.time() - 3600
+        os.utime(cell / store.METRICS, (t, t))
+    _cell(tmp_path, "none", None, 0.90, 1.0, weights="new")
+    _cell(tmp_path, "a", 18, 0.85, 0.6, weights="new")
+    with caplog.at_level("WARNING"):
+        board = lb.leaderboard(tmp_path)
+    assert set(board["weights"]) == {"new"} and len(board) == 2
+    assert board.loc[board["method"] == "a", "accuracy_rel"].item() == pytest.approx(0.85 / 0.90)
+    assert "3 cell(s) of older weights set aside" in caplog.text

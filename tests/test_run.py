@@ -218,3 +218,24 @@ def test_every_registered_task_has_a_config():
         path = CONF / "task" / f"{name}.yaml"
         assert path.is_file(), f"conf/task/{name}.yaml missing (name: {name}, split: eval)"
         assert yaml.safe_load(path.read_text())["name"] == name
+
+
+def test_weights_fingerprint_follows_the_weights(tmp_path):
+    """A retrained checkpoint in the same folder gets a new fingerprint (so new result cells); copying
+    the folder or rewriting its card does not."""
+    import shutil
+
+    from benchmarks.models import EMBEDDED_DIR, weights_fingerprint
+
+    a = tmp_path / "a"
+    shutil.copytree(EMBEDDED_DIR, a)
+    fp = weights_fingerprint(a)
+    assert fp == weights_fingerprint(EMBEDDED_DIR)
+    (a / "README.md").write_text("a new card")
+    (a / "eval_results.json").write_text("{}")
+    assert weights_fingerprint(a) == fp
+    w = a / "model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-3] ^= 0xFF  # one byte of the last tensor
+    w.write_bytes(bytes(data))
+    assert weights_fingerprint(a) != fp
