@@ -7,7 +7,9 @@ standard error of an accuracy near 0.85 is ~3.3 points (~10 points per 20-sample
 `test_meets_issue_discrimination_targets_on_fixed_subset` asserts the pruning targets loosened by about
 two standard errors (random 1/8 at least 8 points below unpruned, oracle 1/8 at most 8 points below,
 CLS top-k at 1/4 not below random at 1/4). The accuracy targets (>= 85% overall, >= 70% per family)
-are not met by the shipped model: they stay open in issue 3, with the numbers in the model card.
+are not met by the shipped model (75.3% overall; count, exists and relation below 70%): they stay open
+in issue 3, with the numbers in the model card. What it does solve is asserted: it finds the object a
+question names (colour of a named shape, shape at a named cell) and reads the digit.
 """
 
 from __future__ import annotations
@@ -134,6 +136,15 @@ def test_uses_the_image(measured, subset):
     prior = _family_prior()
     prior_acc = sum(prior[s.family] == s.answer for s in subset) / len(subset)
     assert overall >= prior_acc + 0.10, (overall, prior_acc, per_family)
+
+
+@pytest.mark.slow
+def test_locates_the_named_object(measured):
+    """Families answered by finding one named object are solved (eval split: 1.00 each): at least 18
+    of 20 right on the subset, far above what pooled image statistics give (about 0.6)."""
+    _, per_family = measured
+    for fam in ("colour", "shape", "digit"):
+        assert per_family[fam] >= 0.9, (fam, per_family)
 
 
 @pytest.mark.slow

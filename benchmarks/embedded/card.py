@@ -160,14 +160,16 @@ def stage2_options(args_lines: list[str]) -> list[str]:
                    f"from step {a['bg_ramp_end']}.")
     if "aux" in used:
         a = used["aux"]
-        out.append(f"**A grounding loss touches LLM attention**: for the first {a['attn_aux_steps']} stage-2 steps, "
-                   f"{a['attn_aux_weight']} x -log(head-mean attention mass that each question's answer-predicting "
-                   f"position puts on the question's answer-relevant patches) at LLM layer {a['attn_aux_layer']} "
-                   "(0-based); off afterwards. Without it the LLM stayed at the pooled-statistics plateau (Notes). "
-                   "It shapes attention at a layer no default pruner scores from (FastV scores layer 1, PDrop layers "
-                   "1/3/5, TransPrune 1-3 on 8 layers), but the features feeding later layers were trained to make "
-                   "the relevant patches findable, which may favour attention-based pruners on this model more "
-                   "than on a real LLaVA.")
+        on = [i + 1 for i, line in enumerate(args_lines) if json.loads(line).get("attn_aux_weight", 0) > 0]
+        out.append(f"**A grounding loss touches LLM attention** in training session(s) {', '.join(map(str, on))} of "
+                   f"{len(args_lines)} (arguments below; off from a session's `attn_aux_steps` on, and in sessions "
+                   f"without it): {a['attn_aux_weight']} x -log(head-mean attention mass that each question's "
+                   f"answer-predicting position puts on the question's answer-relevant patches) at LLM layer "
+                   f"{a['attn_aux_layer']} (0-based). Without it the LLM stayed at the pooled-statistics plateau "
+                   "(Notes). It shapes attention at a layer no default pruner scores from (FastV scores layer 1, "
+                   "PDrop layers 1/3/5, TransPrune 1-3 on 8 layers), but the features feeding later layers were "
+                   "trained to make the relevant patches findable, which may favour attention-based pruners on this "
+                   "model more than on a real LLaVA.")
     else:
         out.append("No loss touches LLM attention.")
     return out
