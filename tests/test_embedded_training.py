@@ -19,13 +19,6 @@ def _batch(argv: list[str], step: int = 3):
     return args, enc, images, scenes, seqs, tgts, grounding
 
 
-def _logits(model, enc, kept, ids, am, pos):
-    feats = model.model.multi_modal_projector(torch.cat(kept))
-    emb = model.get_input_embeddings()(ids).masked_scatter((ids == enc.image).unsqueeze(-1), feats)
-    out = model.model.language_model(inputs_embeds=emb, attention_mask=am, position_ids=pos)
-    return model.lm_head(out.last_hidden_state)
-
-
 def test_keep_all_inputs_equal_the_llava_path():
     args, enc, images, scenes, seqs, tgts, _ = _batch(["--bg-ramp-start", "10", "--bg-ramp-end", "20"])
     model, _ = M.build_llava(0)
@@ -33,7 +26,7 @@ def test_keep_all_inputs_equal_the_llava_path():
         hv = M.vision_hidden(model.model.vision_tower, M.pixel_values(images)).hidden_states[-2][:, 1:]
         kept, ids, am, pos, tg, keeps = T.stage2_inputs(args, 20, enc, hv, scenes, seqs, tgts)  # ramp done
         assert all(len(k) == M.NUM_PATCHES for k in keeps)
-        ours = _logits(model, enc, kept, ids, am, pos)
+        ours = M.llm_forward(model, model.model.multi_modal_projector(torch.cat(kept)), ids, am, pos).logits
         ref = M.llm_logits(model, model.model.multi_modal_projector(hv), ids, am)
     real = am.bool()
     assert torch.equal(ours[real], ref[real])

@@ -136,20 +136,33 @@ def llm_logits(
 
     Position ids follow the attention mask (left padding allowed), as in `generate`.
     """
-    image_id = model.config.image_token_id
-    embeds = model.get_input_embeddings()(input_ids)  # [B, L, D]
-    mask = input_ids == image_id  # [B, L]
-    counts = mask.sum(1)
+    counts = (input_ids == model.config.image_token_id).sum(1)  # [B]
     if not bool((counts == image_feats.shape[1]).all()):
         raise ValueError(
             f"each row of input_ids must hold {image_feats.shape[1]} image tokens, got {counts.tolist()}"
         )
-    embeds = embeds.masked_scatter(mask.unsqueeze(-1), image_feats.to(embeds.dtype))
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [B, L]
-    hidden = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids
-    ).last_hidden_state
-    return model.lm_head(hidden)
+    return llm_forward(model, image_feats.flatten(0, 1), input_ids, attention_mask, position_ids).logits
+
+
+def llm_forward(
+    model: LlavaForConditionalGeneration,
+    image_feats: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    output_attentions: bool = False,
+):
+    """The LLM on ``input_ids`` with its image placeholders filled, in row-major order, by
+    ``image_feats`` ([total placeholders, D_llm]: rows may hold different counts, as in token-dropout
+    training). Returns the language model's output with ``logits`` ([B, L, V]) added."""
+    embeds = model.get_input_embeddings()(input_ids)  # [B, L, D]
+    mask = (input_ids == model.config.image_token_id).unsqueeze(-1)  # [B, L, 1]
+    embeds = embeds.masked_scatter(mask, image_feats.to(embeds.dtype))
+    out = model.model.language_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                     position_ids=position_ids, output_attentions=output_attentions)
+    out.logits = model.lm_head(out.last_hidden_state)
+    return out
 
 
 def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:

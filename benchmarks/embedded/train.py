@@ -562,12 +562,9 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
             hv = M.vision_hidden(model.model.vision_tower, M.pixel_values(images)).hidden_states[-2][:, 1:]  # [B, 144, Dv]
         kept, ids, am, pos, tg, keeps = stage2_inputs(args, step, enc, hv, scenes, seqs, tgts)
         feats = model.model.multi_modal_projector(torch.cat(kept))  # [sum k_i, D], row-major like the placeholders
-        embeds = model.get_input_embeddings()(ids).masked_scatter((ids == enc.image).unsqueeze(-1), feats)
         aux_w = args.attn_aux_weight if step < args.attn_aux_steps else 0.0
-        lm_out = model.model.language_model(inputs_embeds=embeds, attention_mask=am, position_ids=pos,
-                                            output_attentions=aux_w > 0)
-        logits = model.lm_head(lm_out.last_hidden_state)  # [B, L, V]
-        loss = F.cross_entropy(logits.flatten(0, 1), tg.flatten(), ignore_index=-100)
+        lm_out = M.llm_forward(model, feats, ids, am, pos, output_attentions=aux_w > 0)
+        loss = F.cross_entropy(lm_out.logits.flatten(0, 1), tg.flatten(), ignore_index=-100)  # logits [B, L, V]
         if aux_w > 0:
             g_loss = grounding_loss(lm_out.attentions[args.attn_aux_layer], seqs, keeps, grounding)
             aux_agg.append(g_loss.item())
