@@ -79,7 +79,8 @@ def test_grounding_targets_point_at_relevant_image_tokens():
     # 'evidence' drops POPE-style negatives and zero counts, 'all' keeps them
     ev = T.parse_args(["--grounding-targets", "evidence"])
     assert not T.grounded(ev, {"neg_type": "popular"}, "no") and not T.grounded(ev, {}, "zero")
-    assert T.grounded(ev, {"neg_type": None}, "yes") and T.grounded(T.parse_args([]), {"neg_type": "random"}, "no")
+    every = T.parse_args(["--grounding-targets", "all"])
+    assert T.grounded(ev, {"neg_type": None}, "yes") and T.grounded(every, {"neg_type": "random"}, "no")
 
 
 def test_grounding_loss_is_minus_log_relevant_mass():

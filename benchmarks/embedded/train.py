@@ -10,15 +10,19 @@ answer prior for CPU-hours):
    a CLIP text tower reading generated captions. Small batches: optimizer steps are what count.
 2. LLM stage: tower frozen; projector + Llama trained on sequences packing several question/answer
    turns about one image (loss on every answer and its end token), with a bridge curriculum
-   (position-addressed questions about every attribute first, then content-addressed ones mixed in).
-   Validated every ``--eval-every`` steps on the 'val' split (never the eval split); the best
+   (position-addressed questions about every attribute first, then content-addressed ones mixed in),
+   caption turns (``--caption-prob``), family weights (``--family-weights``) and a grounding loss on
+   one LLM layer's attention (``--attn-aux-*``; without it the LLM stayed at a pooled-statistics
+   plateau, see the model card), plus an optional token-dropout curriculum (``--bg-ramp-*``). Validated every ``--eval-every`` steps on the 'val' split (never the eval split); the best
    checkpoint by (min family accuracy + overall accuracy) is exported as a HF folder to ``<out>/best``.
 
 Seeded, single-threaded by default (2 shared cores: two 1-thread processes beat one 2-thread one),
 logs to ``<out>/train.log`` and ``<out>/curve.jsonl``, checkpoints every ``--ckpt-every`` steps and
-resumes from the last checkpoint when re-run with the same ``--out``. The defaults are the recipe of
-the shipped checkpoint (its card lists every session's arguments); a resumed stage 2 keeps its
-elapsed time, so raise ``--stage2-minutes`` to train further.
+resumes from the last checkpoint when re-run with the same ``--out``. The defaults are the shipped
+checkpoint's recipe condensed into one session (the shipped model came from four sessions whose
+arguments its card lists: grounding on all question turns and 6 turns for the first 4,250 steps,
+family weights from step 5,250, grounding off from step 6,750); a resumed stage 2 keeps its elapsed
+time, so raise ``--stage2-minutes`` to train further.
 """
 
 from __future__ import annotations
@@ -451,8 +455,8 @@ def stage2_inputs(args, step: int, enc: Encoder, hv: torch.Tensor, scenes: list[
     """Token-dropout curriculum: per image keep every foreground patch and a random
     ``bg_keep_fraction`` of the background ones, shrinking its placeholder run to match; kept patches
     keep their full-image position ids (text after the image too), so the LLM sees the same relative
-    geometry as on full images. Returns ([B, k_max, Dv] padded kept features, ids, mask, positions,
-    targets, [B] kept counts)."""
+    geometry as on full images. Returns (per image its [k_i, Dv] kept features, ids, mask, positions,
+    targets, per image the kept patch indices)."""
     f = bg_keep_fraction(args, step)
     n = M.NUM_PATCHES
     keeps = []
@@ -618,26 +622,27 @@ def parse_args(argv=None):
     ap.add_argument("--s1-batch", type=int, default=16)
     ap.add_argument("--s1-lr", type=float, default=1e-3)
     ap.add_argument("--stage2-steps", type=int, default=20000)
-    ap.add_argument("--stage2-minutes", type=float, default=75.0, help="wall-clock budget of stage 2 (0 = none)")
+    ap.add_argument("--stage2-minutes", type=float, default=110.0, help="wall-clock budget of stage 2 (0 = none)")
     ap.add_argument("--bridge-steps", type=int, default=1500)
     ap.add_argument("--s2-batch", type=int, default=8)
-    ap.add_argument("--turns", type=int, default=6)
-    ap.add_argument("--family-weights", default="{}",
-                    help='JSON overrides of the mixed-phase family weights, e.g. \'{"count": 6}\' (default: 3 per eval family, 1 otherwise)')
+    ap.add_argument("--turns", type=int, default=8)
+    ap.add_argument("--family-weights",
+                    default='{"count": 8, "exists": 8, "relation": 8, "where_row": 2, "where_col": 2}',
+                    help="JSON overrides of the mixed-phase family weights (base: 3 per eval family, 1 otherwise; '{}' keeps the base)")
     ap.add_argument("--s2-lr", type=float, default=2e-3)
     ap.add_argument("--bg-ramp-start", type=int, default=0,
                     help="token-dropout curriculum: only foreground patches reach the LLM before this step")
     ap.add_argument("--bg-ramp-end", type=int, default=0,
                     help="... and all patches from this step on, linear in between (0 = curriculum off)")
-    ap.add_argument("--caption-prob", type=float, default=0.0,
+    ap.add_argument("--caption-prob", type=float, default=0.5,
                     help="probability that an image's turns include a caption turn ('what objects are there ?')")
-    ap.add_argument("--attn-aux-weight", type=float, default=0.0,
+    ap.add_argument("--attn-aux-weight", type=float, default=0.5,
                     help="weight of a grounding loss on one LLM layer's attention (answer position -> relevant patches)")
     ap.add_argument("--attn-aux-layer", type=int, default=4,
                     help="LLM layer of the grounding loss (4: no default pruner scores there on 8 layers)")
-    ap.add_argument("--grounding-targets", choices=["all", "evidence"], default="all",
+    ap.add_argument("--grounding-targets", choices=["all", "evidence"], default="evidence",
                     help="turns that get the grounding loss: all with relevant patches, or only positive evidence")
-    ap.add_argument("--attn-aux-steps", type=int, default=10**9, help="the grounding loss is off from this step on")
+    ap.add_argument("--attn-aux-steps", type=int, default=6750, help="the grounding loss is off from this step on")
     ap.add_argument("--conj", action="store_true", help="add the conjunctive per-patch targets in stage 1")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",
