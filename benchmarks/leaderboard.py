@@ -52,7 +52,8 @@ def load_cells(results_dir: str | Path) -> pd.DataFrame:
     df = pd.DataFrame(rows, columns=None if rows else COLUMNS + EXTRAS)
     if df.empty:
         return df
-    df["budget"] = df["budget"].astype("Int64")
+    # "auto" cells (the method chose its token count; see equiv_tokens and params) have no numeric budget
+    df["budget"] = pd.to_numeric(df["budget"].replace("auto", np.nan)).astype("Int64")
     dupes = df["config_hash"].duplicated(keep=False)
     if dupes.any():
         raise RuntimeError(f"duplicated cells in {results_dir}: {sorted(df.loc[dupes, 'config_hash'].unique())}")

@@ -49,8 +49,14 @@ def method_params(method_cfg: Any) -> dict[str, Any]:
     return dict(OmegaConf.to_container(params, resolve=True)) if isinstance(params, DictConfig) else dict(params or {})
 
 
-def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int | None]:
-    """Budgets as a de-duplicated list with ``None`` (the reference) first; clear errors otherwise."""
+#: Budget value for methods that choose their own token count (e.g. ``recoverable`` with mode=adaptive):
+#: the pruner gets ``budget=None`` but, unlike ``null``, the cell is that method's, not the reference.
+AUTO = "auto"
+
+
+def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int | str | None]:
+    """Budgets as a de-duplicated list with ``None`` (the reference) first, then ``"auto"``, then the
+    token counts; clear errors otherwise."""
     if budgets is None:
         budgets = [None]
     if isinstance(budgets, (int, str)) or not hasattr(budgets, "__iter__"):
@@ -59,8 +65,13 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int |
     for b in budgets:
         if b is None or (isinstance(b, str) and b.lower() in ("null", "none")):
             b = None
+        elif isinstance(b, str) and b.lower() == AUTO:
+            b = AUTO
         elif isinstance(b, bool) or not isinstance(b, int) or b <= 0:
-            raise ValueError(f"budgets: {b!r} is not a positive int or null; accepted: null or 1..{n_visual}")
+            raise ValueError(
+                f"budgets: {b!r} is not a positive int, null or {AUTO!r}; accepted: null (unpruned), "
+                f"{AUTO!r} (the method chooses its token count) or 1..{n_visual}"
+            )
         elif b > n_visual:
             raise ValueError(
                 f"budgets: {b} is above the {n_visual} visual tokens per image of model {model_name!r}; "
@@ -68,11 +79,11 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int |
             )
         if b not in out:
             out.append(b)
-    return sorted(out, key=lambda x: -1 if x is None else x)
+    return sorted(out, key=lambda x: -2 if x is None else (-1 if x == AUTO else x))
 
 
 def cell_config(
-    cfg: DictConfig, budget: int | None, method: str, params: dict[str, Any], weights: str | None = None
+    cfg: DictConfig, budget: int | str | None, method: str, params: dict[str, Any], weights: str | None = None
 ) -> dict[str, Any]:
     """The resolved config of one cell (what its hash covers and what ``config.yaml`` records).
     ``weights``: the loaded model's weights fingerprint (`LoadedModel.weights`), recorded as
@@ -197,7 +208,8 @@ def run_cell(
     image_token_id = int(cfg_model.image_token_id)
     grid = lm.grid_hw
     t0 = time.perf_counter()
-    handle = apply_pruner(model, method, budget=budget, seed=int(ccfg["seed"]), tokenizer=tok, **params)
+    handle = apply_pruner(model, method, budget=None if budget == AUTO else budget, seed=int(ccfg["seed"]),
+                          tokenizer=tok, **params)
     rows: list[dict[str, Any]] = []
     flops_parts: dict[str, float] = defaultdict(float)
     ref_total = 0.0
@@ -303,13 +315,21 @@ def run(cfg: DictConfig) -> list[Path]:
     method = str(cfg.method.name)
     params = method_params(cfg.method)
     # Unknown method or parameters fail here, before the model loads; the hash covers every default.
-    params = dict(get_pruner_class(method)(budget=None, seed=int(cfg.seed), **params).params)
+    probe = get_pruner_class(method)(budget=None, seed=int(cfg.seed), **params)
+    params = dict(probe.params)
     task = get_task(str(cfg.task.name))
     device = resolve_device(cfg.device, _job_num())
     lm = get_model(cfg.model, device)
     raw = cfg.budgets
     budgets = validate_budgets(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw,
                                lm.num_visual_tokens, lm.name)
+    counts = [b for b in budgets if b not in (None, AUTO)]
+    if AUTO in budgets and not probe.chooses_budget:
+        raise ValueError(f"budgets: {AUTO!r} is for methods that choose their own token count (e.g. recoverable "
+                         f"with method.params.mode=adaptive); {method!r} with these params does not")
+    if probe.chooses_budget and counts:
+        raise ValueError(f"budgets: {method!r} with these params chooses its own token count; accepted: null "
+                         f"and {AUTO!r}, got {counts}")
     if method == "none" and budgets != [None]:
         log.info("method 'none' keeps every token: only its budget=null cell is run (asked: %s)", budgets)
         budgets = [None]

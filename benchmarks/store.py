@@ -35,9 +35,9 @@ def _safe(name: Any) -> str:
     return s or "_"
 
 
-def cell_dir(results_dir: str | Path, model: str, task: str, method: str, budget: int | None, digest: str) -> Path:
-    """Where a cell lives: ``results_dir/cells/<model>/<task>/<method>/b<budget|all>-<hash12>``."""
-    label = "ball" if budget is None else f"b{int(budget)}"
+def cell_dir(results_dir: str | Path, model: str, task: str, method: str, budget: int | str | None, digest: str) -> Path:
+    """Where a cell lives: ``results_dir/cells/<model>/<task>/<method>/b<budget|all|auto>-<hash12>``."""
+    label = "ball" if budget is None else ("bauto" if budget == "auto" else f"b{int(budget)}")
     return Path(results_dir) / CELLS / _safe(model) / _safe(task) / _safe(method) / f"{label}-{digest[:12]}"
 
 

@@ -108,6 +108,12 @@ class Pruner:
         self.info = info
 
     @property
+    def chooses_budget(self) -> bool:
+        """True when this configuration picks its own token count (run it with ``budget=None``; the
+        benchmark's ``budgets=[auto]``). For every other method ``None`` means keep all."""
+        return False
+
+    @property
     def keeps_all(self) -> bool:
         return self.budget is None or (self.info is not None and self.budget >= self.info.num_visual_tokens)
 

@@ -257,6 +257,10 @@ class RecoverableCompression(Pruner):
         "attention": ("categorical", list(ATTENTIONS)),
     }
 
+    @property
+    def chooses_budget(self) -> bool:
+        return self.params["mode"] == "adaptive"
+
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
         super().__init__(budget=budget, seed=seed, **params)
         p = self.params

@@ -239,3 +239,21 @@ def test_weights_fingerprint_follows_the_weights(tmp_path):
     data[-3] ^= 0xFF  # one byte of the last tensor
     w.write_bytes(bytes(data))
     assert weights_fingerprint(a) != fp
+
+
+def test_auto_budget_runs_a_method_that_chooses_its_own_count(tmp_path):
+    """budgets=[auto]: the method's own cell with budget=None passed to the pruner (recoverable
+    adaptive), not the unpruned reference; refused for methods where None means keep-all."""
+    ref, auto = _run(tmp_path, "method=recoverable", "method.params.mode=adaptive", "budgets=[auto,null]",
+                     "n_samples=4")
+    assert ref.parts[-2] == "none" and auto.parts[-2] == "recoverable" and auto.name.startswith("bauto-")
+    m = store.read_metrics(auto)
+    assert m["budget"] == "auto" and m["params"]["mode"] == "adaptive" and m["equiv_tokens"] < N_VIS
+    board = lb.leaderboard(tmp_path)
+    assert board.loc[board["method"] == "recoverable", "budget"].isna().all()
+    with pytest.raises(ValueError, match=r"'auto' is for methods that choose their own token count"):
+        _run(tmp_path, "method=fastv", "budgets=[auto]", "n_samples=4")
+    with pytest.raises(ValueError, match=r"chooses its own token count; accepted: null and 'auto', got \[9\]"):
+        _run(tmp_path, "method=recoverable", "method.params.mode=adaptive", "budgets=[9]", "n_samples=4")
+    with pytest.raises(ValueError, match=r"budgets: 'most' is not a positive int, null or 'auto'"):
+        runner.validate_budgets(["most"], N_VIS, "tiny")
