@@ -115,6 +115,8 @@ class Pruner:
 
     @property
     def keeps_all(self) -> bool:
+        if self.chooses_budget:  # budget=None means "the method decides", not "keep all"
+            return False
         return self.budget is None or (self.info is not None and self.budget >= self.info.num_visual_tokens)
 
     # ---- stage: vision ------------------------------------------------------------------------

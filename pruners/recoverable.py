@@ -289,12 +289,6 @@ class RecoverableCompression(Pruner):
         self._tower: ClipTextSimilarity | None = None
         self._tower_key: str | None = None
 
-    @property
-    def keeps_all(self) -> bool:
-        if self.params["mode"] == "adaptive":
-            return False
-        return super().keeps_all
-
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
         sl = self.params["score_layer"]
