@@ -6,6 +6,9 @@ from typing import Any
 
 from mllm_adapters.handle import PruningHandle
 
+#: transformers model classes `attach` has an adapter for.
+SUPPORTED_MODEL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
 
 def attach(model: Any, method: str, budget: int | None = None, tokenizer: Any = None, **params: Any) -> PruningHandle:
     """Build pruner `method` and hook it into `model`; see `pruners.apply_pruner`."""
@@ -18,9 +21,14 @@ def attach(model: Any, method: str, budget: int | None = None, tokenizer: Any = 
         from mllm_adapters.llava import LlavaAdapter
 
         adapter_cls = LlavaAdapter
+    elif family == "LlavaNextForConditionalGeneration":
+        from mllm_adapters.llava_next import LlavaNextAdapter
+
+        adapter_cls = LlavaNextAdapter
     else:
         raise TypeError(
-            f"no prunebench adapter for {family}; supported model classes: LlavaForConditionalGeneration"
+            f"no prunebench adapter for {family}; supported model classes: "
+            f"{', '.join(SUPPORTED_MODEL_CLASSES)}"
         )
     existing = getattr(model, "_prunebench_handle", None)
     if existing is not None and not existing.removed:

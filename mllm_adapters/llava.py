@@ -655,12 +655,24 @@ class LlavaAdapter:
         cos, sin = current["position_embeddings"]
         return self._rows_from(layer, x, cos, sin, queries)
 
+    def _advancing(self) -> torch.Tensor | None:
+        """[B, L] True for LLM-prompt columns that advance the RoPE position count; None when all do.
+
+        LLaVA-1.5 prompts have none that do not. Subclasses that insert inert slots (the LLaVA-NeXT
+        adapter, to align ragged visual runs in a batch) override this so that dropping such a slot
+        never shifts the positions of the tokens after it."""
+        return None
+
     def _compact_positions(self, cols: torch.Tensor, orig_pos: torch.Tensor) -> torch.Tensor:
         """Renumber kept prompt columns contiguously: original position minus dropped columns before it."""
         B, L = self._fw.key_mask.shape
         kept = torch.zeros(B, L, dtype=torch.long, device=cols.device)
         kept.scatter_(1, cols, 1)
-        dropped_before = (1 - kept).cumsum(1)
+        dropped = 1 - kept  # [B, L]
+        adv = self._advancing()
+        if adv is not None:
+            dropped = dropped * adv.long()
+        dropped_before = dropped.cumsum(1)
         return orig_pos.expand(B, -1).gather(1, cols) - dropped_before.gather(1, cols)
 
     def _slice_prefill_kwargs(self) -> dict:
@@ -697,7 +709,11 @@ class LlavaAdapter:
             key_cols = torch.cat([cols, new], dim=1)
             kwargs["attention_mask"] = _gather_seq(mask, key_cols, dim=3)
         if self.positions == "compact":
-            shift = fw.prompt_len - cols.shape[1]
+            adv = self._advancing()
+            if adv is None:
+                shift = fw.prompt_len - cols.shape[1]
+            else:  # [B, 1] dropped columns that advanced the position count
+                shift = (adv.sum(1) - adv.gather(1, cols).sum(1))[:, None]
             pos = kwargs.get("position_ids")
             if pos is None:
                 raise ValueError("positions='compact' needs position_ids during decoding")

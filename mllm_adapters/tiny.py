@@ -14,6 +14,10 @@ from transformers import (
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
@@ -137,4 +141,61 @@ def build_tiny_llava(
                 p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = None  # greedy decoding runs the full max_new_tokens
+    return model, processor
+
+
+#: Tiny LLaVA-NeXT: 32 px tiles of 8 px patches (4 x 4 grid per tile); these pinpoints give 2 or 4 crops
+#: plus the base tile, so an image packs into 16 + up to 8 x (8 + 1) = 88 visual tokens.
+TINY_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
+
+
+def build_tiny_llava_next(
+    seed: int = 0,
+    attn_implementation: str = "eager",
+    image_size: int = 32,
+    patch_size: int = 8,
+    grid_pinpoints: list[list[int]] | None = None,
+    vision_layers: int = 4,
+    text_layers: int = 4,
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """A randomly initialised tiny LlavaNextForConditionalGeneration (fp32, eval mode) and its processor.
+
+    Same towers as `build_tiny_llava` (CLIP ViT + Llama with GQA); anyres tiling with ``grid_pinpoints``
+    (default `TINY_NEXT_PINPOINTS`), unpadding and ``image_newline`` as in the real model. Nothing is
+    downloaded.
+    """
+    pinpoints = [list(p) for p in (grid_pinpoints or TINY_NEXT_PINPOINTS)]
+    tokenizer = make_word_tokenizer(TINY_WORDS)
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    base = tiny_llava_config(len(tokenizer), image_size, patch_size, vision_layers, text_layers, attn_implementation)
+    cfg = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=SPECIAL_TOKENS.index("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=pinpoints,
+    )
+    cfg._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():  # sharpen attention as in build_tiny_llava (image_newline is 1-D: drawn too)
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or name.endswith("image_newline"):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = None
     return model, processor
