@@ -13,6 +13,13 @@ layer. The counts below cover every matmul that FlopCounterMode sees in an eager
   values and the two MLP matrices; layers that an in-ViT pruner shrinks count their actual tokens.
 - Projector: two linear layers on the visual tokens that reach the LLM.
 
+Anyres models (LLaVA-NeXT, ``mllm_adapters/llava_next.py``) run the ViT once per tile (base tile plus
+crops) and their visual-token count depends on the image's size, so their counts are per sample
+(`sample_counts` picks one sample's out of a batch handle's ``token_counts``): the vision part is
+``vision_tiles`` times one tile's encoder, the projector runs on ``projector`` tokens (the untouched
+model projects every patch of every tile, before unpadding), and the LLM on the sample's own visual
+tokens. Inert slots the adapter adds to align ragged runs in a batch are not counted, like batch padding.
+
 Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
 ``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
 lists: C(n) = 4 n d^2 + 2 n^2 d + k n d m with k = 2 (FastV) or 3 (SparseVLM); see
@@ -135,9 +142,12 @@ def prefill_flops(
 ) -> PrefillFlops:
     """Prefill FLOPs of one sample with ``n_text`` non-image prompt tokens.
 
-    ``token_counts`` is a pruning handle's ``token_counts`` (``"vision"``: tokens entering each ViT
-    layer that ran, ``"llm_visual"``: visual tokens entering each decoder layer); ``None`` means the
-    unpruned, unhooked model. ``overhead`` is the pruner's own FLOPs for this sample.
+    ``token_counts`` holds this sample's counts (a LLaVA-1.5 handle's ``token_counts`` as they are, or
+    `sample_counts` of a batch): ``"vision"``: tokens entering each ViT layer that ran (``None``: every
+    layer on the full tile), ``"llm_visual"``: visual tokens entering each decoder layer,
+    ``"vision_tiles"``: ViT passes (tiles) of the image (default 1), ``"projector"``: tokens entering
+    the projector (default ``llm_visual[0]``). ``None`` means the unpruned, unhooked LLaVA-1.5 model.
+    ``overhead`` is the pruner's own FLOPs for this sample.
     """
     n_layers = int(config.text_config.num_hidden_layers)
     side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
@@ -146,12 +156,59 @@ def prefill_flops(
     vision_layers = counts.get("vision")
     llm_visual = counts.get("llm_visual") or [n_vis_all] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
+    tiles = int(counts.get("vision_tiles") or 1)
+    n_proj = counts.get("projector")
     return PrefillFlops(
-        vision=vision_flops(config.vision_config, vision_layers),
-        projector=projector_flops(config, int(llm_visual[0])),
+        vision=tiles * vision_flops(config.vision_config, vision_layers),
+        projector=projector_flops(config, int(llm_visual[0] if n_proj is None else n_proj)),
         llm=llm_prefill_flops(config.text_config, layer_tokens),
         overhead=int(overhead),
     )
+
+
+#: ``token_counts`` entries holding one value per sample of the batch, and the per-sample key each becomes.
+PER_SAMPLE_KEYS = {
+    "vision_per_sample": "vision",
+    "llm_visual_per_sample": "llm_visual",
+    "visual_in_per_sample": "visual_in",
+    "projector_per_sample": "projector",
+}
+
+
+def sample_counts(token_counts: dict[str, Any] | None, b: int) -> dict[str, Any]:
+    """Sample ``b``'s own counts out of a batch handle's ``token_counts``.
+
+    Every ``<key>_per_sample`` list (`PER_SAMPLE_KEYS`) replaces ``<key>`` by its entry ``b`` (the batch
+    entries are maxima or padded widths), and ``vision_tiles`` (LLaVA-NeXT: one tile count per image)
+    becomes this image's count. Counts of a batch whose samples all share them come back unchanged.
+    """
+    counts = dict(token_counts or {})
+    for many, one in PER_SAMPLE_KEYS.items():
+        if counts.get(many) is not None:
+            counts[one] = counts.pop(many)[b]
+    tiles = counts.get("vision_tiles")
+    if isinstance(tiles, (list, tuple)):
+        counts["vision_tiles"] = int(tiles[b])
+    return counts
+
+
+def reference_counts(config: Any, counts: dict[str, Any]) -> dict[str, Any] | None:
+    """Counts of the same sample through the unpruned model, from its pruned ``counts`` (one sample's).
+
+    LLaVA-1.5 (no ``vision_tiles``): the ViT layers that ran, each on the full sequence (the adapter
+    runs the tower up to the feature layer whether it prunes or not); ``None`` without vision counts.
+    Anyres (``vision_tiles`` present): what the untouched LLaVA-NeXT model runs, which is also what its
+    ``budget=None`` cell counts: every ViT layer on every tile, the projector on every tile's patches,
+    the LLM on the image's whole packed run (``visual_in``: base tile + unpadded canvas + newlines).
+    """
+    if counts.get("vision_tiles") is None:
+        vision = counts.get("vision")
+        return {"vision": [vision[0]] * len(vision)} if vision else None
+    tiles = int(counts["vision_tiles"])
+    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+    n_layers = int(config.text_config.num_hidden_layers)
+    return {"vision_tiles": tiles, "projector": tiles * side * side,
+            "llm_visual": [int(counts["visual_in"])] * n_layers}
 
 
 def equiv_tokens(token_counts: dict[str, Any] | None, n_layers: int, n_visual: int) -> float:

@@ -44,6 +44,12 @@ How pruners see the tokens (the rules, also in README.md):
   those at padding; every real token sees exactly what it would see alone (batch of two = two
   batches of one). Counts of progressive methods (PDrop, TransPrune, VFlowOpt) are computed from
   ``ModelInfo.num_visual_tokens``, the model's maximum.
+- ``handle.token_counts`` (what `benchmarks.flops` reads): the LLaVA-1.5 keys (``llm_visual`` and
+  ``visual_in`` hold the batch maxima) plus per image ``visual_in_per_sample`` (its packed run),
+  ``vision_tiles`` (ViT passes), ``projector_per_sample`` (tokens through the projector) and
+  ``llm_visual_per_sample`` (its real tokens entering each decoder layer, inert slots excluded);
+  ``llm_visual_width`` is the padded width the batch actually computed. ``vision`` (tokens entering
+  each ViT layer of one tile) is absent when the model runs untouched (every layer runs then).
 - ``vision`` stage (FlowCut and other methods that cut tokens inside the ViT): refused with a
   ValueError naming the method, the model class and the supported stages.
 
@@ -272,6 +278,8 @@ class LlavaNextAdapter(LlavaAdapter):
             self.handle.token_counts = {
                 "visual_in": max(n_packed), "visual_in_per_sample": n_packed, "merged": 0,
                 "vision_tiles": [lay.n_tiles for lay in layouts],
+                # the untouched model projects every patch of every tile (before unpadding)
+                "projector_per_sample": [lay.n_tiles * self.side**2 for lay in layouts],
                 "llm_visual": [max(n_packed)] * n_layers, "llm_visual_per_sample": [[n] * n_layers for n in n_packed],
             }
             fw.prompt_len = input_ids.shape[1]
@@ -596,6 +604,7 @@ class LlavaNextAdapter(LlavaAdapter):
         counts["llm_visual"] = [max(n_real)] * n_layers
         counts["llm_visual_per_sample"] = [[n] * n_layers for n in n_real]
         counts["llm_visual_width"] = [W] * n_layers
+        counts["projector_per_sample"] = list(n_real)  # newline slots of a whole run are projected too
 
     # ---- LLM stage / decoding ----------------------------------------------------------------------
     def _prefill_layer(self, i: int, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:

@@ -1,14 +1,30 @@
-"""Analytic prefill FLOPs (benchmarks.flops) against torch's FlopCounterMode and published tables."""
+"""Analytic prefill FLOPs (benchmarks.flops) against torch's FlopCounterMode and published tables.
+
+LLaVA-1.5 on `tiny` (conftest), LLaVA-NeXT on `build_tiny_llava_next` (32 px tiles of 8 px patches): a
+40 x 60 px image gives 5 tiles and a 70-token packed run, a 30 x 80 px one 3 tiles and 52 tokens.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
-from benchmarks.flops import equiv_tokens, fastv_convention_tflops, llm_prefill_flops, prefill_flops
-from pruners import apply_pruner, available_pruners
+from benchmarks.flops import (
+    equiv_tokens,
+    fastv_convention_tflops,
+    llm_prefill_flops,
+    prefill_flops,
+    reference_counts,
+    sample_counts,
+    vision_flops,
+)
+from mllm_adapters.llava_next import image_layout
+from mllm_adapters.tiny import build_tiny_llava_next
+from pruners import apply_pruner, available_pruners, get_pruner_class
 from tests.conftest import PROMPTS, make_images
 
 N_VIS = 36
@@ -99,3 +115,105 @@ def test_llm_layer_count_mismatch_is_a_clear_error():
         llm_prefill_flops(cfg, [576] * 31)
     with pytest.raises(ValueError, match="convention"):
         llm_prefill_flops(cfg, [576] * 32, convention="paper")
+
+
+# ---- LLaVA-NeXT (anyres): every tile through the ViT, the image's own packed run in the LLM --------
+NEXT_SIZES = [(40, 60), (30, 80)]  # (height, width) px
+NEXT_TILES, NEXT_PACKED = [5, 3], [70, 52]
+NEXT_METHODS = [m for m in METHODS if "vision" not in get_pruner_class(m).stages]  # flowcut is refused there
+
+
+@pytest.fixture(scope="module")
+def nxt():
+    return build_tiny_llava_next(seed=0, attn_implementation="eager")
+
+
+def _next_inputs(processor, images, i: int | None = None):
+    """Processor outputs of image ``i`` alone (or of both, left-padded, when ``i`` is None)."""
+    sel = slice(None) if i is None else slice(i, i + 1)
+    return processor(images=images[sel], text=PROMPTS[sel], return_tensors="pt", padding=True)
+
+
+@pytest.fixture(scope="module")
+def next_images():
+    rng = np.random.RandomState(0)
+    return [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in NEXT_SIZES]
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_unhooked_tiny_next_matches_flop_counter(nxt, next_images, i):
+    """The untouched LLaVA-NeXT model (what `reference_counts` describes): every ViT layer on every tile,
+    the projector on every tile's patches (before unpadding), the LLM on text + the packed run."""
+    model, processor = nxt
+    inputs = _next_inputs(processor, next_images, i)
+    lay = image_layout(NEXT_SIZES[i], model.config.image_grid_pinpoints, 32, 4)
+    assert (lay.n_tiles, lay.n_packed) == (NEXT_TILES[i], NEXT_PACKED[i])
+    measured = _counted(model, inputs)
+    counts = reference_counts(model.config, {"vision_tiles": lay.n_tiles, "visual_in": lay.n_packed})
+    f = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id), counts)
+    assert abs(f.total - measured) / measured < 0.01, (f.as_dict(), measured)
+    assert f.vision == NEXT_TILES[i] * vision_flops(model.config.vision_config)  # one tower pass per tile
+    # A single-tile count (the LLaVA-1.5 shape the runner used to assume) misses most of the work.
+    one_tile = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id),
+                             {"llm_visual": [16] * 4})
+    assert one_tile.total < 0.8 * measured
+
+
+@pytest.mark.parametrize("method", NEXT_METHODS)
+@pytest.mark.parametrize(("i", "budget"), [(0, 30), (1, 60)])  # below the image's run / above it
+def test_pruned_tiny_next_matches_flop_counter(nxt, next_images, method, i, budget):
+    """Every method the NeXT adapter runs: the handle's counts for this sample (`sample_counts`) plus the
+    pruner's overhead equal FlopCounterMode, once the inert slots the adapter computes to pad a run to
+    the method's largest kept count are added (``llm_visual_width``). Those slots are not counted in
+    the reported figure (they are an artifact of the padding, like batch padding)."""
+    model, processor = nxt
+    budget = None if method == "none" else budget
+    inputs = _next_inputs(processor, next_images, i)
+    n_text = _n_text(inputs, 0, model.config.image_token_id)
+    handle = apply_pruner(model, method, budget=budget, seed=0, tokenizer=processor.tokenizer)
+    try:
+        handle.count_overhead_flops = True
+        measured = _counted(model, inputs)
+        counts = dict(handle.token_counts)
+        overhead = handle.overhead_flops
+    finally:
+        handle.remove()
+    c = sample_counts(counts, 0)
+    assert c["vision_tiles"] == NEXT_TILES[i] and c["visual_in"] == NEXT_PACKED[i]
+    computed = {**c, "llm_visual": counts.get("llm_visual_width") or c["llm_visual"]}
+    f_computed = prefill_flops(model.config, n_text, computed, overhead=overhead)
+    assert abs(f_computed.total - measured) / measured < 0.01, (f_computed.as_dict(), measured, counts)
+    f = prefill_flops(model.config, n_text, c, overhead=overhead)
+    assert (f.vision, f.projector, f.overhead) == (f_computed.vision, f_computed.projector, f_computed.overhead)
+    assert f.llm <= f_computed.llm
+    ref = prefill_flops(model.config, n_text, reference_counts(model.config, c))
+    if budget is None:
+        assert f.as_dict() == ref.as_dict()  # the untouched model is its own reference
+        return
+    assert max(c["llm_visual"]) <= NEXT_PACKED[i]  # real tokens only, never more than the image has
+    if budget < NEXT_PACKED[i]:
+        assert min(c["llm_visual"]) <= budget
+        assert f.total - f.overhead < ref.total  # pruning must show up in the count
+    elif "llm" not in get_pruner_class(method).stages:
+        assert c["llm_visual"] == [NEXT_PACKED[i]] * 4  # within budget: the image reaches the LLM whole
+
+
+def test_sample_counts_of_a_ragged_next_batch(nxt, next_images):
+    """A batch of the two images: each sample's figures are its own (tiles, run, kept tokens), and the
+    sum over the batch equals the two single-image counts."""
+    model, processor = nxt
+    batch = _next_inputs(processor, next_images)
+    with apply_pruner(model, "random", budget=30, seed=0) as handle, torch.inference_mode():
+        model(**batch, logits_to_keep=1)
+        counts = dict(handle.token_counts)
+    per = [sample_counts(counts, b) for b in range(2)]
+    assert [c["vision_tiles"] for c in per] == NEXT_TILES and [c["visual_in"] for c in per] == NEXT_PACKED
+    assert [c["llm_visual"] for c in per] == [[30] * 4, [30] * 4] and [c["projector"] for c in per] == [30, 30]
+    for b, c in enumerate(per):
+        with apply_pruner(model, "random", budget=30, seed=0) as handle, torch.inference_mode():
+            model(**_next_inputs(processor, next_images, b), logits_to_keep=1)
+            alone = sample_counts(handle.token_counts, 0)
+        assert prefill_flops(model.config, 10, c).as_dict() == prefill_flops(model.config, 10, alone).as_dict()
+    # LLaVA-1.5 counts without per-sample entries come back unchanged.
+    plain = {"visual_in": 36, "vision": [37] * 3, "llm_visual": [9] * 4}
+    assert sample_counts(plain, 1) == plain
