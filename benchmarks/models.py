@@ -5,13 +5,18 @@ Sources:
   ``prunebench.json`` holding its ``prompt_template``); runs offline on CPU in minutes.
 - ``hub``: a Hugging Face hub id or a local checkpoint folder loaded with
   ``LlavaForConditionalGeneration`` (or ``model_class``) and ``AutoProcessor``.
-- ``tiny``: a randomly initialised tiny LLaVA built from config (tests, smoke runs).
+- ``tiny``: a randomly initialised tiny LLaVA built from config (tests, smoke runs);
+  ``model_class: LlavaNextForConditionalGeneration`` builds a tiny LLaVA-NeXT instead (anyres tiles).
+
+LLaVA-NeXT (``config.model_type == "llava_next"``) is *anyres*: an image's visual-token count depends
+on its size (`LoadedModel.image_tokens`), `LoadedModel.num_visual_tokens` is the longest run any image
+can have, and answer-relevant recall maps kept positions back to image regions (`LoadedModel.recall_cover`).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +40,66 @@ class LoadedModel:
     #: retrained or swapped weights under the same model name never reuse stale cells.
     weights: str | None = None
 
+    _cover_cache: dict[tuple[int, int], tuple[tuple[int, int], Any]] = field(default_factory=dict, repr=False)
+
     @property
     def config(self) -> Any:
         return self.model.config
 
     @property
+    def anyres(self) -> bool:
+        """True for LLaVA-NeXT: tiles per image and a visual-token count that depends on the image size."""
+        return getattr(self.model.config, "model_type", None) == "llava_next"
+
+    @property
     def grid_hw(self) -> tuple[int, int]:
+        """The patch grid of one ViT input (LLaVA-1.5: the image; LLaVA-NeXT: one tile)."""
         v = self.model.config.vision_config
         side = int(v.image_size) // int(v.patch_size)
         return side, side
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens per image reaching the LLM unpruned (LLaVA 'default' strategy: patches, no CLS)."""
+        """Visual tokens per image reaching the LLM unpruned (LLaVA 'default' strategy: patches, no CLS).
+
+        LLaVA-NeXT: the longest packed run any image can have (base tile + the largest unpadded canvas
+        with its newline tokens; 2,928 on the 7B), what budgets are validated against; an image's own
+        count is `image_tokens`.
+        """
         rows, cols = self.grid_hw
-        return rows * cols
+        if not self.anyres:
+            return rows * cols
+        from mllm_adapters.llava_next import max_packed_tokens
+
+        return max_packed_tokens(self._pinpoints(), int(self.config.vision_config.image_size), rows)
+
+    def _pinpoints(self) -> list[list[int]]:
+        return [list(p) for p in self.config.image_grid_pinpoints]
+
+    def image_tokens(self, image_size: tuple[int, int]) -> int:
+        """Visual tokens of an image of ``image_size`` = (height, width) px reaching the LLM unpruned."""
+        if not self.anyres:
+            return self.num_visual_tokens
+        from mllm_adapters.llava_next import image_layout
+
+        side = self.grid_hw[0]
+        return image_layout(tuple(image_size), self._pinpoints(), int(self.config.vision_config.image_size), side).n_packed
+
+    def recall_cover(self, image_size: tuple[int, int] | None) -> tuple[tuple[int, int], Any]:
+        """(grid over the whole image to ask the task's relevant patches on, token cover of its cells or
+        None); see `benchmarks.metrics.relevant_recall`. LLaVA-1.5: the model's patch grid, cell i =
+        token i. LLaVA-NeXT: `benchmarks.metrics.anyres_cover` of the image, cached per image size."""
+        if not self.anyres:
+            return self.grid_hw, None
+        if image_size is None:
+            raise ValueError(f"model {self.name!r} is anyres (LLaVA-NeXT): recall needs each image's size")
+        key = (int(image_size[0]), int(image_size[1]))
+        if key not in self._cover_cache:
+            from benchmarks.metrics import anyres_cover
+
+            v = self.config.vision_config
+            self._cover_cache[key] = anyres_cover(key, self._pinpoints(), int(v.image_size), int(v.patch_size))
+        return self._cover_cache[key]
 
     @property
     def device(self) -> torch.device:
@@ -137,10 +187,20 @@ def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
     attn = cfg.get("attn_implementation")
     template = cfg.get("prompt_template")
     if source == "tiny":
-        from mllm_adapters.tiny import build_tiny_llava
+        from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
 
-        kwargs = {k: cfg[k] for k in ("image_size", "patch_size", "vision_layers", "text_layers") if cfg.get(k) is not None}
-        model, processor = build_tiny_llava(seed=int(cfg.get("seed", 0)), attn_implementation=attn or "eager", **kwargs)
+        keys = ["image_size", "patch_size", "vision_layers", "text_layers"]
+        model_class = cfg.get("model_class") or "LlavaForConditionalGeneration"
+        builders = {"LlavaForConditionalGeneration": build_tiny_llava,
+                    "LlavaNextForConditionalGeneration": build_tiny_llava_next}
+        if model_class not in builders:
+            raise ValueError(f"model {name!r}: model.model_class={model_class!r} has no tiny builder; "
+                             f"accepted for source=tiny: {', '.join(builders)}")
+        if model_class == "LlavaNextForConditionalGeneration":
+            keys.append("grid_pinpoints")
+        kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
+        model, processor = builders[model_class](seed=int(cfg.get("seed", 0)), attn_implementation=attn or "eager",
+                                                 **kwargs)
         model = model.to(dtype)
         where = "conf/model"
         template = template or DEFAULT_TEMPLATE
