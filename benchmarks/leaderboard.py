@@ -32,7 +32,8 @@ COLUMNS = [
     "flops_rel", "prefill_ms", "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb", "n_samples", "seed",
     "params", "weights", "config_hash",
 ]
-EXTRAS = ["relevant_recall", "vision_tflops", "llm_tflops", "projector_tflops", "overhead_tflops"]
+EXTRAS = ["relevant_recall", "vision_tflops", "llm_tflops", "projector_tflops", "overhead_tflops",
+          "visual_tokens_in", "within_budget"]
 REF_KEYS = ["model", "task", "weights", "n_samples", "seed"]
 #: FLOPs fractions at which auc.csv also reports each method's interpolated accuracy (NaN outside its range).
 FLOPS_POINTS = (0.25, 0.5, 0.75)

@@ -10,6 +10,12 @@ are skipped, so a killed sweep resumes where it stopped.
 
 ``budget=null`` is the unpruned reference: it is stored once per (model, task, samples, seed) as
 method ``none``, whatever method asked for it, and every method's ``accuracy_rel`` refers to it.
+
+LLaVA-NeXT (anyres): an image's visual-token count depends on its size, so every per-sample figure
+(kept tokens, ``equiv_tokens``, FLOPs, recall) uses that sample's own counts. Budgets are validated
+against the longest run any image can have (`LoadedModel.num_visual_tokens`); an image whose own run
+is within the budget reaches the LLM whole, as the adapter does (``within_budget`` reports the
+fraction of such samples).
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmarks import store
-from benchmarks.flops import equiv_tokens, prefill_flops
-from benchmarks.metrics import measure_runtime
+from benchmarks.flops import equiv_tokens, prefill_flops, reference_counts, sample_counts
+from benchmarks.metrics import measure_runtime, relevant_recall
 from benchmarks.models import LoadedModel, load_model
 
 log = logging.getLogger("prunebench.run")
@@ -54,9 +60,13 @@ def method_params(method_cfg: Any) -> dict[str, Any]:
 AUTO = "auto"
 
 
-def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int | str | None]:
+def validate_budgets(budgets: Any, n_visual: int, model_name: str, anyres: bool = False) -> list[int | str | None]:
     """Budgets as a de-duplicated list with ``None`` (the reference) first, then ``"auto"``, then the
-    token counts; clear errors otherwise."""
+    token counts; clear errors otherwise.
+
+    ``n_visual`` is the model's visual tokens per image; with ``anyres`` (LLaVA-NeXT) the longest run any
+    image can have: a budget up to it is accepted, and an image with fewer tokens reaches the LLM whole.
+    """
     if budgets is None:
         budgets = [None]
     if isinstance(budgets, (int, str)) or not hasattr(budgets, "__iter__"):
@@ -71,6 +81,12 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str) -> list[int |
             raise ValueError(
                 f"budgets: {b!r} is not a positive int, null or {AUTO!r}; accepted: null (unpruned), "
                 f"{AUTO!r} (the method chooses its token count) or 1..{n_visual}"
+            )
+        elif b > n_visual and anyres:
+            raise ValueError(
+                f"budgets: {b} is above the {n_visual} visual tokens of the longest image run model "
+                f"{model_name!r} can have (anyres: an image's count depends on its size, and an image with "
+                f"no more tokens than the budget reaches the LLM whole); accepted: null (unpruned) or 1..{n_visual}"
             )
         elif b > n_visual:
             raise ValueError(
@@ -186,15 +202,6 @@ def _inputs(lm: LoadedModel, samples: list[Any]) -> dict[str, torch.Tensor]:
     return enc
 
 
-def _recall(kept: torch.Tensor | None, relevant: list[int]) -> float | None:
-    if not relevant:
-        return None
-    if kept is None:
-        return 1.0
-    kept_set = set(kept.tolist())
-    return sum(1 for p in relevant if p in kept_set) / len(relevant)
-
-
 def run_cell(
     lm: LoadedModel, task: Any, samples: list[Any], ccfg: dict[str, Any], progress: bool = True
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -206,7 +213,6 @@ def run_cell(
     cfg_model = model.config
     n_layers = int(cfg_model.text_config.num_hidden_layers)
     image_token_id = int(cfg_model.image_token_id)
-    grid = lm.grid_hw
     t0 = time.perf_counter()
     handle = apply_pruner(model, method, budget=None if budget == AUTO else budget, seed=int(ccfg["seed"]),
                           tokenizer=tok, **params)
@@ -215,6 +221,7 @@ def run_cell(
     ref_total = 0.0
     equiv: list[float] = []
     layer_sum: list[float] = [0.0] * n_layers
+    visual_in: list[int] = []
     try:
         handle.count_overhead_flops = True
         bar = tqdm(_batches(samples, int(ccfg["batch_size"])), desc=f"{method} b={budget}", leave=False,
@@ -227,28 +234,30 @@ def run_cell(
             preds = tok.batch_decode(new, skip_special_tokens=True)
             counts = dict(handle.token_counts)
             kept = list(handle.kept_indices)
-            overhead = handle.overhead_flops / len(batch)
-            ref_counts = {"vision": [counts["vision"][0]] * len(counts["vision"])} if counts.get("vision") else None
+            overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
+            sizes = enc["image_sizes"].tolist() if "image_sizes" in enc else [None] * len(batch)  # [B] (h, w)
             for b, (s, pred) in enumerate(zip(batch, preds)):
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
-                counts_b = counts
-                if counts.get("vision_per_sample"):  # ragged in-ViT pruning: this sample's own counts
-                    counts_b = {**counts, "vision": counts["vision_per_sample"][b]}
+                # This sample's own counts (ragged in-ViT pruning, LLaVA-NeXT's image-dependent runs).
+                counts_b = sample_counts(counts, b)
                 f = prefill_flops(cfg_model, n_text, counts_b, overhead=overhead)
                 for k, v in f.as_dict().items():
                     flops_parts[k] += v
-                ref_total += prefill_flops(cfg_model, n_text, ref_counts).total
+                ref_total += prefill_flops(cfg_model, n_text, reference_counts(cfg_model, counts_b)).total
                 score = float(task.score(pred, s))
                 k_b = kept[b] if b < len(kept) else None
-                rec = _recall(k_b, list(s.relevant_patches(grid)))
-                e = equiv_tokens(counts, n_layers, lm.num_visual_tokens)
+                grid_b, cover_b = lm.recall_cover(sizes[b])
+                rec = relevant_recall(k_b, list(s.relevant_patches(grid_b)), cover_b)
+                n_in = int(counts_b.get("visual_in") or lm.num_visual_tokens)
+                visual_in.append(n_in)
+                e = equiv_tokens(counts_b, n_layers, n_in)
                 equiv.append(e)
-                for i, v in enumerate(counts.get("llm_visual") or [lm.num_visual_tokens] * n_layers):
+                for i, v in enumerate(counts_b.get("llm_visual") or [n_in] * n_layers):
                     layer_sum[i] += v
                 rows.append({
                     "id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
                     "prediction": pred.strip(), "score": score, "relevant_recall": rec,
-                    "kept": None if k_b is None else int(k_b.numel()), "equiv_tokens": e,
+                    "kept": None if k_b is None else int(k_b.numel()), "visual_in": n_in, "equiv_tokens": e,
                     "tflops_prefill": f.total / 1e12,
                 })
         handle.count_overhead_flops = False
@@ -281,7 +290,10 @@ def run_cell(
         "accuracy_rel": None,
         "equiv_tokens": sum(equiv) / n,
         "llm_visual_tokens_per_layer": [v / n for v in layer_sum],
-        "visual_tokens_in": lm.num_visual_tokens,
+        # per-sample unpruned visual tokens: LLaVA-1.5's fixed count, LLaVA-NeXT's mean over the samples
+        "visual_tokens_in": visual_in[0] if len(set(visual_in)) == 1 else sum(visual_in) / n,
+        "within_budget": (None if not isinstance(budget, int)
+                          else sum(1 for v in visual_in if v <= budget) / n),
         "flops_prefill": flops,
         "tflops_prefill": flops["total"] / 1e12,
         "vision_tflops": flops["vision"] / 1e12,
@@ -322,7 +334,7 @@ def run(cfg: DictConfig) -> list[Path]:
     lm = get_model(cfg.model, device)
     raw = cfg.budgets
     budgets = validate_budgets(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw,
-                               lm.num_visual_tokens, lm.name)
+                               lm.num_visual_tokens, lm.name, anyres=lm.anyres)
     counts = [b for b in budgets if b not in (None, AUTO)]
     if AUTO in budgets and not probe.chooses_budget:
         raise ValueError(f"budgets: {AUTO!r} is for methods that choose their own token count (e.g. recoverable "

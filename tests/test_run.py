@@ -257,3 +257,92 @@ def test_auto_budget_runs_a_method_that_chooses_its_own_count(tmp_path):
         _run(tmp_path, "method=recoverable", "method.params.mode=adaptive", "budgets=[9]", "n_samples=4")
     with pytest.raises(ValueError, match=r"budgets: 'most' is not a positive int, null or 'auto'"):
         runner.validate_budgets(["most"], N_VIS, "tiny")
+
+
+# ---- LLaVA-NeXT (anyres) end to end on the tiny NeXT model --------------------------------------
+TINY_NEXT = ["model=tiny-next", *TINY[1:]]
+NEXT_IN = [88, 52, 88]  # visual tokens per sample: 192 px squares pack into 88, the squeezed one into 52
+
+
+@pytest.fixture
+def next_shapes(monkeypatch):
+    """The shapes task with its second sample squeezed to 96 x 192 px (h x w): a 1 x 2 crop grid, 16 + 4 x 9
+    = 52 tokens, so a batch is ragged. Squeezing keeps each object at the same fraction of the image,
+    so the task's relevant patches (computed from the scene) still hold."""
+    import dataclasses
+
+    from benchmarks.tasks import get_task
+
+    task = get_task("shapes")
+    orig = task.samples
+
+    def samples(*args, **kwargs):
+        out = list(orig(*args, **kwargs))
+        if len(out) > 1:
+            out[1] = dataclasses.replace(out[1], image=out[1].image.resize((192, 96)))  # PIL: (w, h)
+        return out
+
+    monkeypatch.setattr(task, "samples", samples)
+    return task
+
+
+def _run_next(tmp_path, *extra: str):
+    return runner.run(_cfg([*TINY_NEXT, f"results_dir={tmp_path}", *extra]))
+
+
+def _rows(cell: Path) -> list[dict]:
+    return [json.loads(line) for line in (cell / "predictions.jsonl").read_text().splitlines()]
+
+
+def test_tiny_next_sweep_counts_each_image(tmp_path, next_shapes):
+    """none / random / fastv on 3 samples of the tiny LLaVA-NeXT: per-sample visual tokens, kept counts,
+    FLOPs (every tile through the ViT) and recall, the leaderboard rows, and clear budget errors."""
+    from benchmarks.flops import prefill_flops, reference_counts
+    from mllm_adapters.tiny import build_tiny_llava_next
+
+    cells = {}
+    for method in ("none", "random", "fastv"):
+        for p in _run_next(tmp_path, f"method={method}", "budgets=[null,40,60]", "n_samples=3"):
+            cells[(p.parts[-2], store.read_metrics(p)["budget"])] = p
+    assert sorted(cells, key=str) == sorted([("none", None), ("random", 40), ("random", 60), ("fastv", 40),
+                                             ("fastv", 60)], key=str)
+    ref = store.read_metrics(cells[("none", None)])
+    assert ref["model"] == "tiny-next" and ref["flops_rel"] == pytest.approx(1.0)
+    assert ref["visual_tokens_in"] == pytest.approx(sum(NEXT_IN) / 3) and ref["within_budget"] is None
+    assert ref["relevant_recall"] == pytest.approx(1.0) and ref["equiv_tokens"] == pytest.approx(sum(NEXT_IN) / 3)
+    ref_rows = _rows(cells[("none", None)])
+    assert [r["visual_in"] for r in ref_rows] == NEXT_IN and [r["kept"] for r in ref_rows] == NEXT_IN
+    # Each row's FLOPs are its own image's: tiles through the ViT, its packed run in the LLM.
+    model, processor = build_tiny_llava_next()
+    samples = next_shapes.samples(split="eval", n=3, seed=0)
+    for r, s, tiles, n_in in zip(ref_rows, samples, [5, 3, 5], NEXT_IN):
+        enc = processor(images=[s.image], text=[f"USER: <image>\n{s.question} ASSISTANT:"], return_tensors="pt")
+        n_text = int(enc["attention_mask"].sum()) - n_in
+        want = prefill_flops(model.config, n_text, reference_counts(model.config, {"vision_tiles": tiles,
+                                                                                 "visual_in": n_in}))
+        assert r["tflops_prefill"] == pytest.approx(want.total / 1e12)
+    for method, budget in ((m, b) for m in ("random", "fastv") for b in (40, 60)):
+        m = store.read_metrics(cells[(method, budget)])
+        rows = _rows(cells[(method, budget)])
+        # An image with no more tokens than the budget reaches the LLM whole (the adapter's rule).
+        assert [r["kept"] for r in rows] == [min(budget, n) for n in NEXT_IN], (method, budget)
+        assert m["within_budget"] == pytest.approx(sum(n <= budget for n in NEXT_IN) / 3)
+        assert m["visual_tokens_in"] == pytest.approx(sum(NEXT_IN) / 3)
+        assert 0 <= m["relevant_recall"] <= 1 and 0 < m["flops_rel"] < 1
+        kept_mean = sum(min(budget, n) for n in NEXT_IN) / 3
+        if method == "random":  # pre-LLM: every decoder layer sees the kept tokens
+            assert m["llm_visual_tokens_per_layer"] == pytest.approx([kept_mean] * 4)
+            assert m["equiv_tokens"] == pytest.approx(kept_mean)
+        else:  # FastV at K=2: two layers see each image's whole run
+            assert m["llm_visual_tokens_per_layer"] == pytest.approx([sum(NEXT_IN) / 3] * 2 + [kept_mean] * 2)
+    assert store.read_metrics(cells[("random", 40)])["flops_rel"] < store.read_metrics(cells[("random", 60)])["flops_rel"]
+    board = lb.leaderboard(tmp_path)
+    assert len(board) == 5 and set(board["model"]) == {"tiny-next"} and board["config_hash"].is_unique
+    assert board["method"].tolist() == ["fastv", "fastv", "none", "random", "random"]
+    assert board["budget"].tolist()[:2] == [60, 40] and pd.isna(board["budget"][2])
+    assert board["visual_tokens_in"].tolist() == pytest.approx([sum(NEXT_IN) / 3] * 5)
+    assert board.loc[board["method"] == "none", "flops_rel"].item() == pytest.approx(1.0)
+    assert (board.loc[board["method"] != "none", "flops_rel"] < 1).all()
+    # Budgets are checked against the longest run any image can have (88 here).
+    with pytest.raises(ValueError, match=r"budgets: 89 is above the 88 visual tokens of the longest image run"):
+        _run_next(tmp_path, "method=random", "budgets=[null,89]", "n_samples=3")
