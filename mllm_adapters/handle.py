@@ -15,7 +15,9 @@ class PruningHandle:
     """State shared between a user and the adapter for one attached pruner.
 
     kept_indices:  after each prefill, per sample a LongTensor of kept visual-token indices into the
-                   ORIGINAL patch grid (raster order). Merged tokens have no grid index and are not listed.
+                   ORIGINAL patch grid (raster order; LLaVA-NeXT: positions in the image's unpruned
+                   packed run, see mllm_adapters/llava_next.py). Merged tokens have no grid index and
+                   are not listed.
     token_counts:  {"visual_in": N, "vision": [tokens entering each ViT layer run, CLS included],
                     "llm_visual": [visual tokens entering each LLM decoder layer],
                     "merged": number of merged (non-grid) tokens reaching the LLM}.
