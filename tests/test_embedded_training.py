@@ -4,6 +4,7 @@ a handful of samples: seconds on CPU, no training."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from benchmarks.embedded import model as M
@@ -91,3 +92,66 @@ def test_grounding_loss_is_minus_log_relevant_mass():
     keeps = [torch.tensor([5, 9])]  # two of 10 patches kept, at sequence indices 1 and 2
     loss = T.grounding_loss(attn, seqs, keeps, [[(4 + 8, [9, 3])]], n_image=10)  # patch 3 was dropped
     assert torch.isclose(loss, -torch.log(torch.tensor((0.3 + 0.1) / 2 + 1e-6)))
+
+
+def test_head_targets_count_through_the_sink_and_split_relations():
+    rng = np.random.default_rng(5)
+    seen = set()
+    for _ in range(200):
+        fam = G.EVAL_FAMILIES[int(rng.integers(len(G.EVAL_FAMILIES)))]
+        scene, _, ans, info = G.make_question(rng, fam)
+        targets = T.head_targets(scene, fam, info, ans)
+        if fam == "count":
+            (head, rel, sink), = targets
+            n = G.NUMBER_WORDS.index(ans)
+            # one centre patch per counted object plus the sink: the sink's share is 1 / (n + 1)
+            assert head == 0 and sink and len(set(rel)) == len(rel) == n
+            for i in info["relevant_objects"] if n else []:
+                o = scene["objects"][i]
+                assert (o["cy"] // M.PATCH_SIZE) * M.GRID + o["cx"] // M.PATCH_SIZE in rel
+        elif fam == "exists" and ans == "no":
+            assert targets == [(0, [], True)]  # absent evidence: everything on the sink
+        elif fam == "relation":
+            assert [h for h, _, _ in targets] == [0, 1] and not any(s for _, _, s in targets)
+            a, b = (G.relevant_patches(scene, {"relevant_objects": [i]}, (M.GRID, M.GRID))
+                    for i in info["relevant_objects"])
+            assert targets[0][1] == a and targets[1][1] == b
+        else:
+            (head, rel, sink), = targets
+            assert head == 0 and not sink and rel == G.relevant_patches(scene, info, (M.GRID, M.GRID))
+        seen.add((fam, ans == "no" or ans == "zero"))
+    assert ("count", True) in seen and ("exists", True) in seen
+
+
+def test_head_grounding_loss_is_cross_entropy_to_uniform_targets():
+    attn = torch.zeros(1, 2, 5, 5)
+    attn[0, 0, 4] = torch.tensor([0.1, 0.2, 0.3, 0.4, 0.0])
+    attn[0, 1, 4] = torch.tensor([0.5, 0.1, 0.1, 0.3, 0.0])
+    img = M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN)
+    seqs = [[1, img, img, 7, 8]]
+    keeps = [torch.tensor([5, 9])]  # two of 10 patches kept, at sequence indices 1 and 2
+    turns = [[(4 + 8, [(0, [9], True), (1, [5, 9], False), (1, [3], False)])]]  # patch 3 dropped: skipped
+    loss = T.head_grounding_loss(attn, seqs, keeps, turns, n_image=10)
+    want = (-(torch.log(torch.tensor(0.3 + 1e-6)) + torch.log(torch.tensor(0.1 + 1e-6))) / 2
+            - (torch.log(torch.tensor(0.1 + 1e-6)) + torch.log(torch.tensor(0.1 + 1e-6))) / 2) / 2
+    assert torch.isclose(loss, want)
+    # the batch builder produces such targets at the answer-predicting positions
+    args, enc, _, _, seqs, tgts, grounding = _batch(["--attn-aux-weight", "0.5", "--grounding-mode", "heads"])
+    colon = enc.tok.convert_tokens_to_ids(":")
+    assert any(turns for turns in grounding)
+    for b, turns in enumerate(grounding):
+        for pos, targets in turns:
+            assert seqs[b][pos] == colon and tgts[b][pos] != -100
+            assert all(h in (0, 1) for h, _, _ in targets)
+
+
+def test_count_map_target_is_the_number_of_same_coloured_objects():
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        scene = G.random_scene(rng)
+        t = T.patch_targets(scene)
+        fg = t["colour"] > 0
+        assert (t["colour_count"][~fg] == 0).all()
+        for p in np.flatnonzero(fg):
+            colour = G.COLOUR_NAMES[t["colour"][p] - 1]
+            assert t["colour_count"][p] == sum(o["colour"] == colour for o in scene["objects"])

@@ -159,13 +159,26 @@ def stage2_options(args_lines: list[str]) -> list[str]:
                    f"(at their full-image positions), then a growing random share of the background ones, all of them "
                    f"from step {a['bg_ramp_end']}.")
     if "aux" in used:
-        a = used["aux"]
-        on = [i + 1 for i, line in enumerate(args_lines) if json.loads(line).get("attn_aux_weight", 0) > 0]
-        out.append(f"**A grounding loss touches LLM attention** in training session(s) {', '.join(map(str, on))} of "
-                   f"{len(args_lines)} (arguments below; off from a session's `attn_aux_steps` on, and in sessions "
-                   f"without it): {a['attn_aux_weight']} x -log(head-mean attention mass that each question's "
-                   f"answer-predicting position puts on the question's answer-relevant patches) at LLM layer "
-                   f"{a['attn_aux_layer']} (0-based). Without it the LLM stayed at the pooled-statistics plateau "
+        on = [(i + 1, json.loads(line)) for i, line in enumerate(args_lines) if json.loads(line).get("attn_aux_weight", 0) > 0]
+        mass = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "mass"]
+        heads = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "heads"]
+        s = (f"**A grounding loss touches LLM attention** in training session(s) {', '.join(str(i) for i, _ in on)} of "
+             f"{len(args_lines)} (arguments below; off from a session's `attn_aux_steps` on, and in sessions without it)")
+        parts = []
+        if mass:
+            a = mass[-1][1]
+            parts.append(f"in session(s) {', '.join(str(i) for i, _ in mass)}, {a['attn_aux_weight']} x -log(head-mean "
+                         "attention mass that each question's answer-predicting position puts on the question's "
+                         f"answer-relevant patches) at LLM layer {a['attn_aux_layer']} (0-based)")
+        if heads:
+            a = heads[-1][1]
+            parts.append(f"in session(s) {', '.join(str(i) for i, _ in heads)}, {a['attn_aux_weight']} x the "
+                         f"cross-entropy between single heads of LLM layer {a['attn_aux_layer']} and uniform targets "
+                         "(`train.head_targets`): head 0 onto the answer-relevant patches, onto the sink token "
+                         "(the first prompt token) alone when the evidence is absent (POPE negatives, zero counts), "
+                         "onto one centre patch per counted object plus the sink for counts, and heads 0 and 1 onto "
+                         "the two objects of a relation; the other heads are free")
+        out.append(s + ": " + "; ".join(parts) + ". Without it the LLM stayed at the pooled-statistics plateau "
                    "(Notes). It shapes attention at a layer no default pruner scores from (FastV scores layer 1, "
                    "PDrop layers 1/3/5, TransPrune 1-3 on 8 layers), but the features feeding later layers were "
                    "trained to make the relevant patches findable, which may favour attention-based pruners on this "
@@ -217,7 +230,10 @@ def write_card(asset: Path, run: Path, res: dict, stage1_run: Path | None = None
              "(colour x shape / digit presence, per-colour counts) and, late, a CLIP contrastive loss (weight 0.3) "
              "against generated captions; with `--conj` (continuing a finished vision stage via `--s1-init`), also "
              "conjunctive per-patch targets (colour x shape, colour x shape x column / row, shape x cell, "
-             "colour x cell, colour at object centres), so the patch features carry bound attributes and positions; (2) ViT frozen, projector + LLM trained on sequences packing several "
+             "colour x cell, colour at object centres), so the patch features carry bound attributes and positions; with "
+             "`--count-map` (also continuing a finished vision stage), every object patch also encodes how many objects "
+             "of its colour the image holds (global context in local tokens, as real ViT patch tokens carry it; it lets "
+             "the LLM count by finding one patch of the colour, so a pruner must keep at least one of them); (2) ViT frozen, projector + LLM trained on sequences packing several "
              "question/answer turns about one image (loss on every answer), with a bridge curriculum "
              "(position-addressed questions about every attribute first, then the content-addressed families). "
              + " ".join(stage2_options(args_lines)) + " Early stopping / checkpoint choice uses the separate `val` split "

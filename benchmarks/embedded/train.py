@@ -63,7 +63,7 @@ MIXED_WEIGHTS = {f: (3 if f in G.EVAL_FAMILIES else 1) for f in G.ALL_FAMILIES}
 class VisionHeads(nn.Module):
     """Linear probes on ViT hidden_states[-2]: per patch and on CLS."""
 
-    def __init__(self, d: int, conj: bool = False):
+    def __init__(self, d: int, conj: bool = False, count_map: bool = False):
         super().__init__()
         self.colour = nn.Linear(d, 1 + len(G.COLOUR_NAMES))
         self.shape = nn.Linear(d, 1 + len(G.SHAPES))
@@ -73,6 +73,10 @@ class VisionHeads(nn.Module):
         self.col = nn.Linear(d, G.GRID)
         self.presence = nn.Linear(d, N_COMBOS + 10)
         self.counts = nn.Linear(d, len(G.COLOUR_NAMES) * (MAX_CLS_COUNT + 1))
+        if count_map:
+            # "count map" recipe: every object patch also encodes how many objects of its colour the image
+            # holds (0 = background), global context in local tokens as real ViT patch tokens carry it.
+            self.colour_count = nn.Linear(d, 1 + G.MAX_OBJECTS)
         if not conj:
             return
         # Conjunctive per-patch targets ("conj" recipe): each object patch linearly encodes its
@@ -139,7 +143,11 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         shape_cell[owner == i] = 1 + si * G.GRID * G.GRID + cell
         colour_cell[owner == i] = 1 + ci * G.GRID * G.GRID + cell
         centre_colour[o["cy"] // p, o["cx"] // p] = 1 + ci
-    conj = {"combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
+    n_colour = {c: sum(o["colour"] == c for o in scene["objects"]) for c in G.COLOUR_NAMES}
+    colour_count = np.zeros((g, g), dtype=np.int64)
+    for i, o in items:
+        colour_count[owner == i] = n_colour[o["colour"]]
+    conj = {"colour_count": colour_count, "combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
             "colour_cell": colour_cell, "centre_colour": centre_colour}
     return {
         "colour": colour.reshape(-1), "shape": shape.reshape(-1), "digit": digit.reshape(-1),
@@ -157,7 +165,7 @@ class Stage1:
         self.vision = CLIPVisionModel(M.vision_config())
         self.text = M.build_text_tower(args.seed + 1)
         d = self.vision.config.hidden_size
-        self.heads = VisionHeads(d, conj=args.conj)
+        self.heads = VisionHeads(d, conj=args.conj, count_map=args.count_map)
         self.visual_projection = nn.Linear(d, self.text.config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.modules = nn.ModuleDict(
@@ -168,6 +176,7 @@ class Stage1:
         self.text_tok = M.make_tokenizer(padding_side="right")
         self.step = 0
         self.conj = args.conj
+        self.count_map = args.count_map
 
     def state(self) -> dict:
         return {"modules": self.modules.state_dict(), "logit_scale": self.logit_scale.data,
@@ -228,6 +237,10 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
             w = torch.full((head.out_features,), 3.0)
             w[0] = 1.0  # background / non-centre
             losses[name] = F.cross_entropy(head(pt).flatten(0, 1), T[name].flatten(), weight=w)
+    if s1.count_map:
+        w = torch.full((H.colour_count.out_features,), 3.0)
+        w[0] = 1.0
+        losses["colour_count"] = F.cross_entropy(H.colour_count(pt).flatten(0, 1), T["colour_count"].flatten(), weight=w)
     if contrastive:
         caps = [G.caption(sc) + " " + M.EOS_TOKEN for sc in scenes]
         tb = s1.text_tok(caps, return_tensors="pt", padding=True)
@@ -242,6 +255,8 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
             "acc_colour_fg": (H.colour(pt).argmax(-1)[fg] == T["colour"][fg]).float().mean().item(),
             "acc_shape_fg": (H.shape(pt).argmax(-1)[fg] == T["shape"][fg]).float().mean().item(),
         }
+        if s1.count_map:
+            acc["acc_colour_count_fg"] = (H.colour_count(pt).argmax(-1)[fg] == T["colour_count"][fg]).float().mean().item()
         if s1.conj:
             for name in ("combo_col", "shape_cell", "colour_cell"):
                 acc[f"acc_{name}_fg"] = (getattr(H, name)(pt).argmax(-1)[fg] == T[name][fg]).float().mean().item()
@@ -417,27 +432,38 @@ def stage2_batch(args, step: int, enc: Encoder, keys: frozenset):
         scene = first.meta["scene"]
         turns = [(first.question, first.answer)]
         infos: list[dict | None] = [first.meta]
+        tfams: list[str | None] = [first.family]
         if args.caption_prob > 0 and rng.random() < args.caption_prob:
             at = int(rng.integers(2))
             turns.insert(at, (CAPTION_QUESTION, llm_caption(scene)))
             infos.insert(at, None)
+            tfams.insert(at, None)
         for _ in range(4 * args.turns):
             if len(turns) >= args.turns:
                 break
-            q = G.question_about(rng, scene, fams[int(rng.choice(len(fams), p=p))])
+            fam = fams[int(rng.choice(len(fams), p=p))]
+            q = G.question_about(rng, scene, fam)
             if q is not None and q[0] not in [t[0] for t in turns]:
                 turns.append((q[0], q[1]))
                 infos.append(q[2])
+                tfams.append(fam)
         answer_pos: list[int] = []
         ids, tgt = enc.packed(turns, answer_pos)
         images.append(first.image)
         scenes.append(scene)
         seqs.append(ids)
         tgts.append(tgt)
-        # (answer-predicting position, answer-relevant patches) per question turn, for --attn-aux-weight
-        grounding.append([(pos, G.relevant_patches(scene, info, (M.GRID, M.GRID)))
-                          for pos, info, (_, a) in zip(answer_pos, infos, turns)
-                          if info is not None and grounded(args, info, a)] if args.attn_aux_weight > 0 else [])
+        # Per question turn, for --attn-aux-weight: (answer-predicting position, answer-relevant patches)
+        # in 'mass' mode, (answer-predicting position, per-head targets) in 'heads' mode.
+        if args.attn_aux_weight <= 0:
+            grounding.append([])
+        elif args.grounding_mode == "heads":
+            grounding.append([(pos, head_targets(scene, fam, info, a))
+                              for pos, info, fam, (_, a) in zip(answer_pos, infos, tfams, turns) if info is not None])
+        else:
+            grounding.append([(pos, G.relevant_patches(scene, info, (M.GRID, M.GRID)))
+                              for pos, info, (_, a) in zip(answer_pos, infos, turns)
+                              if info is not None and grounded(args, info, a)])
     return images, scenes, seqs, tgts, grounding
 
 
@@ -449,6 +475,38 @@ def grounded(args, info: dict, answer: str) -> bool:
     if args.grounding_targets == "all":
         return True
     return info.get("neg_type") is None and answer != "zero"
+
+
+SINK = 0  # sequence index of the sink token of 'heads' grounding: the first token ("USER"), never pruned
+
+
+def head_targets(scene: dict, family: str, info: dict, answer: str) -> list[tuple[int, list[int], bool]]:
+    """Targets of the 'heads' grounding mode for one question turn: (head, patches, sink) triples, each
+    asking that head of the grounding layer to spread its attention (from the answer-predicting
+    position) uniformly over ``patches`` plus, if ``sink``, the sink token.
+
+    Unlike the head-mean 'mass' mode, this also says what to do when the evidence is absent (POPE
+    negatives, "zero" counts, an empty cell: everything on the sink, so attention to the image itself
+    signals presence), counts through the sink share (count n: one centre patch per counted object plus
+    the sink, so the sink receives 1/(n+1)), and gives the two objects of a relation one head each. Only
+    heads 0 and 1 are constrained; the others stay free."""
+    grid = (M.GRID, M.GRID)
+    objs = list(info.get("relevant_objects", []))
+
+    def patches(idx: list[int], digit: bool = False) -> list[int]:
+        return G.relevant_patches(scene, {"relevant_objects": idx, "relevant_digit": digit}, grid)
+
+    if family == "count":
+        if answer == G.NUMBER_WORDS[0]:
+            return [(0, [], True)]
+        return [(0, patches(objs)[: len(objs)], True)]  # centre patches come first, one per object
+    if family in ("exists", "pos_occupied") and answer == "no":
+        return [(0, [], True)]
+    if family == "relation":
+        return [(0, patches(objs[:1]), False), (1, patches(objs[1:2]), False)]
+    if family in ("digit", "pos_digit"):
+        return [(0, patches([], digit=True), False)]
+    return [(0, patches(objs), False)]
 
 
 def stage2_inputs(args, step: int, enc: Encoder, hv: torch.Tensor, scenes: list[dict], seqs, tgts):
@@ -496,6 +554,26 @@ def grounding_loss(attn: torch.Tensor, seqs, keeps, grounding, n_image: int = M.
     return torch.stack(terms).mean() if terms else attn.new_zeros(())
 
 
+def head_grounding_loss(attn: torch.Tensor, seqs, keeps, grounding, n_image: int = M.NUM_PATCHES) -> torch.Tensor:
+    """Mean over (turn, head) targets of the cross-entropy between the uniform target distribution of
+    `head_targets` and that head's attention row at the turn's answer-predicting position.
+    attn: [B, H, L, L] (shrunk sequences). Targets with a dropped patch (token-dropout curriculum) are
+    skipped: their uniform distribution would no longer mean the same count."""
+    terms = []
+    for b, (ids, keep, turns) in enumerate(zip(seqs, keeps, grounding)):
+        a = ids.index(M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN))
+        where = {int(p): a + r for r, p in enumerate(keep.tolist())}  # patch -> shrunk sequence index
+        shift = n_image - len(keep)
+        for pos, targets in turns:
+            for head, rel, sink in targets:
+                if any(p not in where for p in rel):
+                    continue
+                cols = [where[p] for p in rel] + ([SINK] if sink else [])
+                if cols:
+                    terms.append(-torch.log(attn[b, head, pos - shift, cols] + 1e-6).mean())
+    return torch.stack(terms).mean() if terms else attn.new_zeros(())
+
+
 @torch.no_grad()
 def validate(model, enc: Encoder, samples, batch: int = 50) -> dict:
     """Single-turn greedy first-token accuracy per family on ``samples``."""
@@ -529,7 +607,6 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
             for name, p in model.model.language_model.named_parameters():
                 if name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "o_proj.weight")):
                     p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
-    model.model.vision_tower.load_state_dict(s1.vision.state_dict())
     model.model.vision_tower.requires_grad_(False)
     trainable = [p for n, p in model.named_parameters() if not n.startswith("model.vision_tower.")]
     opt = torch.optim.AdamW(trainable, lr=args.s2_lr, weight_decay=0.0, betas=(0.9, 0.98))
@@ -545,6 +622,9 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         step, best, since_best = st["step"], st["best"], st["since_best"]
         elapsed0 = st.get("elapsed", 0.0)
         log.info("resuming stage 2 from step %d (best %.4f, %.1f min done)", step, best, elapsed0 / 60)
+    # The tower is the run's stage-1 tower, also on resume (a run whose stage 1 was continued with new
+    # targets, e.g. --count-map, continues its LLM on the new tower).
+    model.model.vision_tower.load_state_dict(s1.vision.state_dict())
     t0, agg, aux_agg = time.time(), [], []
 
     def state() -> dict:
@@ -570,7 +650,8 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         lm_out = M.llm_forward(model, feats, ids, am, pos, output_attentions=aux_w > 0)
         loss = F.cross_entropy(lm_out.logits.flatten(0, 1), tg.flatten(), ignore_index=-100)  # logits [B, L, V]
         if aux_w > 0:
-            g_loss = grounding_loss(lm_out.attentions[args.attn_aux_layer], seqs, keeps, grounding)
+            g_fn = head_grounding_loss if args.grounding_mode == "heads" else grounding_loss
+            g_loss = g_fn(lm_out.attentions[args.attn_aux_layer], seqs, keeps, grounding)
             aux_agg.append(g_loss.item())
             loss = loss + aux_w * g_loss
         opt.zero_grad(set_to_none=True)
@@ -642,8 +723,14 @@ def parse_args(argv=None):
                     help="LLM layer of the grounding loss (4: no default pruner scores there on 8 layers)")
     ap.add_argument("--grounding-targets", choices=["all", "evidence"], default="evidence",
                     help="turns that get the grounding loss: all with relevant patches, or only positive evidence")
+    ap.add_argument("--grounding-mode", choices=["mass", "heads"], default="mass",
+                    help="'mass': -log head-mean attention mass on the relevant patches (evidence turns only, "
+                         "see --grounding-targets); 'heads': per-head target distributions with a sink "
+                         "(see head_targets)")
     ap.add_argument("--attn-aux-steps", type=int, default=6750, help="the grounding loss is off from this step on")
     ap.add_argument("--conj", action="store_true", help="add the conjunctive per-patch targets in stage 1")
+    ap.add_argument("--count-map", action="store_true",
+                    help="add the per-patch 'objects of my colour' target in stage 1 (see VisionHeads)")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",
                     help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
