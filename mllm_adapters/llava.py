@@ -185,24 +185,36 @@ class LlavaAdapter:
         return out
 
     # ---- top-level hook: vision / pre-LLM stages and decode bookkeeping ------------------------
-    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:  # input_ids passed positionally
-            names = ["input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values"]
-            for name, value in zip(names, args):
-                kwargs[name] = value
-            args = ()
+    # positional order of the model class's forward (for a hook that receives args)
+    _FORWARD_ARGS: tuple[str, ...] = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values")
+
+    def _new_forward(self) -> _Forward:
+        """Fresh per-forward state (a subclass may return its own `_Forward` subclass)."""
+        return _Forward()
+
+    def _start_forward(self, args: tuple, kwargs: dict) -> bool:
+        """Common start of the top-level hook: positional ``args`` moved into ``kwargs``; in cached
+        decoding the decode bookkeeping is done and False returned; on prefill a fresh forward state
+        and cleared handle info, and True."""
+        for name, value in zip(self._FORWARD_ARGS, args):
+            kwargs[name] = value
         past = kwargs.get("past_key_values")
-        prefill = past is None or past.get_seq_length() == 0
-        pixel_values = kwargs.get("pixel_values")
-        if not prefill:
-            if pixel_values is not None:
+        if past is not None and past.get_seq_length() > 0:
+            if kwargs.get("pixel_values") is not None:
                 raise NotImplementedError("pruning an image into a non-empty KV cache is not supported")
             self._fw.phase = "decode"
             self._decode_step_inputs(kwargs)
-            return args, kwargs
-        self._fw = _Forward()
+            return False
+        self._fw = self._new_forward()
         self.handle.overhead_flops = 0
         self.handle.info = {}
+        return True
+
+    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, prefill = (), self._start_forward(args, kwargs)
+        if not prefill:
+            return args, kwargs
+        pixel_values = kwargs.get("pixel_values")
         input_ids = kwargs.get("input_ids")
         if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
             self.handle.kept_indices = []

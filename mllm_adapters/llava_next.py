@@ -238,24 +238,18 @@ class LlavaNextAdapter(LlavaAdapter):
         return self._fw.advancing if isinstance(self._fw, _NextForward) else None
 
     # ---- top-level hook ------------------------------------------------------------------------
+    # positional order of LlavaNextForConditionalGeneration.forward
+    _FORWARD_ARGS = ("input_ids", "pixel_values", "image_sizes", "attention_mask", "position_ids", "past_key_values")
+
+    def _new_forward(self) -> _NextForward:
+        return _NextForward()
+
     def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:  # positional order of LlavaNextForConditionalGeneration.forward
-            names = ["input_ids", "pixel_values", "image_sizes", "attention_mask", "position_ids", "past_key_values"]
-            for name, value in zip(names, args):
-                kwargs[name] = value
-            args = ()
-        past = kwargs.get("past_key_values")
-        prefill = past is None or past.get_seq_length() == 0
-        pixel_values = kwargs.get("pixel_values")
+        args, prefill = (), self._start_forward(args, kwargs)
         if not prefill:
-            if pixel_values is not None:
-                raise NotImplementedError("pruning an image into a non-empty KV cache is not supported")
-            self._fw.phase = "decode"
-            self._decode_step_inputs(kwargs)
             return args, kwargs
-        self._fw = fw = _NextForward()
-        self.handle.overhead_flops = 0
-        self.handle.info = {}
+        fw = self._fw
+        pixel_values = kwargs.get("pixel_values")
         input_ids = kwargs.get("input_ids")
         if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
             self.handle.kept_indices = []

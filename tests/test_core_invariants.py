@@ -15,7 +15,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pruners import apply_pruner, available_pruners, register_pruner
-from pruners.base import LLMLayerContext, Pruner, VisionLayerContext
+from pruners.base import Pruner, VisionLayerContext
+from tests import _adapter_helpers  # noqa: F401  (registers _test_fixed_llm)
 from tests.conftest import PROMPTS, make_images, single
 
 N_VIS = 36  # tiny model: 48 px / 8 px patches = 6 x 6
@@ -36,23 +37,6 @@ class VisionStride(Pruner):
         if ctx.layer == 1:
             return torch.arange(0, n, 2).expand(B, -1)
         return torch.arange(min(self.budget, n)).expand(B, -1)
-
-
-@register_pruner("_test_fixed_llm")
-class FixedLLM(Pruner):
-    """Test-only LLM-stage pruner keeping given visual indices after layer `layer`."""
-
-    stages = ("llm",)
-    defaults = {"layer": 2, "keep": None, "positions": "original"}
-
-    def llm_layers(self) -> list[int]:
-        return [self.params["layer"]]
-
-    def llm_attention_layers(self) -> list[int]:
-        return []
-
-    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        return torch.as_tensor(self.params["keep"]).expand(ctx.visual_pos.shape[0], -1)
 
 
 def logits_of(model, inputs) -> torch.Tensor:

@@ -145,7 +145,7 @@ def test_head_grounding_loss_is_cross_entropy_to_uniform_targets():
             assert all(h in (0, 1) for h, _, _ in targets)
 
 
-def test_count_map_target_is_the_number_of_same_coloured_objects():
+def test_count_and_shapes_maps_describe_the_objects_of_the_patch_colour():
     rng = np.random.default_rng(11)
     for _ in range(20):
         scene = G.random_scene(rng)
@@ -155,3 +155,18 @@ def test_count_map_target_is_the_number_of_same_coloured_objects():
         for p in np.flatnonzero(fg):
             colour = G.COLOUR_NAMES[t["colour"][p] - 1]
             assert t["colour_count"][p] == sum(o["colour"] == colour for o in scene["objects"])
+            shapes = {o["shape"] for o in scene["objects"] if o["colour"] == colour}
+            assert t["colour_shapes"][p].tolist() == [float(s in shapes) for s in G.SHAPES]
+
+
+def test_heads_colour_mode_looks_up_existence_by_colour():
+    rng = np.random.default_rng(3)
+    n = 0
+    while n < 30:
+        scene, q, ans, info = G.make_question(rng, "exists")
+        colour = q.split()[3]
+        same = [i for i, o in enumerate(scene["objects"]) if o["colour"] == colour]
+        (head, rel, sink), = T.head_targets(scene, "exists", info, ans, q, exists_by_colour=True)
+        want = G.relevant_patches(scene, {"relevant_objects": same}, (M.GRID, M.GRID)) if same else []
+        assert head == 0 and rel == want and sink == (not same)
+        n += 1

@@ -23,8 +23,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters.llava_next import image_layout, max_packed_tokens, split_budget
 from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
-from pruners import apply_pruner, register_pruner
-from pruners.base import LLMLayerContext, Pruner
+from pruners import apply_pruner
+from tests._adapter_helpers import ProjectorInputs
 
 PROMPTS = [
     "USER: <image> what is the colour of the circle ? ASSISTANT:",
@@ -42,23 +42,6 @@ IN_LLM = [("fastv", 30, {}), ("fastv", 60, {}), ("fastv", 30, {"positions": "com
           ("transprune", 20, {})]
 BOTH = [("vflowopt", 20, {})]
 ALL = PRE_LLM + IN_LLM + BOTH
-
-
-@register_pruner("_test_next_fixed_llm")
-class FixedLLM(Pruner):
-    """Test-only in-LLM pruner keeping given slots of the visual run after layer `layer`."""
-
-    stages = ("llm",)
-    defaults = {"layer": 2, "keep": None, "positions": "original"}
-
-    def llm_layers(self) -> list[int]:
-        return [self.params["layer"]]
-
-    def llm_attention_layers(self) -> list[int]:
-        return []
-
-    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        return torch.as_tensor(self.params["keep"]).expand(ctx.visual_pos.shape[0], -1)
 
 
 def make_image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -189,20 +172,6 @@ def test_pre_llm_equals_model_on_kept_tokens(nxt, batch, method, budget):
             assert bool((lay.src[k] >= 0).all())  # a pruned image loses its newline tokens
     ref = reference_on_tokens(model, processor, [packed[b][kept[b]] for b in range(2)])
     assert (out - ref).abs().max() <= 1e-5
-
-
-class ProjectorInputs:
-    """Records the projector's inputs (the adapter projects each image's assembled tokens last)."""
-
-    def __init__(self, model):
-        self.calls: list[torch.Tensor] = []
-        self.h = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: self.calls.append(a[0]))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.h.remove()
 
 
 @pytest.mark.parametrize("method,budget", [("pooling", 30), ("visionzip", 30), ("recoverable", 30)])
@@ -340,8 +309,8 @@ def _cached_loop(model, inputs, steps: int) -> torch.Tensor:
 @pytest.mark.parametrize(
     "method,params",
     [("random", {"budget": 30}), ("random", {"budget": 60}), ("visionzip", {"budget": 30}),
-     ("_test_next_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60]}),
-     ("_test_next_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60], "positions": "compact"})],
+     ("_test_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60]}),
+     ("_test_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60], "positions": "compact"})],
 )
 @pytest.mark.parametrize("which", ["batch", "single"])
 def test_cached_decoding_equals_recompute(nxt, batch, images, method, params, which):
@@ -369,10 +338,10 @@ def test_fixed_llm_keep_with_inert_slots_equals_alone(nxt, batch, images):
     keeps its real slots 0..50 of the kept list only."""
     model, processor = nxt
     keep = [0, 3, 5, 8, 13, 21, 34, 50, 55, 60]
-    with apply_pruner(model, "_test_next_fixed_llm", budget=10, keep=keep) as h:
+    with apply_pruner(model, "_test_fixed_llm", budget=10, keep=keep) as h:
         both = logits_of(model, batch)[:, -1]
         assert [k.tolist() for k in h.kept_indices] == [keep, keep[:8]]
-    with apply_pruner(model, "_test_next_fixed_llm", budget=8, keep=keep[:8]):
+    with apply_pruner(model, "_test_fixed_llm", budget=8, keep=keep[:8]):
         one = logits_of(model, single(processor, images, 1))[:, -1]
     assert (one[0] - both[1]).abs().max() <= 1e-4
 

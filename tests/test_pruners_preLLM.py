@@ -33,6 +33,7 @@ from pruners.recoverable import (
     recoverable_select,
 )
 from pruners.visionzip import contextual_tokens, visionzip_split
+from tests._adapter_helpers import ProjectorInputs
 from tests.conftest import PROMPTS, make_images, single
 
 N_VIS = 36
@@ -63,20 +64,6 @@ def tiny8():
 def logits_of(model, inputs) -> torch.Tensor:
     with torch.no_grad():
         return model(**inputs).logits
-
-
-class ProjectorInputs:
-    """Records what the projector receives (the last call is the adapter's: the LLM's visual tokens)."""
-
-    def __init__(self, model):
-        self.calls: list[torch.Tensor] = []
-        self.h = model.model.multi_modal_projector.register_forward_hook(lambda m, a, o: self.calls.append(a[0]))
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.h.remove()
 
 
 def _vision_features(model, pixel_values) -> torch.Tensor:

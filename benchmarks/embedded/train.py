@@ -63,7 +63,7 @@ MIXED_WEIGHTS = {f: (3 if f in G.EVAL_FAMILIES else 1) for f in G.ALL_FAMILIES}
 class VisionHeads(nn.Module):
     """Linear probes on ViT hidden_states[-2]: per patch and on CLS."""
 
-    def __init__(self, d: int, conj: bool = False, count_map: bool = False):
+    def __init__(self, d: int, conj: bool = False, count_map: bool = False, shapes_map: bool = False):
         super().__init__()
         self.colour = nn.Linear(d, 1 + len(G.COLOUR_NAMES))
         self.shape = nn.Linear(d, 1 + len(G.SHAPES))
@@ -77,6 +77,11 @@ class VisionHeads(nn.Module):
             # "count map" recipe: every object patch also encodes how many objects of its colour the image
             # holds (0 = background), global context in local tokens as real ViT patch tokens carry it.
             self.colour_count = nn.Linear(d, 1 + G.MAX_OBJECTS)
+        if shapes_map:
+            # "shapes map" recipe: every object patch also encodes which shapes occur in its colour anywhere
+            # in the image (multi-label), so an existence question can be answered from any patch of the
+            # named colour (and "no colour patch at all" still means the lookup must fail).
+            self.colour_shapes = nn.Linear(d, len(G.SHAPES))
         if not conj:
             return
         # Conjunctive per-patch targets ("conj" recipe): each object patch linearly encodes its
@@ -145,8 +150,12 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         centre_colour[o["cy"] // p, o["cx"] // p] = 1 + ci
     n_colour = {c: sum(o["colour"] == c for o in scene["objects"]) for c in G.COLOUR_NAMES}
     colour_count = np.zeros((g, g), dtype=np.int64)
+    colour_shapes = np.zeros((g, g, len(G.SHAPES)), dtype=np.float32)
     for i, o in items:
         colour_count[owner == i] = n_colour[o["colour"]]
+        for o2 in scene["objects"]:
+            if o2["colour"] == o["colour"]:
+                colour_shapes[owner == i, G.SHAPES.index(o2["shape"])] = 1.0
     conj = {"colour_count": colour_count, "combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
             "colour_cell": colour_cell, "centre_colour": centre_colour}
     return {
@@ -154,6 +163,7 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         "centre": centre.reshape(-1), "row": rows.reshape(-1), "col": rows.T.reshape(-1),
         "presence": presence, "counts": np.minimum(counts, MAX_CLS_COUNT),
         **{k: v.reshape(-1) for k, v in conj.items()},
+        "colour_shapes": colour_shapes.reshape(g * g, len(G.SHAPES)),
     }
 
 
@@ -165,7 +175,7 @@ class Stage1:
         self.vision = CLIPVisionModel(M.vision_config())
         self.text = M.build_text_tower(args.seed + 1)
         d = self.vision.config.hidden_size
-        self.heads = VisionHeads(d, conj=args.conj, count_map=args.count_map)
+        self.heads = VisionHeads(d, conj=args.conj, count_map=args.count_map, shapes_map=args.shapes_map)
         self.visual_projection = nn.Linear(d, self.text.config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.modules = nn.ModuleDict(
@@ -177,6 +187,7 @@ class Stage1:
         self.step = 0
         self.conj = args.conj
         self.count_map = args.count_map
+        self.shapes_map = args.shapes_map
 
     def state(self) -> dict:
         return {"modules": self.modules.state_dict(), "logit_scale": self.logit_scale.data,
@@ -241,6 +252,9 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
         w = torch.full((H.colour_count.out_features,), 3.0)
         w[0] = 1.0
         losses["colour_count"] = F.cross_entropy(H.colour_count(pt).flatten(0, 1), T["colour_count"].flatten(), weight=w)
+    if s1.shapes_map:
+        obj = T["colour"] > 0  # [B, 144] object patches only
+        losses["colour_shapes"] = F.binary_cross_entropy_with_logits(H.colour_shapes(pt)[obj], T["colour_shapes"][obj])
     if contrastive:
         caps = [G.caption(sc) + " " + M.EOS_TOKEN for sc in scenes]
         tb = s1.text_tok(caps, return_tensors="pt", padding=True)
@@ -257,6 +271,8 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
         }
         if s1.count_map:
             acc["acc_colour_count_fg"] = (H.colour_count(pt).argmax(-1)[fg] == T["colour_count"][fg]).float().mean().item()
+        if s1.shapes_map:
+            acc["acc_colour_shapes_fg"] = ((H.colour_shapes(pt)[fg] > 0).float() == T["colour_shapes"][fg]).all(-1).float().mean().item()
         if s1.conj:
             for name in ("combo_col", "shape_cell", "colour_cell"):
                 acc[f"acc_{name}_fg"] = (getattr(H, name)(pt).argmax(-1)[fg] == T[name][fg]).float().mean().item()
@@ -457,9 +473,10 @@ def stage2_batch(args, step: int, enc: Encoder, keys: frozenset):
         # in 'mass' mode, (answer-predicting position, per-head targets) in 'heads' mode.
         if args.attn_aux_weight <= 0:
             grounding.append([])
-        elif args.grounding_mode == "heads":
-            grounding.append([(pos, head_targets(scene, fam, info, a))
-                              for pos, info, fam, (_, a) in zip(answer_pos, infos, tfams, turns) if info is not None])
+        elif args.grounding_mode in ("heads", "heads_colour"):
+            by_colour = args.grounding_mode == "heads_colour"
+            grounding.append([(pos, head_targets(scene, fam, info, a, q, by_colour))
+                              for pos, info, fam, (q, a) in zip(answer_pos, infos, tfams, turns) if info is not None])
         else:
             grounding.append([(pos, G.relevant_patches(scene, info, (M.GRID, M.GRID)))
                               for pos, info, (_, a) in zip(answer_pos, infos, turns)
@@ -480,7 +497,9 @@ def grounded(args, info: dict, answer: str) -> bool:
 SINK = 0  # sequence index of the sink token of 'heads' grounding: the first token ("USER"), never pruned
 
 
-def head_targets(scene: dict, family: str, info: dict, answer: str) -> list[tuple[int, list[int], bool]]:
+def head_targets(
+    scene: dict, family: str, info: dict, answer: str, question: str = "", exists_by_colour: bool = False
+) -> list[tuple[int, list[int], bool]]:
     """Targets of the 'heads' grounding mode for one question turn: (head, patches, sink) triples, each
     asking that head of the grounding layer to spread its attention (from the answer-predicting
     position) uniformly over ``patches`` plus, if ``sink``, the sink token.
@@ -489,7 +508,9 @@ def head_targets(scene: dict, family: str, info: dict, answer: str) -> list[tupl
     negatives, "zero" counts, an empty cell: everything on the sink, so attention to the image itself
     signals presence), counts through the sink share (count n: one centre patch per counted object plus
     the sink, so the sink receives 1/(n+1)), and gives the two objects of a relation one head each. Only
-    heads 0 and 1 are constrained; the others stay free."""
+    heads 0 and 1 are constrained; the others stay free. With ``exists_by_colour`` ('heads_colour'
+    mode, for a tower trained with --shapes-map) an existence question looks up every object of the
+    named colour (the sink if there is none), whose patches say which shapes that colour has."""
     grid = (M.GRID, M.GRID)
     objs = list(info.get("relevant_objects", []))
 
@@ -500,6 +521,10 @@ def head_targets(scene: dict, family: str, info: dict, answer: str) -> list[tupl
         if answer == G.NUMBER_WORDS[0]:
             return [(0, [], True)]
         return [(0, patches(objs)[: len(objs)], True)]  # centre patches come first, one per object
+    if family == "exists" and exists_by_colour:
+        colour = question.split()[3]  # "is there a <colour> <shape> ?"
+        same = [i for i, o in enumerate(scene["objects"]) if o["colour"] == colour]
+        return [(0, patches(same), False)] if same else [(0, [], True)]
     if family in ("exists", "pos_occupied") and answer == "no":
         return [(0, [], True)]
     if family == "relation":
@@ -539,18 +564,25 @@ def stage2_inputs(args, step: int, enc: Encoder, hv: torch.Tensor, scenes: list[
     return feats, ids, am, pos, tg, keeps
 
 
-def grounding_loss(attn: torch.Tensor, seqs, keeps, grounding, n_image: int = M.NUM_PATCHES) -> torch.Tensor:
-    """Mean over question turns of -log(head-mean attention mass, from the turn's answer-predicting
-    position, on its answer-relevant patches) at one LLM layer. attn: [B, H, L, L] (shrunk sequences)."""
-    terms = []
+def _grounding_rows(seqs, keeps, grounding, n_image: int):
+    """Per batch row and turn: (row b, the turn's answer-predicting index in the shrunk sequence,
+    patch -> shrunk sequence index of the kept patches, the turn's targets)."""
     for b, (ids, keep, turns) in enumerate(zip(seqs, keeps, grounding)):
         a = ids.index(M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN))
         where = {int(p): a + r for r, p in enumerate(keep.tolist())}  # patch -> shrunk sequence index
         shift = n_image - len(keep)
-        for pos, rel in turns:
-            cols = [where[p] for p in rel if p in where]
-            if cols:
-                terms.append(-torch.log(attn[b, :, pos - shift, cols].sum(-1).mean() + 1e-6))
+        for pos, targets in turns:
+            yield b, pos - shift, where, targets
+
+
+def grounding_loss(attn: torch.Tensor, seqs, keeps, grounding, n_image: int = M.NUM_PATCHES) -> torch.Tensor:
+    """Mean over question turns of -log(head-mean attention mass, from the turn's answer-predicting
+    position, on its answer-relevant patches) at one LLM layer. attn: [B, H, L, L] (shrunk sequences)."""
+    terms = []
+    for b, q, where, rel in _grounding_rows(seqs, keeps, grounding, n_image):
+        cols = [where[p] for p in rel if p in where]
+        if cols:
+            terms.append(-torch.log(attn[b, :, q, cols].sum(-1).mean() + 1e-6))
     return torch.stack(terms).mean() if terms else attn.new_zeros(())
 
 
@@ -560,17 +592,13 @@ def head_grounding_loss(attn: torch.Tensor, seqs, keeps, grounding, n_image: int
     attn: [B, H, L, L] (shrunk sequences). Targets with a dropped patch (token-dropout curriculum) are
     skipped: their uniform distribution would no longer mean the same count."""
     terms = []
-    for b, (ids, keep, turns) in enumerate(zip(seqs, keeps, grounding)):
-        a = ids.index(M.SPECIAL_TOKENS.index(M.IMAGE_TOKEN))
-        where = {int(p): a + r for r, p in enumerate(keep.tolist())}  # patch -> shrunk sequence index
-        shift = n_image - len(keep)
-        for pos, targets in turns:
-            for head, rel, sink in targets:
-                if any(p not in where for p in rel):
-                    continue
-                cols = [where[p] for p in rel] + ([SINK] if sink else [])
-                if cols:
-                    terms.append(-torch.log(attn[b, head, pos - shift, cols] + 1e-6).mean())
+    for b, q, where, targets in _grounding_rows(seqs, keeps, grounding, n_image):
+        for head, rel, sink in targets:
+            if any(p not in where for p in rel):
+                continue
+            cols = [where[p] for p in rel] + ([SINK] if sink else [])
+            if cols:
+                terms.append(-torch.log(attn[b, head, q, cols] + 1e-6).mean())
     return torch.stack(terms).mean() if terms else attn.new_zeros(())
 
 
@@ -650,7 +678,7 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         lm_out = M.llm_forward(model, feats, ids, am, pos, output_attentions=aux_w > 0)
         loss = F.cross_entropy(lm_out.logits.flatten(0, 1), tg.flatten(), ignore_index=-100)  # logits [B, L, V]
         if aux_w > 0:
-            g_fn = head_grounding_loss if args.grounding_mode == "heads" else grounding_loss
+            g_fn = grounding_loss if args.grounding_mode == "mass" else head_grounding_loss
             g_loss = g_fn(lm_out.attentions[args.attn_aux_layer], seqs, keeps, grounding)
             aux_agg.append(g_loss.item())
             loss = loss + aux_w * g_loss
@@ -723,14 +751,16 @@ def parse_args(argv=None):
                     help="LLM layer of the grounding loss (4: no default pruner scores there on 8 layers)")
     ap.add_argument("--grounding-targets", choices=["all", "evidence"], default="evidence",
                     help="turns that get the grounding loss: all with relevant patches, or only positive evidence")
-    ap.add_argument("--grounding-mode", choices=["mass", "heads"], default="mass",
+    ap.add_argument("--grounding-mode", choices=["mass", "heads", "heads_colour"], default="mass",
                     help="'mass': -log head-mean attention mass on the relevant patches (evidence turns only, "
                          "see --grounding-targets); 'heads': per-head target distributions with a sink "
-                         "(see head_targets)")
+                         "(see head_targets); 'heads_colour': 'heads' with existence looked up by colour")
     ap.add_argument("--attn-aux-steps", type=int, default=6750, help="the grounding loss is off from this step on")
     ap.add_argument("--conj", action="store_true", help="add the conjunctive per-patch targets in stage 1")
     ap.add_argument("--count-map", action="store_true",
                     help="add the per-patch 'objects of my colour' target in stage 1 (see VisionHeads)")
+    ap.add_argument("--shapes-map", action="store_true",
+                    help="add the per-patch 'shapes in my colour' target in stage 1 (see VisionHeads)")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",
                     help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
