@@ -363,13 +363,7 @@ class LlavaAdapter:
         if "pre_llm" in pruner.stages and not pruner.keeps_all:
 
             def need(i: int) -> int:
-                i = i % info.vision_num_layers
-                if i not in layer_in:
-                    raise ValueError(
-                        f"method {pruner.name!r} asked for ViT layer {i} but declared vision_probe_layers()="
-                        f"{sorted(probe)}; declare every layer it reads"
-                    )
-                return i
+                return self._probed_layer(i, layer_in, probe)
 
             ctx = PreLLMContext(
                 features=features,
@@ -417,6 +411,17 @@ class LlavaAdapter:
             tokens, index = _gather_seq(tokens, order), index.gather(1, order)
             scores = scores.gather(1, order) if scores is not None else None
         return tokens, index, scores
+
+    def _probed_layer(self, i: int, layer_in: dict, probe) -> int:
+        """ViT layer ``i`` (negative counts from the end) if the pruner declared it in
+        ``vision_probe_layers()``; a ValueError naming the method otherwise."""
+        i = i % self.info.vision_num_layers
+        if i not in layer_in:
+            raise ValueError(
+                f"method {self.pruner.name!r} asked for ViT layer {i} but declared vision_probe_layers()="
+                f"{sorted(probe)}; declare every layer it reads"
+            )
+        return i
 
     def _run_vision_layer(self, i: int, hs: torch.Tensor, mask: torch.Tensor | None, capture: bool) -> torch.Tensor:
         """Run ViT layer i; with ``capture``, keep the q/k/v its own attention computed (forward hooks on

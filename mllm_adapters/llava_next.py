@@ -452,13 +452,7 @@ class LlavaNextAdapter(LlavaAdapter):
         info = self.info
 
         def need(i: int) -> int:
-            i = i % info.vision_num_layers
-            if i not in layer_in:
-                raise ValueError(
-                    f"method {self.pruner.name!r} asked for ViT layer {i} but declared vision_probe_layers()="
-                    f"{sorted(probe)}; declare every layer it reads"
-                )
-            return i
+            return self._probed_layer(i, layer_in, probe)
 
         def cls_attention(i: int) -> torch.Tensor:
             i = need(i)
