@@ -145,8 +145,10 @@ def prefill_flops(
     ``token_counts`` holds this sample's counts (a LLaVA-1.5 handle's ``token_counts`` as they are, or
     `sample_counts` of a batch): ``"vision"``: tokens entering each ViT layer that ran (``None``: every
     layer on the full tile), ``"llm_visual"``: visual tokens entering each decoder layer,
-    ``"vision_tiles"``: ViT passes (tiles) of the image (default 1), ``"projector"``: tokens entering
-    the projector (default ``llm_visual[0]``). ``None`` means the unpruned, unhooked LLaVA-1.5 model.
+    ``"vision_tiles"``: ViT passes (tiles) of the image (default 1), ``"vision_per_tile"``: per tile that
+    ran, the tokens entering each of its ViT layers (LLaVA-NeXT with a vision-stage pruner; replaces
+    ``vision`` and ``vision_tiles`` for the vision part), ``"projector"``: tokens entering the projector
+    (default ``llm_visual[0]``). ``None`` means the unpruned, unhooked LLaVA-1.5 model.
     ``overhead`` is the pruner's own FLOPs for this sample.
     """
     n_layers = int(config.text_config.num_hidden_layers)
@@ -157,9 +159,14 @@ def prefill_flops(
     llm_visual = counts.get("llm_visual") or [n_vis_all] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
     tiles = int(counts.get("vision_tiles") or 1)
+    per_tile = counts.get("vision_per_tile")
+    if per_tile is not None:  # tiles pruned inside the ViT: each tile that ran on its own counts
+        vision = sum(vision_flops(config.vision_config, layers) for layers in per_tile)
+    else:
+        vision = tiles * vision_flops(config.vision_config, vision_layers)
     n_proj = counts.get("projector")
     return PrefillFlops(
-        vision=tiles * vision_flops(config.vision_config, vision_layers),
+        vision=vision,
         projector=projector_flops(config, int(llm_visual[0] if n_proj is None else n_proj)),
         llm=llm_prefill_flops(config.text_config, layer_tokens),
         overhead=int(overhead),
@@ -172,6 +179,7 @@ PER_SAMPLE_KEYS = {
     "llm_visual_per_sample": "llm_visual",
     "visual_in_per_sample": "visual_in",
     "projector_per_sample": "projector",
+    "vision_per_tile_per_sample": "vision_per_tile",
 }
 
 
@@ -215,3 +223,36 @@ def equiv_tokens(token_counts: dict[str, Any] | None, n_layers: int, n_visual: i
     """Visual tokens averaged over the LLM's layers: sum_l n_vis(l) / L."""
     llm_visual = (token_counts or {}).get("llm_visual") or [n_visual] * n_layers
     return sum(llm_visual) / len(llm_visual)
+
+
+@dataclass
+class SampleCost:
+    """One sample's compute figures, from its own token counts (what the runner reports per row)."""
+
+    counts: dict[str, Any]  # the sample's own counts (`sample_counts`)
+    flops: PrefillFlops  # its prefill FLOPs as pruned (plus the given pruner overhead)
+    reference: int  # total prefill FLOPs of the same sample through the unpruned model (`reference_counts`)
+    visual_in: int  # its visual tokens reaching the LLM unpruned
+    equiv_tokens: float  # its visual tokens averaged over the LLM's layers
+
+
+def sample_cost(
+    config: Any, n_text: int, token_counts: dict[str, Any] | None, b: int = 0, n_visual: int | None = None,
+    overhead: int = 0,
+) -> SampleCost:
+    """Sample ``b``'s figures out of a (batch) handle's ``token_counts``, with ``n_text`` non-image prompt
+    tokens. ``n_visual``: its unpruned visual tokens when the counts do not say (``visual_in``); default
+    one tile's patch grid (LLaVA-1.5's fixed count)."""
+    counts = sample_counts(token_counts, b)
+    if n_visual is None:
+        side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
+        n_visual = side * side
+    n_in = int(counts.get("visual_in") or n_visual)
+    n_layers = int(config.text_config.num_hidden_layers)
+    return SampleCost(
+        counts=counts,
+        flops=prefill_flops(config, n_text, counts, overhead=overhead),
+        reference=prefill_flops(config, n_text, reference_counts(config, counts)).total,
+        visual_in=n_in,
+        equiv_tokens=equiv_tokens(counts, n_layers, n_in),
+    )

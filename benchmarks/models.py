@@ -28,6 +28,11 @@ DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def is_anyres(config: Any) -> bool:
+    """True for LLaVA-NeXT configs: tiles per image and a visual-token count that depends on the image size."""
+    return getattr(config, "model_type", None) == "llava_next"
+
+
 @dataclass
 class LoadedModel:
     """A model ready for evaluation, with what the runner needs to prompt it."""
@@ -49,7 +54,7 @@ class LoadedModel:
     @property
     def anyres(self) -> bool:
         """True for LLaVA-NeXT: tiles per image and a visual-token count that depends on the image size."""
-        return getattr(self.model.config, "model_type", None) == "llava_next"
+        return is_anyres(self.model.config)
 
     @property
     def grid_hw(self) -> tuple[int, int]:

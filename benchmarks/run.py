@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from benchmarks import store
-from benchmarks.flops import equiv_tokens, prefill_flops, reference_counts, sample_counts
+from benchmarks.flops import sample_cost
 from benchmarks.metrics import measure_runtime, relevant_recall
 from benchmarks.models import LoadedModel, load_model
 
@@ -239,20 +239,18 @@ def run_cell(
             for b, (s, pred) in enumerate(zip(batch, preds)):
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
                 # This sample's own counts (ragged in-ViT pruning, LLaVA-NeXT's image-dependent runs).
-                counts_b = sample_counts(counts, b)
-                f = prefill_flops(cfg_model, n_text, counts_b, overhead=overhead)
+                c = sample_cost(cfg_model, n_text, counts, b, lm.num_visual_tokens, overhead=overhead)
+                f, n_in, e = c.flops, c.visual_in, c.equiv_tokens
                 for k, v in f.as_dict().items():
                     flops_parts[k] += v
-                ref_total += prefill_flops(cfg_model, n_text, reference_counts(cfg_model, counts_b)).total
+                ref_total += c.reference
                 score = float(task.score(pred, s))
                 k_b = kept[b] if b < len(kept) else None
                 grid_b, cover_b = lm.recall_cover(sizes[b])
                 rec = relevant_recall(k_b, list(s.relevant_patches(grid_b)), cover_b)
-                n_in = int(counts_b.get("visual_in") or lm.num_visual_tokens)
                 visual_in.append(n_in)
-                e = equiv_tokens(counts_b, n_layers, n_in)
                 equiv.append(e)
-                for i, v in enumerate(counts_b.get("llm_visual") or [n_in] * n_layers):
+                for i, v in enumerate(c.counts.get("llm_visual") or [n_in] * n_layers):
                     layer_sum[i] += v
                 rows.append({
                     "id": s.id, "family": s.family, "question": s.question, "answer": s.answer,

@@ -18,9 +18,20 @@ it is SOLVED, not penalised. For each trial the tuner picks the largest ``budget
 last pruning step) whose schedule meets the target, by bisection. For VFlowOpt, whose budget fixes
 r_2 once r_v and r_1 are sampled, this is exactly the authors' "solve r_2 from the target". Token
 counts come from the pruner's pure ``token_schedule()`` when it has one, else from one measured
-forward pass on the first calibration sample. A trial whose parameters the pruner rejects, or for
+forward pass on the first calibration sample. Costs are computed per sample as the runner does
+(`benchmarks.flops.sample_cost`: the sample's own counts, FLOPs relative to the same sample unpruned).
+A trial whose parameters the pruner rejects, or for
 which even ``budget=1`` exceeds the target, is infeasible and scores -1 (the lowest cosine), marked
 ``feasible=False``.
+
+LLaVA-NeXT (anyres): an image's visual-token count depends on its size, so the constraint is the
+calibration mean of each image's own cost, as the runner's cell figures are: the counts are measured
+(never the pure schedule, which is computed from the model's longest run) on one calibration sample
+per distinct image size, weighted by how many samples have that size. Counts of every non-vision
+method depend only on the image's size, so this is exact for them; FlowCut's ViT counts also depend
+on the image content, so its FLOPs are those of the measured representative. Budgets (``budget=``,
+and the bisection's range) are validated as the runner does (`benchmarks.run.validate_budgets`:
+1 .. the longest run any image can have).
 
 Calibration data: ``task.samples(split=calib_split)``; the default split ``val`` of the ``shapes``
 task is a seed domain disjoint from the ``eval`` split the benchmark scores (the task has no split
@@ -61,6 +72,9 @@ class Calibration:
     reference: list[torch.Tensor]  # per batch [b, D] final-norm state of the last prompt token
     n_text: float  # mean non-image prompt tokens per sample (for relative FLOPs)
     info: Any  # pruners.base.ModelInfo of the model
+    #: single-sample encodings on which token counts are measured, with the fraction of the calibration
+    #: set each stands for: the first sample (LLaVA-1.5), one per distinct image size (LLaVA-NeXT)
+    probes: list[tuple[dict[str, torch.Tensor], float]] = field(default_factory=list)
 
 
 def encode(processor: Any, images: Sequence[Any], prompts: Sequence[str], device: Any, dtype: Any) -> dict:
@@ -112,7 +126,20 @@ def build_calibration(model: Any, processor: Any, images: Sequence[Any], prompts
         batches.append(enc)
         refs.append(last_token_state(model, enc))
         n_text += ((enc["attention_mask"].sum(1)) - (enc["input_ids"] == image_id).sum(1)).tolist()
-    return Calibration(model, batches, refs, sum(n_text) / len(n_text), model_info(model))
+    return Calibration(model, batches, refs, sum(n_text) / len(n_text), model_info(model), count_probes(model, batches))
+
+
+def count_probes(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[dict[str, torch.Tensor], float]]:
+    """Samples to measure token counts on, with weights summing to 1 (see `Calibration.probes`)."""
+    from benchmarks.models import is_anyres
+
+    one = [{k: v[i : i + 1] for k, v in enc.items()} for enc in batches for i in range(len(enc["input_ids"]))]
+    if not is_anyres(model.config):
+        return [(one[0], 1.0)]
+    by_size: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
+    for enc in one:
+        by_size.setdefault(tuple(enc["image_sizes"][0].tolist()), []).append(enc)
+    return [(encs[0], len(encs) / len(one)) for encs in by_size.values()]
 
 
 # ---- objective and constraint -------------------------------------------------------------------
@@ -133,9 +160,11 @@ def reference_vision_counts(info: Any) -> list[int]:
 
 
 def token_counts(calib: Calibration, method: str, budget: int, params: dict[str, Any], seed: int = 0
-                 ) -> dict[str, Any] | None:
-    """Per-layer token counts of ``method`` at ``budget`` ({"vision", "llm_visual"}), or None if the
-    pruner rejects the combination (ValueError). Pure when the pruner has ``token_schedule()``."""
+                 ) -> list[dict[str, Any]] | None:
+    """Per-layer token counts of ``method`` at ``budget`` ({"vision", "llm_visual", ...}), one sample's
+    per `Calibration.probes` entry, or None if the pruner rejects the combination (ValueError). Pure
+    when the pruner has ``token_schedule()`` and the model is not anyres."""
+    from benchmarks.flops import sample_counts
     from pruners import apply_pruner, get_pruner_class
 
     cls = get_pruner_class(method)
@@ -144,27 +173,35 @@ def token_counts(calib: Calibration, method: str, budget: int, params: dict[str,
         pruner.attach(calib.info)
     except ValueError:
         return None
-    if hasattr(pruner, "token_schedule"):
-        return {"vision": reference_vision_counts(calib.info), "llm_visual": pruner.token_schedule()}
-    enc = {k: v[:1] for k, v in calib.batches[0].items()}
+    if hasattr(pruner, "token_schedule") and calib.info.family != "llava_next":
+        return [{"vision": reference_vision_counts(calib.info), "llm_visual": pruner.token_schedule()}] * len(calib.probes)
+    out = []
     try:
         with apply_pruner(calib.model, method, budget=budget, seed=seed, **params) as h, torch.inference_mode():
-            calib.model(**enc, use_cache=False, logits_to_keep=1)
-            return dict(h.token_counts)
+            for enc, _ in calib.probes:
+                calib.model(**enc, use_cache=False, logits_to_keep=1)
+                out.append(sample_counts(h.token_counts, 0))
     except ValueError:
         return None
+    return out
 
 
-def cost(calib: Calibration, counts: dict[str, Any], kind: str) -> float:
-    """``equiv_tokens`` or ``flops_rel`` (vision + projector + LLM prefill vs unpruned) of ``counts``."""
-    from benchmarks.flops import equiv_tokens, prefill_flops
+def cost(calib: Calibration, counts: dict[str, Any] | list[dict[str, Any]], kind: str) -> float:
+    """``equiv_tokens`` or ``flops_rel`` (vision + projector + LLM prefill vs the same samples unpruned)
+    of ``counts``: one sample's (or a handle's, read for its sample 0), or a list aligned with
+    `Calibration.probes` (their weighted mean; FLOPs as a ratio of the weighted sums, as the runner's
+    cell ``flops_rel``)."""
+    from benchmarks.flops import sample_cost
 
-    info = calib.info
+    many = isinstance(counts, (list, tuple))
+    weights = [w for _, w in calib.probes] if many else [1.0]
+    per = [sample_cost(calib.model.config, round(calib.n_text), c, 0, calib.info.num_visual_tokens)
+           for c in (counts if many else [counts])]
+    if len(per) != len(weights):
+        raise ValueError(f"{len(per)} token counts for {len(weights)} calibration probes")
     if kind == "equiv_tokens":
-        return equiv_tokens(counts, info.llm_num_layers, info.num_visual_tokens)
-    cfg = calib.model.config
-    ref = prefill_flops(cfg, round(calib.n_text), {"vision": reference_vision_counts(info)}).total
-    return prefill_flops(cfg, round(calib.n_text), counts).total / ref
+        return sum(w * c.equiv_tokens for w, c in zip(weights, per)) / sum(weights)
+    return sum(w * c.flops.total for w, c in zip(weights, per)) / sum(w * c.reference for w, c in zip(weights, per))
 
 
 def solve_budget(calib: Calibration, method: str, params: dict[str, Any], kind: str, target: float,
@@ -184,6 +221,7 @@ def solve_budget(calib: Calibration, method: str, params: dict[str, Any], kind: 
     c1 = feasible(1)
     if c1 is None:
         return None
+    # the runner's budget range: 1 .. the model's visual tokens (LLaVA-NeXT: its longest image run)
     lo, hi, best = 1, calib.info.num_visual_tokens, (1, c1)
     while lo < hi:
         mid = (lo + hi + 1) // 2
@@ -393,6 +431,7 @@ def run(cfg: Any) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     from benchmarks.models import load_model
+    from benchmarks.run import AUTO, validate_budgets
     from benchmarks.tasks import get_task
     from pruners import get_pruner_class
 
@@ -409,14 +448,19 @@ def run(cfg: Any) -> dict[str, Any]:
     device = "cuda" if str(cfg.device) == "auto" and torch.cuda.is_available() else (
         "cpu" if str(cfg.device) == "auto" else str(cfg.device))
     lm = load_model(cfg.model, device)
+    tuned = cfg.method.get("tuned") or {}
+    budget = None
+    if mode == "evaluate":  # checked like the runner's budgets, before the calibration set is encoded
+        raw = cfg.get("budget") if cfg.get("budget") is not None else tuned.get("budget")
+        (budget,) = validate_budgets([raw], lm.num_visual_tokens, lm.name, anyres=lm.anyres)
+        if budget == AUTO:
+            raise ValueError(f"mode=evaluate needs budget=<tokens> or null, got {AUTO!r}")
     task = get_task(str(cfg.task.name))
     split = str(cfg.calib_split)
     samples = task.samples(split=split, n=n_calib, seed=int(cfg.seed))
     calib = build_calibration(lm.model, lm.processor, [s.image for s in samples],
                               [lm.prompt(s.question) for s in samples], int(cfg.batch_size))
     if mode == "evaluate":
-        tuned = cfg.method.get("tuned") or {}
-        budget = cfg.get("budget") if cfg.get("budget") is not None else tuned.get("budget")
         value = objective(calib, method, None if budget is None else int(budget), params, int(cfg.seed))
         counts = token_counts(calib, method, int(budget), params, int(cfg.seed)) if budget is not None else None
         summary = {"method": method, "budget": budget, "objective": value,

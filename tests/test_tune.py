@@ -141,3 +141,70 @@ def test_gp_sampler_runs(calib):
     """scipy is a dependency, so the Gaussian-process sampler is always available."""
     r = tune(calib, "vflowopt", target=9, n_trials=3, n_initial=2, sampler="gp", seed=0)
     assert r.cost <= 9
+
+
+# ---- LLaVA-NeXT (anyres): the constraint is the mean of each image's own cost ---------------------
+NEXT_SIZES = [(40, 60), (30, 80), (40, 60)]  # (h, w) px: 70, 52 and 70 visual tokens (tiny-next)
+
+
+@pytest.fixture(scope="module")
+def next_calib():
+    import numpy as np
+    from PIL import Image
+
+    from mllm_adapters.tiny import build_tiny_llava_next
+
+    model, processor = build_tiny_llava_next(seed=0)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in NEXT_SIZES]
+    prompts = [f"USER: <image> {q} ASSISTANT:" for q in QUESTIONS[:3]]
+    return build_calibration(model, processor, images, prompts, batch_size=2)  # the first batch is ragged
+
+
+def _runner_cost(calib, method, budget, params, kind):
+    """The runner's figures (`sample_cost` per sample of every batch) at the tuner's mean text length."""
+    from benchmarks.flops import sample_cost
+
+    per = []
+    with apply_pruner(calib.model, method, budget=budget, **params) as h, torch.no_grad():
+        for enc in calib.batches:
+            calib.model(**enc)
+            per += [sample_cost(calib.model.config, round(calib.n_text), h.token_counts, b)
+                    for b in range(len(enc["input_ids"]))]
+    assert [c.visual_in for c in per] == [70, 52, 70]
+    if kind == "equiv_tokens":
+        return sum(c.equiv_tokens for c in per) / len(per)
+    return sum(c.flops.total for c in per) / sum(c.reference for c in per)
+
+
+def test_next_calibration_probes_one_sample_per_image_size(next_calib):
+    assert [(tuple(e["image_sizes"][0].tolist()), w) for e, w in next_calib.probes] == [((40, 60), 2 / 3),
+                                                                                        ((30, 80), 1 / 3)]
+    assert next_calib.info.num_visual_tokens == 88  # the longest run any image can have: the budget range
+
+
+@pytest.mark.parametrize("method,kind,target,params", [("pdrop", "equiv_tokens", 40, {}),
+                                                       ("fastv", "flops_rel", 0.8, {})])
+def test_next_tuner_meets_the_runners_per_image_constraint(next_calib, method, kind, target, params):
+    """PDrop has a pure schedule, but it is computed from the model's longest run (88): on NeXT the counts
+    are measured, so the tuner's cost is the runner's mean over the calibration images (70, 52, 70
+    tokens), and the solved budget is the largest meeting the target."""
+    space = {"lam": ["float", 0.3, 0.5]} if method == "pdrop" else {"layer": ["int", 1, 3]}
+    r = tune(next_calib, method, target=target, kind=kind, base_params=params, space=space, n_trials=2,
+             n_initial=2, seed=0)
+    assert r.cost == pytest.approx(_runner_cost(next_calib, method, r.budget, r.params, kind)) and r.cost <= target
+    assert _runner_cost(next_calib, method, r.budget + 1, r.params, kind) > target
+    if method == "pdrop":  # the schedule of an 88-token image is not what these images get
+        p = get_pruner_class("pdrop")(budget=r.budget, **r.params)
+        p.attach(next_calib.info)
+        assert equiv_tokens({"llm_visual": p.token_schedule()}, 4, 88) != pytest.approx(r.cost)
+
+
+def test_next_evaluate_validates_the_budget_like_the_runner():
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("tune", overrides=["model=tiny-next", "mode=evaluate", "budget=89", "calib_samples=1",
+                                         "num_threads=1"])
+    with pytest.raises(ValueError, match=r"budgets: 89 is above the 88 visual tokens of the longest image run"):
+        run(cfg)
