@@ -81,14 +81,21 @@ class LoadedModel:
     def _pinpoints(self) -> list[list[int]]:
         return [list(p) for p in self.config.image_grid_pinpoints]
 
+    def image_layout(self, image_size: tuple[int, int]) -> Any:
+        """LLaVA-NeXT: the packed run (`mllm_adapters.llava_next.ImageLayout`: tiles, unpadded views) of an
+        image of ``image_size`` = (height, width) px."""
+        if not self.anyres:
+            raise ValueError(f"model {self.name!r} is not anyres: every image is one {self.grid_hw} grid")
+        from mllm_adapters.llava_next import image_layout
+
+        side = self.grid_hw[0]
+        return image_layout(tuple(image_size), self._pinpoints(), int(self.config.vision_config.image_size), side)
+
     def image_tokens(self, image_size: tuple[int, int]) -> int:
         """Visual tokens of an image of ``image_size`` = (height, width) px reaching the LLM unpruned."""
         if not self.anyres:
             return self.num_visual_tokens
-        from mllm_adapters.llava_next import image_layout
-
-        side = self.grid_hw[0]
-        return image_layout(tuple(image_size), self._pinpoints(), int(self.config.vision_config.image_size), side).n_packed
+        return self.image_layout(image_size).n_packed
 
     def recall_cover(self, image_size: tuple[int, int] | None) -> tuple[tuple[int, int], Any]:
         """(grid over the whole image to ask the task's relevant patches on, token cover of its cells or

@@ -5,7 +5,8 @@ Parts:
          against the full attention map; (b) per-op timings: reference on CPU, and on CUDA Triton vs
          reference (a clear "skipped: no CUDA GPU" line otherwise).
   model  pruner overhead as a fraction of the unpruned prefill and realised prefill speed-up against
-         the FLOPs bound on a LLaVA-1.5-shaped model (real hidden sizes, a few layers, random weights);
+         the FLOPs bound on a LLaVA-1.5-shaped model (real hidden sizes, a few layers, random weights;
+         --model llava-next: LLaVA-NeXT-shaped, anyres; or a conf/model name such as tiny-next);
          see ``benchmarks/perf/model.py``.
 
 Figures are printed as markdown tables and written to ``results/perf/perf.json`` (``--out``).
@@ -50,7 +51,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--vision-layers", type=int, default=2, help="model part: CLIP-L/14-336 layers")
     p.add_argument("--repeats", type=int, default=3, help="model part: timed prefills per configuration")
     p.add_argument("--methods", default="fastv,random", help="model part: pruners to time")
-    p.add_argument("--budgets", default="192,128,64", help="model part: visual tokens kept (of 576)")
+    p.add_argument("--budgets", default=None,
+                   help="model part: visual tokens kept per image (default 1/3, 2/9, 1/9 of the image's tokens: "
+                        "192,128,64 of LLaVA-1.5's 576); checked as the runner checks budgets")
+    p.add_argument("--model", default="llava-1.5",
+                   help="model part: llava-1.5 (default) or llava-next (7B-shaped, few layers), or a conf/model "
+                        "name (e.g. tiny-next)")
+    p.add_argument("--image-size", default=None,
+                   help="model part, anyres models: image HxW in px (default: the largest pinpoint, the longest run)")
     p.add_argument("--out", default="results/perf/perf.json", help="where to write the figures as JSON")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -85,11 +93,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "model" in parts:
         from benchmarks.perf.model import model_perf
 
-        budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+        budgets = [int(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        size = tuple(int(v) for v in args.image_size.lower().split("x")) if args.image_size else None
+        if size is not None and len(size) != 2:
+            raise SystemExit(f"--image-size takes HxW (e.g. 672x672), got {args.image_size!r}")
         report["model"] = model_perf(
             text_layers=args.text_layers, vision_layers=args.vision_layers, methods=methods, budgets=budgets,
-            repeats=args.repeats,
+            repeats=args.repeats, model=args.model, image_size=size,
         )
 
     out = Path(args.out)

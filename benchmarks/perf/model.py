@@ -1,10 +1,19 @@
-"""Model-level performance: pruner overhead and realised prefill speed-up on a LLaVA-1.5-shaped model.
+"""Model-level performance: pruner overhead and realised prefill speed-up on a LLaVA-shaped model.
 
-The model is a ``LlavaForConditionalGeneration`` built from config with LLaVA-1.5-7B's real sizes
-(CLIP-L/14-336 vision tower: hidden 1024, 16 heads, 576 patches; Llama LLM: hidden 4096, 32 heads,
-MLP 11008, vocab 32064) but only a few layers and random weights, SDPA attention everywhere, fp32 on
-CPU. The prompt is 35 text tokens, the 576 image tokens, then 20 text tokens (LLaVA-1.5's system
-prompt + question length), batch 1.
+Models (``--model``):
+- ``llava-1.5`` (default): a ``LlavaForConditionalGeneration`` built from config with LLaVA-1.5-7B's
+  real sizes (CLIP-L/14-336 vision tower: hidden 1024, 16 heads, 576 patches; Llama LLM: hidden 4096,
+  32 heads, MLP 11008, vocab 32064) but only a few layers and random weights, SDPA attention
+  everywhere, fp32 on CPU.
+- ``llava-next``: the same towers as a ``LlavaNextForConditionalGeneration`` with LLaVA-NeXT-7B's anyres
+  pinpoints (336 px tiles; a 672 x 672 image is 5 tiles and 2,928 visual tokens).
+- any ``conf/model`` name (e.g. ``tiny-next``, ``tiny``): that model as the runner loads it.
+The prompt is 35 text tokens, the image's placeholder run, then 20 text tokens (LLaVA-1.5's system
+prompt + question length), batch 1, random pixels. Anyres models: the image is ``image_size`` px
+(default: the largest pinpoint, i.e. the longest run any image can have) and its run is that image's
+own count (`benchmarks.models.LoadedModel.image_tokens`); budgets are validated as the runner does
+(`benchmarks.run.validate_budgets`) and default to 1/3, 2/9 and 1/9 of the image's tokens (192, 128
+and 64 of LLaVA-1.5's 576).
 
 Measured, per method and budget (runs are interleaved across configurations so load from other
 processes on a shared machine hits all of them alike; medians over ``repeats``):
@@ -13,10 +22,12 @@ processes on a shared machine hits all of them alike; medians over ``repeats``):
   adapter's in-LLM bookkeeping at the hooked layers (gathers of hidden states, positions, RoPE).
 - ``overhead_fraction`` = overhead CPU time / the unpruned prefill CPU time of the same model (goal <= 1%);
   wall-clock and process CPU time are both recorded (CPU time is robust to other processes on the cores).
-  Because this model has only a few LLM layers, the fraction is also projected to the full 32-layer
-  LLM + 24-layer ViT by scaling the unpruned time with the analytic FLOPs (``projected_fraction_7b``).
+  Because the shaped models have only a few layers, the fraction is also projected to the full
+  32-layer LLM + 24-layer ViT by scaling the unpruned time with the analytic FLOPs
+  (``projected_fraction_7b``; not given for ``conf/model`` models).
 - ``speedup`` = unpruned prefill time / pruned prefill time, against ``flops_bound`` = unpruned
-  prefill FLOPs / pruned prefill FLOPs (``benchmarks.flops``, the pruner's own FLOPs excluded);
+  prefill FLOPs / pruned prefill FLOPs (``benchmarks.flops`` on the sample's own counts, the pruner's
+  own FLOPs excluded; the unpruned figure is the unhooked model's: every ViT layer, on every tile);
   ``of_bound`` = speedup / flops_bound (goal >= 0.9).
 """
 
@@ -25,17 +36,26 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 N_BEFORE, N_AFTER = 35, 20  # text tokens before / after the image (BOS + system prompt, question)
+SHAPED = ("llava-1.5", "llava-next")
+#: LLaVA-NeXT-7B's anyres pinpoints (llava-hf/llava-v1.6-vicuna-7b-hf)
+NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
+BUDGET_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # of the image's visual tokens: 192, 128, 64 of 576
+CONF_MODEL = Path(__file__).resolve().parents[2] / "conf" / "model"
 
 
-def llava15_config(text_layers: int, vision_layers: int, attn: str = "sdpa"):
-    """LLaVA-1.5-7B's shapes with ``text_layers`` decoder layers and ``vision_layers`` ViT layers."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+def shaped_config(text_layers: int, vision_layers: int, family: str = "llava-1.5", attn: str = "sdpa"):
+    """LLaVA-1.5-7B's shapes (``family="llava-next"``: as LLaVA-NeXT-7B, anyres) with ``text_layers``
+    decoder layers and ``vision_layers`` ViT layers."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaNextConfig
 
+    if family not in SHAPED:
+        raise ValueError(f"shaped model family must be one of {SHAPED}, got {family!r}")
     vision = CLIPVisionConfig(
         hidden_size=1024, intermediate_size=4096, num_hidden_layers=vision_layers, num_attention_heads=16,
         image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu",
@@ -45,35 +65,90 @@ def llava15_config(text_layers: int, vision_layers: int, attn: str = "sdpa"):
         num_key_value_heads=32, vocab_size=32064, max_position_embeddings=4096, rms_norm_eps=1e-5,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
     )
-    cfg = LlavaConfig(
-        vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", projector_hidden_act="gelu",
-    )
+    common = dict(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-2,
+                  vision_feature_select_strategy="default", projector_hidden_act="gelu")
+    cfg = LlavaConfig(**common) if family == "llava-1.5" else LlavaNextConfig(**common, image_grid_pinpoints=NEXT_PINPOINTS)
     for c in (cfg, cfg.text_config, cfg.vision_config):
         c._attn_implementation = attn
     return cfg
 
 
-def build_model(text_layers: int, vision_layers: int, seed: int = 0):
-    from transformers import LlavaForConditionalGeneration
+def build_model(text_layers: int, vision_layers: int, seed: int = 0, family: str = "llava-1.5"):
+    """A shaped model (`shaped_config`) with random weights, in eval mode."""
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
     torch.manual_seed(seed)
-    return LlavaForConditionalGeneration(llava15_config(text_layers, vision_layers)).eval()
+    cls = LlavaForConditionalGeneration if family == "llava-1.5" else LlavaNextForConditionalGeneration
+    return cls(shaped_config(text_layers, vision_layers, family)).eval()
 
 
-def make_inputs(config: Any, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Batch of one: [BOS, 34 text, 576 x <image>, 20 text] and a random 336 x 336 image."""
+def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
+    """`benchmarks.models.LoadedModel` of a shaped model (`SHAPED`) or of ``conf/model/<name>.yaml``."""
+    from omegaconf import OmegaConf
+
+    from benchmarks.models import DEFAULT_TEMPLATE, LoadedModel, load_model
+
+    if name in SHAPED:
+        return LoadedModel(name=name, model=build_model(text_layers, vision_layers, family=name), processor=None,
+                           prompt_template=DEFAULT_TEMPLATE)
+    path = CONF_MODEL / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ValueError(f"--model {name!r}: accepted: {', '.join(SHAPED)} or a conf/model name ({', '.join(known)})")
+    return load_model(OmegaConf.to_container(OmegaConf.load(path), resolve=True), "cpu")
+
+
+def default_image_size(lm: Any) -> tuple[int, int] | None:
+    """Anyres: the pinpoint whose image packs the longest run (no unpadding); None otherwise."""
+    if not lm.anyres:
+        return None
+    pins = [tuple(int(v) for v in p) for p in lm.config.image_grid_pinpoints]
+    return max(pins, key=lambda hw: lm.image_tokens(hw))
+
+
+def make_inputs(lm: Any, image_size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Batch of one: [BOS, 34 text, the image's placeholder run, 20 text] and random pixels
+    (LLaVA-1.5: one image; anyres: the tiles of an image of ``image_size`` px, with ``image_sizes``)."""
+    config = lm.config
     g = torch.Generator().manual_seed(seed)
-    side = config.vision_config.image_size // config.vision_config.patch_size
-    text = torch.randint(3, 31999, (N_BEFORE + N_AFTER,), generator=g)
+    img = int(config.image_token_id)
+    vocab = int(config.text_config.vocab_size)
+    text = torch.randint(3, min(31999, vocab - 1), (N_BEFORE + N_AFTER,), generator=g)
+    text = text + (text >= img).long()  # never the image placeholder
     text[0] = 1
-    ids = torch.cat([text[:N_BEFORE], torch.full((side * side,), config.image_token_id), text[N_BEFORE:]])[None]
-    return {
-        "input_ids": ids,
-        "attention_mask": torch.ones_like(ids),
-        "pixel_values": torch.randn(1, 3, config.vision_config.image_size, config.vision_config.image_size,
-                                    generator=g),
-    }
+    n_vis = lm.image_tokens(image_size) if lm.anyres else lm.num_visual_tokens
+    ids = torch.cat([text[:N_BEFORE], torch.full((n_vis,), img), text[N_BEFORE:]])[None]
+    px = int(config.vision_config.image_size)
+    if not lm.anyres:
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                "pixel_values": torch.randn(1, 3, px, px, generator=g)}
+    tiles = lm.image_layout(image_size).n_tiles
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": torch.randn(1, tiles, 3, px, px, generator=g),  # [B, tiles, 3, S, S]
+            "image_sizes": torch.tensor([list(image_size)])}
+
+
+def untouched_flops(lm: Any, n_text: int, image_size: tuple[int, int] | None = None, config: Any = None) -> int:
+    """Prefill FLOPs of the unhooked model on `make_inputs`' prompt: every ViT layer (anyres: on every
+    tile, `benchmarks.flops.reference_counts`), the LLM on the text and the image's whole run.
+    ``config``: count another depth of the same model (same image geometry), default ``lm.config``."""
+    from benchmarks.flops import prefill_flops, reference_counts
+
+    config = config if config is not None else lm.config
+    if not lm.anyres:
+        return prefill_flops(config, n_text).total
+    counts = {"vision_tiles": lm.image_layout(image_size).n_tiles, "visual_in": lm.image_tokens(image_size)}
+    return prefill_flops(config, n_text, reference_counts(config, counts)).total
+
+
+def perf_budgets(lm: Any, n_vis: int, budgets: list[int] | tuple[int, ...] | None) -> list[int]:
+    """``budgets`` (default `BUDGET_FRACTIONS` of the image's ``n_vis`` tokens), validated as the runner does."""
+    from benchmarks.run import validate_budgets
+
+    if budgets is None:
+        budgets = sorted({max(1, round(n_vis * f)) for f in BUDGET_FRACTIONS}, reverse=True)
+    checked = validate_budgets(list(budgets), lm.num_visual_tokens, lm.name, anyres=lm.anyres)
+    return sorted((b for b in checked if isinstance(b, int)), reverse=True)
 
 
 class OverheadTimer:
@@ -119,22 +194,35 @@ def model_perf(
     text_layers: int = 2,
     vision_layers: int = 2,
     methods: list[str] | tuple[str, ...] = ("fastv", "random"),
-    budgets: list[int] | tuple[int, ...] = (192, 128, 64),
+    budgets: list[int] | tuple[int, ...] | None = None,
     repeats: int = 3,
     verbose: bool = True,
+    model: str = "llava-1.5",
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Overhead fraction and realised speed-up vs FLOPs bound; prints a table, returns the figures."""
-    from benchmarks.flops import prefill_flops
+    """Overhead fraction and realised speed-up vs FLOPs bound; prints a table, returns the figures.
+
+    ``model``: a shaped model (`SHAPED`, ``text_layers`` / ``vision_layers`` deep) or a ``conf/model``
+    name; ``image_size``: (height, width) px of the image for anyres models (default `default_image_size`).
+    """
+    from benchmarks.flops import sample_cost
     from benchmarks.perf.__main__ import print_table
     from pruners import apply_pruner
 
     t0 = time.perf_counter()
-    model = build_model(text_layers, vision_layers)
-    cfg = model.config
-    inputs = make_inputs(cfg)
+    lm = load_perf_model(model, text_layers, vision_layers)
+    cfg = lm.config
+    if lm.anyres:
+        image_size = tuple(int(v) for v in image_size) if image_size else default_image_size(lm)
+    elif image_size:
+        raise ValueError(f"--image-size is for anyres models (LLaVA-NeXT); {model!r} takes one fixed grid")
+    inputs = make_inputs(lm, image_size)
     n_text = N_BEFORE + N_AFTER
+    n_vis = int(inputs["input_ids"].shape[1]) - n_text
+    budgets = perf_budgets(lm, n_vis, budgets)
     build_s = time.perf_counter() - t0
-    params = {"fastv": {"layer": min(2, text_layers - 1)}}  # FastV's K=2 when the model has >2 layers
+    n_layers = int(cfg.text_config.num_hidden_layers)
+    params = {"fastv": {"layer": min(2, n_layers - 1)}}  # FastV's K=2 when the model has >2 layers
 
     configs: list[tuple[str, int | None]] = [("none", None)] + [(m, b) for m in methods for b in budgets]
     wall: dict[tuple, list[float]] = {c: [] for c in configs}
@@ -142,17 +230,17 @@ def model_perf(
     ov_wall: dict[tuple, list[float]] = {c: [] for c in configs}
     ov_cpu: dict[tuple, list[float]] = {c: [] for c in configs}
     counts: dict[tuple, Any] = {}
-    _prefill_ms(model, inputs)  # warm-up (allocator, lazy init)
+    _prefill_ms(lm.model, inputs)  # warm-up (allocator, lazy init)
     for _ in range(repeats):
         for c in configs:
             method, budget = c
             if method == "none":  # the unhooked model is the baseline
-                w, u = _prefill_ms(model, inputs)
+                w, u = _prefill_ms(lm.model, inputs)
             else:
-                handle = apply_pruner(model, method, budget=budget, **params.get(method, {}))
+                handle = apply_pruner(lm.model, method, budget=budget, **params.get(method, {}))
                 try:
                     timer = OverheadTimer(handle.adapter)
-                    w, u = _prefill_ms(model, inputs)
+                    w, u = _prefill_ms(lm.model, inputs)
                     ov_wall[c].append(timer.ms)
                     ov_cpu[c].append(timer.cpu_ms)
                     counts[c] = copy.deepcopy(handle.token_counts)
@@ -162,37 +250,48 @@ def model_perf(
             cpu[c].append(u)
 
     med = statistics.median
-    full = llava15_config(32, 24)  # LLaVA-1.5-7B depth, for projecting the overhead fraction
-    flops_base = prefill_flops(cfg, n_text).total
-    to_7b = prefill_flops(full, n_text).total / flops_base
+    flops_base = untouched_flops(lm, n_text, image_size)
+    to_7b = None
+    if model in SHAPED:  # the 7B's depth, for projecting the overhead fraction
+        to_7b = untouched_flops(lm, n_text, image_size, shaped_config(32, 24, model)) / flops_base
     base_w, base_c = med(wall[("none", None)]), med(cpu[("none", None)])
     rows = []
     for c in configs[1:]:
         method, budget = c
-        bound = flops_base / prefill_flops(cfg, n_text, counts[c]).total
+        sample = sample_cost(cfg, n_text, counts[c], 0, n_vis)
+        bound = flops_base / sample.flops.total
         sw, sc = base_w / med(wall[c]), base_c / med(cpu[c])
         rows.append({
             "method": method, "budget": budget, "prefill_ms": med(wall[c]), "prefill_cpu_ms": med(cpu[c]),
             "overhead_ms": med(ov_wall[c]), "overhead_cpu_ms": med(ov_cpu[c]),
             "overhead_fraction": med(ov_cpu[c]) / base_c,
-            "projected_fraction_7b": med(ov_cpu[c]) / (base_c * to_7b),
+            "projected_fraction_7b": None if to_7b is None else med(ov_cpu[c]) / (base_c * to_7b),
             "speedup_wall": sw, "speedup_cpu": sc, "flops_bound": bound,
             "of_bound_wall": sw / bound, "of_bound_cpu": sc / bound,
-            "llm_visual_tokens": counts[c].get("llm_visual"),
+            "llm_visual_tokens": sample.counts.get("llm_visual"),
         })
+    if model == "llava-1.5":
+        desc = (f"LLaVA-1.5-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT layers "
+                f"(CLIP-L/14-336), random weights, fp32, SDPA")
+    elif model == "llava-next":
+        desc = (f"LLaVA-NeXT-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT layers "
+                f"(CLIP-L/14-336 per tile), random weights, fp32, SDPA")
+    else:
+        desc = f"conf/model {model} ({n_layers} LLM layers, {cfg.vision_config.num_hidden_layers} ViT layers)"
+    if lm.anyres:
+        desc += f", image {image_size[0]} x {image_size[1]} px ({lm.image_layout(image_size).n_tiles} tiles)"
     result = {
-        "model": f"LLaVA-1.5-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT layers "
-                 f"(CLIP-L/14-336), random weights, fp32, SDPA, CPU threads={torch.get_num_threads()}",
-        "prompt_tokens": n_text + 576, "repeats": repeats, "build_s": build_s,
-        "unpruned_prefill_ms": base_w, "unpruned_prefill_cpu_ms": base_c,
+        "model": f"{desc}, CPU threads={torch.get_num_threads()}",
+        "prompt_tokens": n_text + n_vis, "visual_tokens": n_vis, "budgets": budgets, "repeats": repeats,
+        "build_s": build_s, "unpruned_prefill_ms": base_w, "unpruned_prefill_cpu_ms": base_c,
         "flops_7b_over_this_model": to_7b, "rows": rows,
         "prefill_ms_all": {f"{m}@{b}": wall[(m, b)] for m, b in configs},
         "prefill_cpu_ms_all": {f"{m}@{b}": cpu[(m, b)] for m, b in configs},
     }
     if verbose:
         print(f"## (c) model level: {result['model']}\n")
-        print(f"unpruned prefill: {base_w:.0f} ms wall, {base_c:.0f} ms CPU (median of {repeats}; wall runs: "
-              f"{', '.join(f'{t:.0f}' for t in wall[('none', None)])})\n")
+        print(f"unpruned prefill ({n_text + n_vis} tokens, {n_vis} visual): {base_w:.0f} ms wall, {base_c:.0f} ms "
+              f"CPU (median of {repeats}; wall runs: {', '.join(f'{t:.0f}' for t in wall[('none', None)])})\n")
         print_table(rows, ["method", "budget", "prefill_ms", "prefill_cpu_ms", "overhead_cpu_ms",
                            "overhead_fraction", "projected_fraction_7b", "speedup_wall", "speedup_cpu",
                            "flops_bound", "of_bound_wall", "of_bound_cpu"])
@@ -201,3 +300,4 @@ def model_perf(
               "speedup = unpruned / pruned prefill time; flops_bound = unpruned / pruned prefill FLOPs; "
               "of_bound = speedup / flops_bound (goal >= 0.9).\n")
     return result
+
