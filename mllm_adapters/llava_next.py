@@ -49,9 +49,23 @@ How pruners see the tokens (the rules, also in README.md):
   ``vision_tiles`` (ViT passes), ``projector_per_sample`` (tokens through the projector) and
   ``llm_visual_per_sample`` (its real tokens entering each decoder layer, inert slots excluded);
   ``llm_visual_width`` is the padded width the batch actually computed. ``vision`` (tokens entering
-  each ViT layer of one tile) is absent when the model runs untouched (every layer runs then).
-- ``vision`` stage (FlowCut and other methods that cut tokens inside the ViT): refused with a
-  ValueError naming the method, the model class and the supported stages.
+  each ViT layer of one tile; with a vision-stage method, the padded width of the batch's tile rows)
+  is absent when the model runs untouched (every layer runs then). With a vision-stage method,
+  ``vision_per_tile_per_sample`` lists per image, per tile that ran, the real tokens entering each of
+  its ViT layers (``vision_tiles`` stays the image's tile count, what the untouched model runs).
+- ``vision`` stage (FlowCut: tokens cut inside the ViT), per tile: the tiles of the whole batch run
+  through the ViT layers together as one batch. After each of the method's layers the pruner is
+  called once per tile (B = 1) with that tile's share of the image budget (split as in the pre_llm
+  stage, `split_budget`). It sees the tile's view: [CLS] + its current patches that survive
+  unpadding (``ctx.info.grid_hw`` = the view rectangle, ``ctx.patch_index`` raster indices in it, CLS
+  attention and q/k/v of that layer restricted to those columns), with a state dict of its own. The
+  tile's patches outside its view stay in its sequence until its first cut, then leave it. Tiles
+  keeping different counts are padded to the widest row and the padding is masked as keys, so each
+  tile computes as if alone (batch of two = two batches of one). A tile whose share covers its view
+  runs whole (like an image within the budget, whose tiles all run whole and which reaches the LLM
+  with its newlines); a tile whose share is 0 is not run at all. The kept patches of the image's
+  tiles reach the LLM in packed order, without newlines (as pre_llm). A method combining the
+  vision stage with another stage is refused with a ValueError naming it and the supported stages.
 
 Positions: tokens dropped before the LLM are removed from the position count (compact, as for
 LLaVA-1.5); in-LLM pruning keeps original positions unless ``positions="compact"``.
@@ -69,8 +83,8 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters.handle import PruningHandle
-from mllm_adapters.llava import LlavaAdapter, _Forward
-from pruners.base import ModelInfo, PreLLMContext, Pruner, sample_generators
+from mllm_adapters.llava import LlavaAdapter, _Forward, _gather_seq
+from pruners.base import ModelInfo, PreLLMContext, Pruner, VisionLayerContext, sample_generators
 
 MODEL_CLASS = "LlavaNextForConditionalGeneration"
 INERT = -2  # visual_index of an inert slot (merged tokens are -1, as for LLaVA-1.5)
@@ -189,15 +203,25 @@ class _NextForward(_Forward):
 
 
 def _vision_stage_error(pruner: Pruner) -> ValueError:
-    from pruners.registry import available_pruners, get_pruner_class
-
-    ok = [n for n in available_pruners() if "vision" not in get_pruner_class(n).stages and not n.startswith("_")]
     return ValueError(
-        f"method {pruner.name!r} prunes inside the vision encoder (stage 'vision'), which is not supported for "
-        f"{MODEL_CLASS}: its ViT runs once per anyres tile and the tiles are only joined (and unpadded) after it. "
-        f"Supported there: the 'pre_llm' stage (run per tile, budget split over tiles) and the 'llm' stage; "
-        f"methods: {', '.join(ok)}"
+        f"method {pruner.name!r} combines vision-stage pruning (inside the ViT) with the stages "
+        f"{[s for s in pruner.stages if s != 'vision']}, which is not supported for {MODEL_CLASS}: a vision-stage "
+        f"method runs there on its own, per anyres tile. Supported: 'vision' alone (per tile), 'pre_llm' (per "
+        f"tile), 'llm', and 'pre_llm' + 'llm'"
     )
+
+
+@dataclass
+class _VisionTile:
+    """One tile the vision stage runs through the ViT (a row of the batched tile sequence)."""
+
+    image: int  # sample in the batch
+    tile: int  # tile of that image (0 = base)
+    row: int  # tile in the batch's [T, 3, S, S] pixel tensor
+    in_view: torch.Tensor  # [side**2] bool: the tile's patches that survive unpadding
+    view_rank: torch.Tensor  # [side**2] raster index of each view patch inside the view's rectangle
+    pruner: Pruner | None  # the tile's pruner (its share of the budget), None when the tile stays whole
+    state: dict[str, Any]  # the tile pruner's per-forward state (e.g. FlowCut's cumulative flow)
 
 
 class LlavaNextAdapter(LlavaAdapter):
@@ -206,7 +230,7 @@ class LlavaNextAdapter(LlavaAdapter):
     family = "llava_next"
 
     def __init__(self, model: nn.Module, pruner: Pruner, handle: PruningHandle) -> None:
-        if "vision" in pruner.stages:
+        if "vision" in pruner.stages and len(pruner.stages) > 1:
             raise _vision_stage_error(pruner)
         self._layouts: dict[tuple[int, int], ImageLayout] = {}
         self._tile_pruners: dict[tuple, Pruner] = {}
@@ -280,7 +304,10 @@ class LlavaNextAdapter(LlavaAdapter):
             return args, kwargs
 
         tiles, first_tile = self._tiles(pixel_values, layouts)  # [T, 3, S, S]
-        per_image = self._vision_and_pre_llm_next(tiles, first_tile, layouts, input_ids, attention_mask, starts)
+        if "vision" in self.pruner.stages:
+            per_image = self._vision_stage_next(tiles, first_tile, layouts)
+        else:
+            per_image = self._vision_and_pre_llm_next(tiles, first_tile, layouts, input_ids, attention_mask, starts)
         self._rewrite_prompt(kwargs, input_ids, attention_mask, starts, layouts, per_image)
         return args, kwargs
 
@@ -318,14 +345,18 @@ class LlavaNextAdapter(LlavaAdapter):
         return tiles, first
 
     # ---- vision + per-tile pre-LLM -------------------------------------------------------------
+    def _embed(self, tiles: torch.Tensor) -> torch.Tensor:
+        """ViT input sequences [T, n_cls + side**2, Dv] of tiles [T, 3, S, S] (embeddings, pre-norm)."""
+        vt = self.vision_tower
+        hs = vt.embeddings(tiles.to(vt.embeddings.patch_embedding.weight.dtype))
+        return vt.pre_layrnorm(hs) if hasattr(vt, "pre_layrnorm") else hs
+
     def _run_vit(
         self, tiles: torch.Tensor, probe: set[int]
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor], dict[int, torch.Tensor]]:
         """ViT on every tile up to the feature layer: (features [T, side**2, Dv], layer inputs, layer outputs)."""
-        vt, info = self.vision_tower, self.info
-        hs = vt.embeddings(tiles.to(vt.embeddings.patch_embedding.weight.dtype))  # [T, 1+n2, Dv]
-        if hasattr(vt, "pre_layrnorm"):
-            hs = vt.pre_layrnorm(hs)
+        info = self.info
+        hs = self._embed(tiles)  # [T, 1+n2, Dv]
         layer_in: dict[int, torch.Tensor] = {}
         layer_out: dict[int, torch.Tensor] = {}
         for i in range(info.vision_feature_layer + 1):
@@ -363,14 +394,11 @@ class LlavaNextAdapter(LlavaAdapter):
         for b, lay in enumerate(layouts):
             t0 = first_tile[b]
             img_feats = feats[t0 : t0 + lay.n_tiles].reshape(-1, feats.shape[-1])  # [n_tiles*n2, Dv]
-            whole = not run_pre or (not pruner.chooses_budget and pruner.budget >= lay.n_packed)
-            if whole:
+            if not run_pre or self._reaches_whole(lay):
                 src = lay.src.to(feats.device)
                 out.append((img_feats[src.clamp(min=0)], src < 0, torch.arange(lay.n_packed, device=feats.device), None))
                 continue
-            views = [lay.view_patches(t) for t in range(lay.n_tiles)]
-            sizes = [int(v.numel()) for v in views]
-            shares = [None] * lay.n_tiles if pruner.chooses_budget else split_budget(pruner.budget, sizes)
+            views, sizes, shares = self._tile_shares(lay)
             pidx = lay.packed_index().to(feats.device)
             keys, toks, index, scores = [], [], [], []
             any_scores = False
@@ -416,6 +444,172 @@ class LlavaNextAdapter(LlavaAdapter):
                         torch.cat(scores)[order] if any_scores else None))
         self._fw.vision_qkv.clear()
         return out
+
+    # ---- vision stage, per tile ------------------------------------------------------------------
+    def _vision_plan(self, first_tile: list[int], layouts: list[ImageLayout], device: torch.device) -> list[_VisionTile]:
+        """The tiles the ViT runs: every tile with packed patches, except those a pruned image gives no share."""
+        n2 = self.side**2
+        plan = []
+        for b, lay in enumerate(layouts):
+            whole = self._reaches_whole(lay)
+            views, sizes, shares = self._tile_shares(lay)
+            for t, (vp, m, k) in enumerate(zip(views, sizes, shares)):
+                if m == 0 or k == 0:
+                    continue
+                in_view = torch.zeros(n2, dtype=torch.bool, device=device)
+                in_view[vp.to(device)] = True
+                rank = torch.zeros(n2, dtype=torch.long, device=device)
+                rank[vp.to(device)] = torch.arange(m, device=device)
+                keep_whole = whole or (k is not None and k >= m)
+                pruner = None if keep_whole else self._tile_pruner(k, lay.rects[t])
+                plan.append(_VisionTile(b, t, first_tile[b] + t, in_view, rank, pruner, {}))
+        return plan
+
+    def _vision_stage_next(
+        self, tiles: torch.Tensor, first_tile: list[int], layouts: list[ImageLayout]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Vision-stage pruning per tile (see the module docstring); same per-image output as
+        `_vision_and_pre_llm_next`. The tiles of the whole batch run through the ViT together, each row
+        padded to the widest (padding masked as keys, so each tile computes as if alone)."""
+        info = self.info
+        n_cls = 1 if info.has_cls else 0
+        dev = tiles.device
+        plan = self._vision_plan(first_tile, layouts, dev)
+        rows = torch.tensor([p.row for p in plan], dtype=torch.long, device=dev)
+        hs = self._embed(tiles[rows])  # [A, n_cls + side**2, Dv]
+        # per tile: raster index (in its side x side grid) of each patch in its sequence; real ones first
+        cur = [torch.arange(self.side**2, device=dev) for _ in plan]
+        mask: torch.Tensor | None = None  # [A, W] real patches (None: every row is full)
+        widths: list[int] = []
+        per_tile: list[list[int]] = [[] for _ in plan]
+        gens = sample_generators(self.pruner.seed, tiles)
+        prunes = any(p.pruner is not None for p in plan)
+        for i in range(info.vision_feature_layer + 1):
+            widths.append(hs.shape[1])
+            for a, c in enumerate(cur):
+                per_tile[a].append(n_cls + int(c.numel()))
+            key_mask = None if mask is None else torch.cat(
+                [torch.ones(len(plan), n_cls, dtype=torch.bool, device=dev), mask], dim=1)  # [A, W + n_cls]
+            h_in = hs
+            here = prunes and i in self._vision_layers
+            hs = self._run_vision_layer(i, hs, self._vision_additive_mask(key_mask, hs.dtype), here)
+            if not here:
+                continue
+            sel = self._prune_tiles(i, plan, cur, hs, h_in, key_mask, gens)
+            self._fw.vision_qkv.pop(i, None)
+            if sel is None:
+                continue
+            lengths = torch.tensor([int(s.numel()) for s in sel], device=dev)
+            width = int(lengths.max())
+            cols = torch.zeros(len(plan), width, dtype=torch.long, device=dev)  # [A, W'] kept patch columns
+            for a, s in enumerate(sel):
+                cols[a, : s.numel()] = s
+            hs = torch.cat([hs[:, :n_cls], _gather_seq(hs[:, n_cls:], cols)], dim=1)  # [A, n_cls + W', Dv]
+            cur = [c[s] for c, s in zip(cur, sel)]
+            real = torch.arange(width, device=dev)[None] < lengths[:, None]  # [A, W']
+            mask = None if bool(real.all()) else real
+        self.handle.token_counts = {
+            "visual_in": max(lay.n_packed for lay in layouts),
+            "visual_in_per_sample": [lay.n_packed for lay in layouts],
+            "vision": widths,  # tokens per tile row the batch computed (the widest tile, padding included)
+            "vision_tiles": [lay.n_tiles for lay in layouts],
+            "vision_per_tile_per_sample": [[per_tile[a] for a, p in enumerate(plan) if p.image == b]
+                                           for b in range(len(layouts))],
+        }
+        return self._assemble_tiles(hs[:, n_cls:], plan, cur, layouts)
+
+    def _prune_tiles(
+        self,
+        i: int,
+        plan: list[_VisionTile],
+        cur: list[torch.Tensor],
+        hs: torch.Tensor,
+        h_in: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        gens: list[torch.Generator],
+    ) -> list[torch.Tensor] | None:
+        """Call each pruned tile's pruner after ViT layer ``i`` on that tile's view: [CLS] + its current
+        patches that survive unpadding, as a B = 1 sequence. Returns per tile the patch columns it keeps
+        (its view patches the pruner kept, in raster order; a tile that keeps everything keeps all its
+        columns), or None when no tile pruned."""
+        n_cls = 1 if self.info.has_cls else 0
+        cls_rows: list[torch.Tensor] = []  # this layer's [A, W] CLS attention, computed once when first asked
+
+        def cls_attention(a: int, pos: torch.Tensor) -> torch.Tensor:
+            if not cls_rows:
+                cls_rows.append(self._cls_attention(i, h_in, key_mask))
+            return cls_rows[0][a : a + 1, pos]
+
+        def qkv(a: int, cols: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(x[a : a + 1][:, :, cols] for x in self._vision_qkv(i, h_in))  # each [1, H, n_cls + n, Dh]
+
+        sel, pruned = [], False
+        for a, p in enumerate(plan):
+            c = cur[a]
+            every = torch.arange(c.numel(), device=c.device)
+            if p.pruner is None:
+                sel.append(every)
+                continue
+            pos = p.in_view[c].nonzero()[:, 0]  # [n] columns (after CLS) of the tile's view patches
+            cols = torch.cat([torch.arange(n_cls, device=c.device), n_cls + pos])  # [n_cls + n] sequence columns
+            ctx = VisionLayerContext(
+                layer=i,
+                hidden_states=hs[a : a + 1, cols],
+                patch_index=p.view_rank[c[pos]][None],
+                info=p.pruner.info,
+                state=p.state,
+                cls_attention=lambda a=a, pos=pos: cls_attention(a, pos),
+                qkv=lambda a=a, cols=cols: qkv(a, cols),
+                generators=[gens[p.row]],
+            )
+            keep = self._call_pruner(p.pruner.prune_vision, ctx)
+            if keep is None:
+                sel.append(every)
+                continue
+            keep = keep[0][keep[0] >= 0].sort().values  # raster order, as the LLaVA-1.5 vision stage
+            sel.append(pos[keep])
+            pruned = True
+        return sel if pruned else None
+
+    def _assemble_tiles(
+        self, feats: torch.Tensor, plan: list[_VisionTile], cur: list[torch.Tensor], layouts: list[ImageLayout]
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per image, its tiles' surviving view patches (``feats`` [A, W, Dv] at the feature layer) in packed
+        order: the whole run with newline slots for an image within the budget, else without newlines."""
+        n2 = self.side**2
+        out = []
+        for b, lay in enumerate(layouts):
+            pidx = lay.packed_index().to(feats.device)
+            slots, toks = [], []
+            for a, p in enumerate(plan):
+                if p.image != b:
+                    continue
+                s = pidx[p.tile * n2 + cur[a]]  # [n_a] packed slot of each patch (-1: cut by unpadding)
+                slots.append(s[s >= 0])
+                toks.append(feats[a, : cur[a].numel()][s >= 0])
+            slot, tok = torch.cat(slots), torch.cat(toks)
+            if self._reaches_whole(lay):
+                full = tok.new_zeros(lay.n_packed, tok.shape[-1])  # newline slots get image_newline later
+                full[slot] = tok
+                src = lay.src.to(feats.device)
+                out.append((full, src < 0, torch.arange(lay.n_packed, device=feats.device), None))
+            else:
+                order = slot.argsort()
+                out.append((tok[order], torch.zeros(tok.shape[0], dtype=torch.bool, device=tok.device),
+                            slot[order], None))
+        return out
+
+    def _reaches_whole(self, lay: ImageLayout) -> bool:
+        """True when the image's packed run is within the budget: it reaches the LLM unpruned."""
+        return not self.pruner.chooses_budget and self.pruner.budget >= lay.n_packed
+
+    def _tile_shares(self, lay: ImageLayout) -> tuple[list[torch.Tensor], list[int], list[int | None]]:
+        """Per tile of a pruned image: its view patches (`ImageLayout.view_patches`), their count, and its
+        share of the budget (`split_budget` by view size; None for methods that choose their own count)."""
+        views = [lay.view_patches(t) for t in range(lay.n_tiles)]
+        sizes = [int(v.numel()) for v in views]
+        shares = [None] * lay.n_tiles if self.pruner.chooses_budget else split_budget(self.pruner.budget, sizes)
+        return views, sizes, shares
 
     def _tile_pruner(self, budget: int | None, rect: tuple[int, int, int, int]) -> Pruner:
         """A copy of the pruner (same parameters and seed) attached to one tile view's ModelInfo."""

@@ -1,9 +1,11 @@
 """`flowcut` (FlowCut, arXiv 2505.19536): prune patch tokens progressively INSIDE the ViT by their
 information flow, so the vision encoder itself gets cheaper.
 
-Spec: shared/specs/flowcut.md (LLaVA-1.5 path; the anyres second prune inside the LLM is not
-implemented: the llava adapter handles single-image LLaVA-1.5-style models only). After every ViT
-layer i before the feature layer F (the one LLaVA feeds the LLM, 22 of 24 for CLIP-L):
+Spec: shared/specs/flowcut.md (LLaVA-1.5 path). On LLaVA-NeXT the adapter runs it per anyres tile,
+each tile with its share of the image budget on the patches that survive unpadding
+(`mllm_adapters/llava_next.py`); the authors' anyres second prune inside the LLM is not implemented
+(the budget is met in the ViT). After every ViT layer i before the feature layer F (the one LLaVA
+feeds the LLM, 22 of 24 for CLIP-L):
 1. signals over the current patches (CLS excluded): relation r = head-mean CLS attention;
    semantic s = head-mean of the per-head softmax over patches of v_CLS . v_j (the
    ``attention_rows`` op with values as queries/keys and scale 1); magnitude m = L1 norm of the

@@ -10,7 +10,9 @@ images pack into different runs: 40 x 60 px -> 4 crops, canvas rows unpadded, 16
 - pre-LLM pruning equals the unpruned model run on only the kept tokens;
 - a batch of two (ragged, left-padded) equals two batches of one, generation included;
 - same seed, same result; generate() at each stage; cached decoding equals full recompute;
-- vision-stage methods and bad inputs raise clear errors.
+- FlowCut (vision stage) per tile: its share of the budget, on the tile's patches that survive
+  unpadding, checked against FlowCut's signals computed by hand on each tile;
+- a vision-stage method combined with other stages, and bad inputs, raise clear errors.
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters.llava_next import image_layout, max_packed_tokens, split_budget
 from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
-from pruners import apply_pruner
+from pruners import apply_pruner, register_pruner
+from pruners.base import Pruner
+from pruners.flowcut import flow_scores
 from tests._adapter_helpers import ProjectorInputs
 
 PROMPTS = [
@@ -41,7 +45,15 @@ PRE_LLM = [("random", 30, {}), ("divprune", 30, {}), ("pooling", 30, {}), ("vtc_
 IN_LLM = [("fastv", 30, {}), ("fastv", 60, {}), ("fastv", 30, {"positions": "compact"}), ("pdrop", 20, {}),
           ("transprune", 20, {})]
 BOTH = [("vflowopt", 20, {})]
-ALL = PRE_LLM + IN_LLM + BOTH
+VISION = [("flowcut", 30, {}), ("flowcut", 60, {}), ("flowcut", 10, {})]  # 60: tiles kept whole next to pruned ones
+ALL = PRE_LLM + IN_LLM + BOTH + VISION
+
+
+@register_pruner("_test_vision_and_llm")
+class VisionAndLLM(Pruner):
+    """Test-only: a method with a vision and an llm stage (refused on LLaVA-NeXT)."""
+
+    stages = ("vision", "llm")
 
 
 def make_image(size: tuple[int, int], seed: int) -> Image.Image:
@@ -130,7 +142,8 @@ def test_split_budget():
 
 # ---- keep-all -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("method,budget", [("none", None), ("random", None), ("random", N_MAX), ("fastv", None),
-                                           ("pdrop", None), ("vflowopt", None), ("visionzip", N_MAX)])
+                                           ("pdrop", None), ("vflowopt", None), ("visionzip", N_MAX),
+                                           ("flowcut", None), ("flowcut", N_MAX)])
 def test_keep_all_is_untouched(nxt, batch, method, budget):
     model, _ = nxt
     ref = logits_of(model, batch)
@@ -140,7 +153,7 @@ def test_keep_all_is_untouched(nxt, batch, method, budget):
     assert torch.equal(out, ref)
 
 
-@pytest.mark.parametrize("method", ["random", "divprune", "pooling", "vtc_cls", "visionzip", "vflowopt"])
+@pytest.mark.parametrize("method", ["random", "divprune", "pooling", "vtc_cls", "visionzip", "vflowopt", "flowcut"])
 def test_budget_of_every_token_reproduces_unpruned(nxt, batch, method):
     """budget = the larger image's run (< the model's maximum): the adapter's own vision, packing and prompt
     rewrite run (the smaller image gets inert slots) and must give the unpruned logits."""
@@ -208,6 +221,72 @@ def test_pre_llm_tile_split_and_pooling_grid(nxt, batch):
         assert h.info["pooled_grid"] in ([2, 2], [2, 3], [3, 2], [1, 5], [3, 3])
 
 
+# ---- vision stage (FlowCut) per tile -------------------------------------------------------------
+def _flowcut_tile_by_hand(model, tile: torch.Tensor, view: torch.Tensor, share: int):
+    """FlowCut on one tile, written out for the tiny ViT (feature layer 2: scored after layers 0 and 1,
+    cut to ``share`` after layer 1), restricted to the tile's ``view`` patches (raster indices).
+    Returns (kept view patches as tile raster indices, features of layer 2 on [CLS] + them [k, Dv])."""
+    vt = model.model.vision_tower
+    layers = vt.encoder.layers
+    with torch.no_grad():
+        hs = vt.pre_layrnorm(vt.embeddings(tile[None]))  # [1, 1 + 16, Dv]
+        cum = None
+        for i in (0, 1):
+            attn = layers[i].self_attn
+            x = layers[i].layer_norm1(hs)
+            q, k, v = (proj(x).view(1, 17, -1, attn.head_dim).transpose(1, 2)
+                       for proj in (attn.q_proj, attn.k_proj, attn.v_proj))  # each [1, H, 17, Dh]
+            relation = ((q[:, :, :1] @ k.transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)[:, 0, 1:]  # [1, 16]
+            cols = torch.cat([torch.tensor([0]), 1 + view])
+            score = flow_scores(relation[:, view], v[:, :, cols], 1)  # [1, m]
+            cum = score if cum is None else 0.5 * cum + 0.5 * score
+            hs = layers[i](hs, None)
+        kept = view[cum[0].topk(share).indices.sort().values]
+        hs = layers[2](torch.cat([hs[:, :1], hs[:, 1 + kept]], dim=1), None)
+    return kept, hs[0, 1:]
+
+
+@pytest.mark.parametrize("budget", [30, 10])
+def test_flowcut_per_tile_share_view_and_signals(nxt, batch, budget):
+    """Each tile keeps exactly its share of the budget (split as for pre-LLM methods) among its patches that
+    survive unpadding; the kept set and the features the projector receives equal FlowCut written out by
+    hand on that tile alone; the image's kept count is the budget, in packed order, without newlines."""
+    model, _ = nxt
+    with apply_pruner(model, "flowcut", budget=budget) as h, ProjectorInputs(model) as rec:
+        logits_of(model, batch)
+        kept = [k.clone() for k in h.kept_indices]
+        per_tile = h.token_counts["vision_per_tile_per_sample"]
+    toks = [t[0] for t in rec.calls[-2:]]  # [n_b, Dv] per image, as fed to the projector
+    pixels = batch["pixel_values"]
+    for b, size in enumerate(SIZES):
+        lay = image_layout(size, model.config.image_grid_pinpoints, 32, 4)
+        views = [lay.view_patches(t) for t in range(lay.n_tiles)]
+        shares = split_budget(budget, [int(v.numel()) for v in views])
+        assert len(kept[b]) == budget == toks[b].shape[0]
+        assert bool((kept[b][1:] > kept[b][:-1]).all()) and bool((lay.src[kept[b]] >= 0).all())
+        pidx = lay.packed_index()
+        want_slots, want_feats = [], []
+        for t, (view, share) in enumerate(zip(views, shares)):
+            assert per_tile[b][t] == [17, 17, 1 + share]  # ViT layers 0, 1 whole; layer 2 on CLS + the share
+            tile_kept, feats = _flowcut_tile_by_hand(model, pixels[b, t], view, share)
+            want_slots.append(pidx[t * 16 + tile_kept])
+            want_feats.append(feats)
+        slots = torch.cat(want_slots)
+        order = slots.argsort()
+        assert kept[b].tolist() == slots[order].tolist()
+        assert (toks[b] - torch.cat(want_feats)[order]).abs().max() <= 1e-5
+
+
+def test_flowcut_tile_without_a_share_is_not_run(nxt, batch):
+    """Budget 3 over the 40 x 60 image's 5 tiles of 16/12/12/12/12 view patches: shares 1/1/1/0/0, so its
+    last two tiles never enter the ViT; the 30 x 80 image's 3 tiles get 1 each."""
+    model, _ = nxt
+    with apply_pruner(model, "flowcut", budget=3) as h:
+        logits_of(model, batch)
+        assert [len(k) for k in h.kept_indices] == [3, 3]
+        assert h.token_counts["vision_per_tile_per_sample"] == [[[17, 17, 2]] * 3] * 2
+
+
 # ---- in-LLM ------------------------------------------------------------------------------------
 def test_fastv_keeps_the_most_attended_packed_tokens(nxt, batch):
     """FastV over a ragged batch: per sample, the top-k of the last token's head-mean attention at layer
@@ -252,19 +331,24 @@ def test_batch_of_two_equals_two_batches_of_one(nxt, batch, images, method, budg
             assert torch.equal(gen_one[0], gen_both[i])
 
 
-def test_same_seed_same_result(nxt, batch):
+@pytest.mark.parametrize("method", ["random", "flowcut"])
+def test_same_seed_same_result(nxt, batch, method):
     model, _ = nxt
     runs = []
     for seed in (0, 0, 1):
-        with apply_pruner(model, "random", budget=20, seed=seed) as h:
+        with apply_pruner(model, method, budget=20, seed=seed) as h:
             out = logits_of(model, batch)
             runs.append(([k.tolist() for k in h.kept_indices], out))
     assert runs[0][0] == runs[1][0] and torch.equal(runs[0][1], runs[1][1])
-    assert runs[0][0] != runs[2][0]
+    if method == "random":
+        assert runs[0][0] != runs[2][0]
+    else:  # FlowCut draws nothing at random
+        assert runs[0][0] == runs[2][0]
 
 
 # ---- generation ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("method,budget,params", [PRE_LLM[0], PRE_LLM[4], IN_LLM[0], IN_LLM[3], IN_LLM[4], BOTH[0]])
+@pytest.mark.parametrize("method,budget,params",
+                         [PRE_LLM[0], PRE_LLM[4], IN_LLM[0], IN_LLM[3], IN_LLM[4], BOTH[0], VISION[0]])
 def test_generate_runs_at_every_stage(nxt, batch, method, budget, params):
     model, _ = nxt
     with apply_pruner(model, method, budget=budget, **params) as h:
@@ -308,7 +392,7 @@ def _cached_loop(model, inputs, steps: int) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "method,params",
-    [("random", {"budget": 30}), ("random", {"budget": 60}), ("visionzip", {"budget": 30}),
+    [("random", {"budget": 30}), ("random", {"budget": 60}), ("visionzip", {"budget": 30}), ("flowcut", {"budget": 30}),
      ("_test_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60]}),
      ("_test_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60], "positions": "compact"})],
 )
@@ -347,12 +431,12 @@ def test_fixed_llm_keep_with_inert_slots_equals_alone(nxt, batch, images):
 
 
 # ---- errors / removal -----------------------------------------------------------------------------
-def test_vision_stage_method_is_refused(nxt):
+def test_vision_stage_combined_with_another_stage_is_refused(nxt):
     model, _ = nxt
     with pytest.raises(ValueError) as exc:
-        apply_pruner(model, "flowcut", budget=10)
+        apply_pruner(model, "_test_vision_and_llm", budget=10)
     msg = str(exc.value)
-    for w in ["flowcut", "LlavaNextForConditionalGeneration", "pre_llm", "llm", "vtc_cls", "fastv"]:
+    for w in ["_test_vision_and_llm", "LlavaNextForConditionalGeneration", "'vision' alone", "pre_llm", "['llm']"]:
         assert w in msg
     assert not model._forward_pre_hooks
     assert getattr(model, "_prunebench_handle", None) is None or model._prunebench_handle.removed
@@ -404,7 +488,8 @@ def test_llava_adapter_unchanged_by_subclass_hooks():
         assert type(h.adapter) is LlavaAdapter and h.adapter._advancing() is None
 
 
-@pytest.mark.parametrize("method,budget", [("none", None), ("random", 30), ("fastv", 30), ("fastv", 60)])
+@pytest.mark.parametrize("method,budget", [("none", None), ("random", 30), ("fastv", 30), ("fastv", 60),
+                                           ("flowcut", 30)])
 def test_sdpa_ragged_batch_equals_singles(images, method, budget):
     """With SDPA everywhere the inert slots are masked through the 4D mask transformers builds from the
     2D one: batch of two = two batches of one, and keep-all = unpruned."""
