@@ -16,9 +16,11 @@ layer. The counts below cover every matmul that FlopCounterMode sees in an eager
 Anyres models (LLaVA-NeXT, ``mllm_adapters/llava_next.py``) run the ViT once per tile (base tile plus
 crops) and their visual-token count depends on the image's size, so their counts are per sample
 (`sample_counts` picks one sample's out of a batch handle's ``token_counts``): the vision part is
-``vision_tiles`` times one tile's encoder, the projector runs on ``projector`` tokens (the untouched
-model projects every patch of every tile, before unpadding), and the LLM on the sample's own visual
-tokens. Inert slots the adapter adds to align ragged runs in a batch are not counted, like batch padding.
+``vision_tiles`` times one tile's encoder (with a vision-stage pruner such as FlowCut, the sum over
+the tiles that ran of each tile's own encoder counts, ``vision_per_tile``), the projector runs on
+``projector`` tokens (the untouched model projects every patch of every tile, before unpadding), and
+the LLM on the sample's own visual tokens. Inert slots the adapter adds to align ragged runs in a
+batch, and the padding of shorter tiles in the ViT, are not counted, like batch padding.
 
 Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
 ``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import MissingConfigException
@@ -346,3 +347,29 @@ def test_tiny_next_sweep_counts_each_image(tmp_path, next_shapes):
     # Budgets are checked against the longest run any image can have (88 here).
     with pytest.raises(ValueError, match=r"budgets: 89 is above the 88 visual tokens of the longest image run"):
         _run_next(tmp_path, "method=random", "budgets=[null,89]", "n_samples=3")
+
+
+def test_tiny_next_flowcut_cell_flops_match_the_flop_counter(tmp_path, next_shapes):
+    """A FlowCut cell on the tiny LLaVA-NeXT: each row's prefill FLOPs (its tiles' own ViT counts, pruner
+    overhead included; batch_size=1 so the overhead is the row's own) equal FlopCounterMode on a real
+    forward of that sample. Budget 45 splits evenly over each image's tiles (5 x 9 of 80 view patches,
+    3 x 15 of 48), so no tile is padded and the count is exact."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mllm_adapters.tiny import build_tiny_llava_next
+    from pruners import apply_pruner
+
+    (cell,) = [p for p in _run_next(tmp_path, "method=flowcut", "budgets=[45]", "n_samples=3", "batch_size=1")]
+    rows = _rows(cell)
+    assert [r["kept"] for r in rows] == [45, 45, 45] and [r["visual_in"] for r in rows] == NEXT_IN
+    m = store.read_metrics(cell)
+    assert 0 < m["flops_rel"] < 1 and m["vision_tflops"] > 0 and m["overhead_tflops"] > 0
+    model, processor = build_tiny_llava_next()
+    samples = next_shapes.samples(split="eval", n=3, seed=0)
+    for r, s in zip(rows, samples):
+        enc = processor(images=[s.image], text=[f"USER: <image>\n{s.question} ASSISTANT:"], return_tensors="pt")
+        with apply_pruner(model, "flowcut", budget=45) as h, torch.inference_mode():
+            h.count_overhead_flops = True
+            with FlopCounterMode(display=False) as counter:
+                model(**enc, logits_to_keep=1)
+        assert r["tflops_prefill"] * 1e12 == pytest.approx(counter.get_total_flops(), rel=1e-9)
