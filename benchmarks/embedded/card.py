@@ -47,25 +47,27 @@ def read_curve(run: Path) -> tuple[list[dict], list[dict], list[dict]]:
 
 
 def training_wall_time(run: Path) -> dict:
-    """Wall-clock spans from train.log timestamps: per session (one per `args:` line) and total."""
-    stamps: list[tuple[datetime, str]] = []
+    """Wall-clock spans from train.log timestamps: sessions (one per `args:` line), their total, and the
+    stage-1 share (each session's time until its "stage 1 finished" line, or all of it while it was
+    still logging stage-1 records)."""
+    sessions: list[dict] = []
     for line in (run / "train.log").read_text().splitlines():
         m = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", line)
-        if m:
-            stamps.append((datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"), line))
-    sessions: list[list[datetime]] = []
-    stage1_end = None
-    for t, line in stamps:
+        if not m:
+            continue
+        t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S")
         if " args: " in line:
-            sessions.append([t, t])
+            sessions.append({"start": t, "end": t, "s1_end": None})
         elif sessions:
-            sessions[-1][1] = t
-        if "stage 1 finished at step" in line:
-            stage1_end = t
-    total = sum((b - a).total_seconds() for a, b in sessions)
+            s = sessions[-1]
+            s["end"] = t
+            if "stage 1 finished at step" in line or '{"stage": 1,' in line:
+                s["s1_end"] = t
+    total = sum((s["end"] - s["start"]).total_seconds() for s in sessions)
     out = {"sessions": len(sessions), "total_minutes": round(total / 60, 1)}
-    if stage1_end is not None and sessions:
-        out["stage1_minutes"] = round((stage1_end - sessions[0][0]).total_seconds() / 60, 1)
+    s1 = [(s["s1_end"] - s["start"]).total_seconds() for s in sessions if s["s1_end"] is not None]
+    if s1:
+        out["stage1_minutes"] = round(sum(s1) / 60, 1)
     return out
 
 
@@ -242,7 +244,7 @@ def write_card(asset: Path, run: Path, res: dict, stage1_run: Path | None = None
     if stage1_run is not None:
         L.append(f"- Stage 1 (vision) was trained in `{stage1_run}` and its final checkpoint copied into `{run}` "
                  f"({s1_wall.get('stage1_minutes', '?')} min, {s1[-1]['step'] if s1 else 0} steps); its arguments:")
-        for a in session_args(stage1_run)[:1]:
+        for a in session_args(stage1_run):
             L.append(f"  - `{a}`")
     L.append("- Arguments of each training session (in order; later sessions resume or continue earlier ones):")
     for a in args_lines:
