@@ -150,6 +150,8 @@ def stage2_options(args_lines: list[str]) -> list[str]:
             used["bg"] = a
         if a.get("caption_prob", 0) > 0:
             used["cap"] = a
+        if a.get("bg_drop_prob", 0) > 0:
+            used["drop"] = a
     out = []
     if "cap" in used:
         out.append(f"With probability {used['cap']['caption_prob']} an image's turns include a caption turn "
@@ -160,10 +162,17 @@ def stage2_options(args_lines: list[str]) -> list[str]:
         out.append(f"Token-dropout curriculum: until step {a['bg_ramp_start']} only the foreground patches reach the LLM "
                    f"(at their full-image positions), then a growing random share of the background ones, all of them "
                    f"from step {a['bg_ramp_end']}.")
+    if "drop" in used:
+        sess = [i + 1 for i, line in enumerate(args_lines) if json.loads(line).get("bg_drop_prob", 0) > 0]
+        p = used["drop"]["bg_drop_prob"]
+        out.append(f"Pruning-style augmentation in session(s) {', '.join(map(str, sess))}: with probability {p} an "
+                   "image reaches the LLM as its foreground patches plus a random 5-100% of its background patches, "
+                   "at compact positions, as pre-LLM pruning feeds it (`--bg-drop-prob`).")
     if "aux" in used:
         on = [(i + 1, json.loads(line)) for i, line in enumerate(args_lines) if json.loads(line).get("attn_aux_weight", 0) > 0]
         mass = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "mass"]
-        heads = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "heads"]
+        heads = [(i, a) for i, a in on if a.get("grounding_mode", "mass") in ("heads", "heads_colour")]
+        by_colour = [i for i, a in heads if a["grounding_mode"] == "heads_colour"]
         s = (f"**A grounding loss touches LLM attention** in training session(s) {', '.join(str(i) for i, _ in on)} of "
              f"{len(args_lines)} (arguments below; off from a session's `attn_aux_steps` on, and in sessions without it)")
         parts = []
@@ -179,7 +188,10 @@ def stage2_options(args_lines: list[str]) -> list[str]:
                          "(`train.head_targets`): head 0 onto the answer-relevant patches, onto the sink token "
                          "(the first prompt token) alone when the evidence is absent (POPE negatives, zero counts), "
                          "onto one centre patch per counted object plus the sink for counts, and heads 0 and 1 onto "
-                         "the two objects of a relation; the other heads are free")
+                         "the two objects of a relation; the other heads are free"
+                         + (f" (in session(s) {', '.join(map(str, by_colour))}, 'heads_colour': an existence question's "
+                            "head 0 onto every object of the named colour instead, the sink if there is none)"
+                            if by_colour else ""))
         out.append(s + ": " + "; ".join(parts) + ". Without it the LLM stayed at the pooled-statistics plateau "
                    "(Notes). It shapes attention at a layer no default pruner scores from (FastV scores layer 1, "
                    "PDrop layers 1/3/5, TransPrune 1-3 on 8 layers), but the features feeding later layers were "
@@ -235,7 +247,9 @@ def write_card(asset: Path, run: Path, res: dict, stage1_run: Path | None = None
              "colour x cell, colour at object centres), so the patch features carry bound attributes and positions; with "
              "`--count-map` (also continuing a finished vision stage), every object patch also encodes how many objects "
              "of its colour the image holds (global context in local tokens, as real ViT patch tokens carry it; it lets "
-             "the LLM count by finding one patch of the colour, so a pruner must keep at least one of them); (2) ViT frozen, projector + LLM trained on sequences packing several "
+             "the LLM count by finding one patch of the colour, so a pruner must keep at least one of them); with "
+             "`--shapes-map`, every object patch also encodes which shapes its colour has in the image (an existence "
+             "question can then be answered from any patch of the named colour); (2) ViT frozen, projector + LLM trained on sequences packing several "
              "question/answer turns about one image (loss on every answer), with a bridge curriculum "
              "(position-addressed questions about every attribute first, then the content-addressed families). "
              + " ".join(stage2_options(args_lines)) + " Early stopping / checkpoint choice uses the separate `val` split "

@@ -540,23 +540,30 @@ def stage2_inputs(args, step: int, enc: Encoder, hv: torch.Tensor, scenes: list[
     keep their full-image position ids (text after the image too), so the LLM sees the same relative
     geometry as on full images. Returns (per image its [k_i, Dv] kept features, ids, mask, positions,
     targets, per image the kept patch indices)."""
-    f = bg_keep_fraction(args, step)
     n = M.NUM_PATCHES
-    keeps = []
+    keeps, compact = [], []
     for i, sc in enumerate(scenes):
+        f = bg_keep_fraction(args, step)
+        g = torch.Generator().manual_seed(int(args.seed * 1_000_003 + step * 101 + i))
+        drop = args.bg_drop_prob > 0 and float(torch.rand((), generator=g)) < args.bg_drop_prob
+        if drop:  # pruning-style augmentation: a random share of the background, compact positions
+            f = 0.05 + 0.95 * float(torch.rand((), generator=g))
+        compact.append(drop)
         if f >= 1.0:
             keeps.append(torch.arange(n))
             continue
         fg = torch.from_numpy(foreground_patches(sc))
-        g = torch.Generator().manual_seed(int(args.seed * 1_000_003 + step * 101 + i))
         bg = (torch.rand(n, generator=g) < f) & ~fg
         keeps.append(torch.nonzero(fg | bg).squeeze(-1))
     rows, trows, prows = [], [], []
-    for ids, tgt, keep in zip(seqs, tgts, keeps):
+    for ids, tgt, keep, cp in zip(seqs, tgts, keeps, compact):
         a = ids.index(enc.image)  # first placeholder; the run is n long
         rows.append(ids[:a] + [enc.image] * len(keep) + ids[a + n:])
         trows.append(tgt[:a] + [-100] * len(keep) + tgt[a + n:])
-        prows.append(list(range(a)) + (a + keep).tolist() + list(range(a + n, len(ids))))
+        if cp:  # as pre-LLM pruning feeds the LLM: positions renumbered over the shrunk sequence
+            prows.append(list(range(len(rows[-1]))))
+        else:
+            prows.append(list(range(a)) + (a + keep).tolist() + list(range(a + n, len(ids))))
     ids, am = pad_batch(rows, enc.pad, left=False)
     tg, _ = pad_batch(trows, -100, left=False)
     pos, _ = pad_batch(prows, 0, left=False)
@@ -743,6 +750,9 @@ def parse_args(argv=None):
                     help="token-dropout curriculum: only foreground patches reach the LLM before this step")
     ap.add_argument("--bg-ramp-end", type=int, default=0,
                     help="... and all patches from this step on, linear in between (0 = curriculum off)")
+    ap.add_argument("--bg-drop-prob", type=float, default=0.0,
+                    help="per image, the probability of keeping only the foreground and a random 5-100%% of the "
+                         "background, at compact positions (as pre-LLM pruning feeds the LLM)")
     ap.add_argument("--caption-prob", type=float, default=0.5,
                     help="probability that an image's turns include a caption turn ('what objects are there ?')")
     ap.add_argument("--attn-aux-weight", type=float, default=0.5,
