@@ -18,11 +18,13 @@ answer prior for CPU-hours):
 
 Seeded, single-threaded by default (2 shared cores: two 1-thread processes beat one 2-thread one),
 logs to ``<out>/train.log`` and ``<out>/curve.jsonl``, checkpoints every ``--ckpt-every`` steps and
-resumes from the last checkpoint when re-run with the same ``--out``. The defaults are the shipped
-checkpoint's recipe condensed into one session (the shipped model came from four sessions whose
-arguments its card lists: grounding on all question turns and 6 turns for the first 4,250 steps,
-family weights from step 5,250, grounding off from step 6,750); a resumed stage 2 keeps its elapsed
-time, so raise ``--stage2-minutes`` to train further.
+resumes from the last checkpoint when re-run with the same ``--out``. The defaults are the first
+9,500 stage-2 steps of the shipped lineage condensed into one session (grounding on all question
+turns and 6 turns for the first 4,250 steps, family weights from step 5,250, grounding off from step
+6,750). The shipped checkpoint continued from there in further sessions (single-head grounding, a
+vision stage continued with ``--count-map`` / ``--shapes-map`` via ``--s1-init``, ``--bg-drop-prob``);
+its card lists every session's arguments, in order. A resumed stage 2 keeps its elapsed time, so
+raise ``--stage2-minutes`` to train further.
 """
 
 from __future__ import annotations
