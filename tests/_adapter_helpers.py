@@ -1,10 +1,11 @@
-"""Test-only helpers shared by the adapter tests: a fixed in-LLM pruner and a projector recorder."""
+"""Test-only helpers shared by the adapter tests: a fixed in-LLM pruner, a projector recorder and
+greedy decoding by full recompute."""
 
 from __future__ import annotations
 
 import torch
 
-from pruners import register_pruner
+from pruners import apply_pruner, register_pruner
 from pruners.base import LLMLayerContext, Pruner
 
 
@@ -37,3 +38,21 @@ class ProjectorInputs:
 
     def __exit__(self, *exc):
         self.h.remove()
+
+
+def greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> torch.Tensor:
+    """Greedy decoding without a KV cache: the whole prompt plus the generated tokens re-run each step
+    under pruner ``method`` (``params`` include the budget). Image inputs (``pixel_values`` and, for
+    LLaVA-NeXT, ``image_sizes``) are passed through. Returns the step logits [B, steps, V]."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    image = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    out = []
+    with apply_pruner(model, method, **params):
+        for _ in range(steps):
+            with torch.no_grad():
+                logits = model(input_ids=ids, attention_mask=mask, **image, use_cache=False).logits[:, -1]
+            nxt = logits.argmax(-1, keepdim=True)
+            out.append(logits)
+            ids = torch.cat([ids, nxt], 1)
+            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+    return torch.stack(out, 1)

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from pruners import apply_pruner, available_pruners, register_pruner
 from pruners.base import Pruner, VisionLayerContext
-from tests import _adapter_helpers  # noqa: F401  (registers _test_fixed_llm)
+from tests._adapter_helpers import greedy_recompute
 from tests.conftest import PROMPTS, make_images, single
 
 N_VIS = 36  # tiny model: 48 px / 8 px patches = 6 x 6
@@ -226,23 +226,6 @@ def test_batch_of_two_equals_two_batches_of_one(tiny, batch, method, params, bud
             assert torch.equal(gen_one[0], gen_both[i])
 
 
-def _greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> torch.Tensor:
-    """Greedy decoding without a KV cache: re-run the whole prompt + generated tokens each step,
-    with a pruner that keeps exactly the given tokens."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    out = []
-    with apply_pruner(model, method, **params):
-        for _ in range(steps):
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                               use_cache=False).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(logits)
-            ids = torch.cat([ids, nxt], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return torch.stack(out, 1)
-
-
 @pytest.mark.parametrize("method,budget", [("random", 10), ("fastv", 9), ("_test_vision_stride", 7)])
 def test_generate_with_pruned_cache_equals_recompute(tiny, batch, method, budget):
     model, _ = tiny
@@ -253,12 +236,12 @@ def test_generate_with_pruned_cache_equals_recompute(tiny, batch, method, budget
         kept = torch.stack(h.kept_indices)
     cached = torch.stack(gen.logits, 1)  # [B, steps, V]
     if method == "fastv":  # the last token changes every step: recompute with the prefill's kept set
-        ref = _greedy_recompute(model, batch, steps, "_test_fixed_llm", {"budget": budget, "keep": kept[0]})
+        ref = greedy_recompute(model, batch, steps, "_test_fixed_llm", {"budget": budget, "keep": kept[0]})
         if not torch.equal(kept[0], kept[1]):
-            ref1 = _greedy_recompute(model, batch, steps, "_test_fixed_llm", {"budget": budget, "keep": kept[1]})
+            ref1 = greedy_recompute(model, batch, steps, "_test_fixed_llm", {"budget": budget, "keep": kept[1]})
             ref = torch.stack([ref[0], ref1[1]])
     else:
-        ref = _greedy_recompute(model, batch, steps, method, {"budget": budget})
+        ref = greedy_recompute(model, batch, steps, method, {"budget": budget})
     assert (cached - ref).abs().max() <= 1e-4
 
 

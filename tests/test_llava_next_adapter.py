@@ -28,7 +28,7 @@ from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
 from pruners import apply_pruner, register_pruner
 from pruners.base import Pruner
 from pruners.flowcut import flow_scores
-from tests._adapter_helpers import ProjectorInputs
+from tests._adapter_helpers import ProjectorInputs, greedy_recompute
 
 PROMPTS = [
     "USER: <image> what is the colour of the circle ? ASSISTANT:",
@@ -357,22 +357,6 @@ def test_generate_runs_at_every_stage(nxt, batch, method, budget, params):
         assert all(len(k) <= budget for k in h.kept_indices)
 
 
-def _greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> torch.Tensor:
-    """Greedy decoding without a KV cache (the whole prompt re-run each step)."""
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    out = []
-    with apply_pruner(model, method, **params):
-        for _ in range(steps):
-            with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                               image_sizes=inputs["image_sizes"], use_cache=False).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
-            out.append(logits)
-            ids = torch.cat([ids, nxt], 1)
-            mask = torch.cat([mask, torch.ones_like(nxt)], 1)
-    return torch.stack(out, 1)
-
-
 def _cached_loop(model, inputs, steps: int) -> torch.Tensor:
     """Greedy decoding with the KV cache and no position_ids (positions from the cache length)."""
     out = []
@@ -412,7 +396,7 @@ def test_cached_decoding_equals_recompute(nxt, batch, images, method, params, wh
                              output_logits=True)
         loop = _cached_loop(model, inputs, steps)
     cached = torch.stack(gen.logits, 1)  # [B, steps, V]
-    ref = _greedy_recompute(model, inputs, steps, method, params)
+    ref = greedy_recompute(model, inputs, steps, method, params)
     assert (cached - ref).abs().max() <= 1e-4
     assert (loop - ref).abs().max() <= 1e-4
 
