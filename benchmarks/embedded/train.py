@@ -158,13 +158,13 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         for o2 in scene["objects"]:
             if o2["colour"] == o["colour"]:
                 colour_shapes[owner == i, G.SHAPES.index(o2["shape"])] = 1.0
-    conj = {"colour_count": colour_count, "combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
+    extra = {"colour_count": colour_count, "combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
             "colour_cell": colour_cell, "centre_colour": centre_colour}
     return {
         "colour": colour.reshape(-1), "shape": shape.reshape(-1), "digit": digit.reshape(-1),
         "centre": centre.reshape(-1), "row": rows.reshape(-1), "col": rows.T.reshape(-1),
         "presence": presence, "counts": np.minimum(counts, MAX_CLS_COUNT),
-        **{k: v.reshape(-1) for k, v in conj.items()},
+        **{k: v.reshape(-1) for k, v in extra.items()},
         "colour_shapes": colour_shapes.reshape(g * g, len(G.SHAPES)),
     }
 
