@@ -13,8 +13,9 @@ from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.pdrop import pdrop_schedule
 from pruners.transprune import layer_ttv, transprune_schedule
 from pruners.vflowopt import VFlowOpt, patch_entropy, vflowopt_schedule
+from tests._adapter_helpers import greedy_recompute
 from tests.conftest import PROMPTS, make_images, single
-from tests.test_core_invariants import _greedy_recompute, logits_of
+from tests.test_core_invariants import logits_of
 
 N_VIS = 36
 
@@ -116,10 +117,10 @@ def test_generate_with_pruned_cache_equals_recompute(tiny, batch, method, params
         positions = h.pruner.params.get("positions", "original")
     cached = torch.stack(gen.logits, 1)  # [B, steps, V]
     if method == "vflowopt":
-        ref = _greedy_recompute(model, batch, steps, method, {"budget": 6, **params})
+        ref = greedy_recompute(model, batch, steps, method, {"budget": 6, **params})
     else:
         assert len(rec) == 3
-        ref = _greedy_recompute(model, batch, steps, "_test_replay_llm",
+        ref = greedy_recompute(model, batch, steps, "_test_replay_llm",
                                 {"budget": 6, "keeps": rec, "positions": positions})
     assert (cached - ref).abs().max() <= 1e-4
 
