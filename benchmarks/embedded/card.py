@@ -141,17 +141,14 @@ def session_args(run: Path) -> list[str]:
 
 def stage2_options(args_lines: list[str]) -> list[str]:
     """Card sentences for the stage-2 options a run used (read from its logged arguments)."""
-    used: dict[str, dict] = {}
-    for line in args_lines:
-        a = json.loads(line)
-        if a.get("attn_aux_weight", 0) > 0:
-            used["aux"] = a
-        if a.get("bg_ramp_end", 0) > 0:
-            used["bg"] = a
-        if a.get("caption_prob", 0) > 0:
-            used["cap"] = a
-        if a.get("bg_drop_prob", 0) > 0:
-            used["drop"] = a
+    parsed = [json.loads(line) for line in args_lines]
+
+    def sessions_with(key: str) -> list[tuple[int, dict]]:
+        """(1-based session number, arguments) of the sessions where option ``key`` is on (> 0)."""
+        return [(i + 1, a) for i, a in enumerate(parsed) if a.get(key, 0) > 0]
+
+    options = {"aux": "attn_aux_weight", "bg": "bg_ramp_end", "cap": "caption_prob", "drop": "bg_drop_prob"}
+    used = {name: on[-1][1] for name, key in options.items() if (on := sessions_with(key))}  # last session's args
     out = []
     if "cap" in used:
         out.append(f"With probability {used['cap']['caption_prob']} an image's turns include a caption turn "
@@ -163,13 +160,13 @@ def stage2_options(args_lines: list[str]) -> list[str]:
                    f"(at their full-image positions), then a growing random share of the background ones, all of them "
                    f"from step {a['bg_ramp_end']}.")
     if "drop" in used:
-        sess = [i + 1 for i, line in enumerate(args_lines) if json.loads(line).get("bg_drop_prob", 0) > 0]
+        sess = [i for i, _ in sessions_with("bg_drop_prob")]
         p = used["drop"]["bg_drop_prob"]
         out.append(f"Pruning-style augmentation in session(s) {', '.join(map(str, sess))}: with probability {p} an "
                    "image reaches the LLM as its foreground patches plus a random 5-100% of its background patches, "
                    "at compact positions, as pre-LLM pruning feeds it (`--bg-drop-prob`).")
     if "aux" in used:
-        on = [(i + 1, json.loads(line)) for i, line in enumerate(args_lines) if json.loads(line).get("attn_aux_weight", 0) > 0]
+        on = sessions_with("attn_aux_weight")
         mass = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "mass"]
         heads = [(i, a) for i, a in on if a.get("grounding_mode", "mass") in ("heads", "heads_colour")]
         by_colour = [i for i, a in heads if a["grounding_mode"] == "heads_colour"]
