@@ -5,6 +5,7 @@ a handful of samples: seconds on CPU, no training."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from benchmarks.embedded import model as M
@@ -170,3 +171,31 @@ def test_heads_colour_mode_looks_up_existence_by_colour():
         want = G.relevant_patches(scene, {"relevant_objects": same}, (M.GRID, M.GRID)) if same else []
         assert head == 0 and rel == want and sink == (not same)
         n += 1
+
+
+def test_grown_llm_computes_what_the_small_one_did():
+    small, _ = M.build_llava(0)
+    big, _ = M.build_llava(1, heads=8, mlp=512)
+    grown = T.grow_llm(big, small.state_dict())
+    assert any(n.endswith("q_proj.weight") for n in grown) and any(n.endswith("down_proj.weight") for n in grown)
+    ids = torch.randint(10, 30, (2, 24))
+    ids[:, 3:7] = big.config.image_token_id
+    am = torch.ones_like(ids)
+    am[1, :2] = 0  # left padding in the second row
+    feats = torch.randn(2, 4, big.config.text_config.hidden_size)
+    with torch.no_grad():
+        ref = M.llm_logits(small, feats, ids, am)
+        out = M.llm_logits(big, feats, ids, am)
+    assert torch.allclose(out, ref, atol=1e-5)
+    # the added heads / units are live: their input rows are not zero, only their output columns
+    q = big.model.language_model.layers[0].self_attn.q_proj.weight  # [8 * 32, 128]
+    assert q[4 * M.LLM_HEAD_DIM:].abs().sum() > 0
+    o = big.model.language_model.layers[0].self_attn.o_proj.weight  # [128, 8 * 32]
+    assert o[:, 4 * M.LLM_HEAD_DIM:].abs().sum() == 0
+
+
+def test_grow_refuses_to_shrink():
+    small, _ = M.build_llava(0)
+    big, _ = M.build_llava(1, heads=8)
+    with pytest.raises(ValueError, match="cannot grow parameter"):
+        T.grow_llm(small, big.state_dict())

@@ -165,6 +165,13 @@ def stage2_options(args_lines: list[str]) -> list[str]:
         out.append(f"Pruning-style augmentation in session(s) {', '.join(map(str, sess))}: with probability {p} an "
                    "image reaches the LLM as its foreground patches plus a random 5-100% of its background patches, "
                    "at compact positions, as pre-LLM pruning feeds it (`--bg-drop-prob`).")
+    for i, a in enumerate(parsed):
+        if a.get("grow_from"):
+            prev = parsed[i - 1] if i else {}
+            out.append(f"In session {i + 1} the LLM was grown from {prev.get('llm_heads', 4)} to {a['llm_heads']} "
+                       f"attention heads per layer and from MLP {prev.get('llm_mlp', 384)} to {a['llm_mlp']}, "
+                       "function-preserving (`--grow-from`, `train.grow_llm`: the added heads' and MLP units' output "
+                       "columns start at zero), and trained on from there with a fresh optimizer.")
     if "aux" in used:
         on = sessions_with("attn_aux_weight")
         mass = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "mass"]

@@ -77,15 +77,20 @@ def text_tower_config(vocab_size: int) -> CLIPTextConfig:
     )
 
 
-def llava_config(vocab_size: int) -> LlavaConfig:
-    """LLaVA config: the ViT above, feature layer -2 ('default' drops CLS), 8-layer Llama (hidden 128)."""
+LLM_HEAD_DIM = 32
+
+
+def llava_config(vocab_size: int, heads: int = 4, mlp: int = 384) -> LlavaConfig:
+    """LLaVA config: the ViT above, feature layer -2 ('default' drops CLS), 8-layer Llama (hidden 128,
+    ``heads`` attention heads of dimension 32, MLP width ``mlp``)."""
     text = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=128,
-        intermediate_size=384,
+        intermediate_size=mlp,
         num_hidden_layers=8,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=LLM_HEAD_DIM,
         max_position_embeddings=512,
         rope_theta=10000.0,
         pad_token_id=SPECIAL_TOKENS.index("<pad>"),
@@ -165,11 +170,11 @@ def llm_forward(
     return out
 
 
-def build_llava(seed: int = 0) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
-    """A freshly initialised embedded LLaVA (fp32) and its processor."""
+def build_llava(seed: int = 0, heads: int = 4, mlp: int = 384) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+    """A freshly initialised embedded LLaVA (fp32) and its processor (LLM sizes as in `llava_config`)."""
     tok = make_tokenizer()
     torch.manual_seed(seed)
-    cfg = llava_config(len(tok))
+    cfg = llava_config(len(tok), heads, mlp)
     model = LlavaForConditionalGeneration(cfg)
     return model, make_llava_processor(tok, IMAGE_SIZE, PATCH_SIZE)
 

@@ -628,10 +628,36 @@ def validate(model, enc: Encoder, samples, batch: int = 50) -> dict:
     return res
 
 
+GROW_ZERO_COLUMNS = ("o_proj.weight", "down_proj.weight")  # output maps of the added heads / MLP units
+
+
+@torch.no_grad()
+def grow_llm(model: torch.nn.Module, small: dict[str, torch.Tensor]) -> list[str]:
+    """Load the state dict ``small`` of a LLaVA with fewer LLM heads or a narrower MLP into the larger
+    ``model``, function-preserving (Net2Net-style): every old weight goes to the leading block of the
+    new one; the added heads' q/k/v rows and the added MLP units' gate/up rows keep their fresh
+    initialisation, and their columns in o_proj / down_proj are zero, so the grown model computes
+    exactly what the small one did and the new capacity starts training from there. Returns the names
+    of the grown parameters."""
+    grown = []
+    for name, p in model.state_dict().items():
+        old = small[name]
+        if old.shape == p.shape:
+            p.copy_(old)
+            continue
+        if old.dim() != p.dim() or any(o > n for o, n in zip(old.shape, p.shape)):
+            raise ValueError(f"cannot grow parameter {name!r} from {tuple(old.shape)} to {tuple(p.shape)}")
+        if name.endswith(GROW_ZERO_COLUMNS):
+            p.zero_()
+        p[tuple(slice(0, o) for o in old.shape)] = old
+        grown.append(name)
+    return grown
+
+
 def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
     from benchmarks.tasks import get_task
 
-    model, _ = M.build_llava(args.seed + 2)
+    model, _ = M.build_llava(args.seed + 2, args.llm_heads, args.llm_mlp)
     if args.attn_aux_weight > 0:
         model.set_attn_implementation("eager")  # the grounding loss reads one layer's attention probabilities
     if args.s2_init == "fanin":
@@ -650,15 +676,21 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
     enc = Encoder()
     keys = eval_keys()
     val = get_task("shapes").samples("val", n=args.val_n)
-    step, best, since_best, elapsed0 = 0, -1.0, 0, 0.0
+    step, best, since_best, elapsed0, warm_from = 0, -1.0, 0, 0.0, 0
     ck = out / "stage2.pt"
     if ck.exists() and not args.restart_stage2:
         st = torch.load(ck, weights_only=False)
         model.load_state_dict(st["model"])
         opt.load_state_dict(st["opt"])
         step, best, since_best = st["step"], st["best"], st["since_best"]
-        elapsed0 = st.get("elapsed", 0.0)
+        elapsed0, warm_from = st.get("elapsed", 0.0), st.get("warm_from", 0)
         log.info("resuming stage 2 from step %d (best %.4f, %.1f min done)", step, best, elapsed0 / 60)
+    elif args.grow_from:
+        st = torch.load(args.grow_from, weights_only=False)
+        grown = grow_llm(model, st["model"])
+        step, elapsed0, warm_from = st["step"], st.get("elapsed", 0.0), st["step"]  # fresh optimizer: warm up again
+        log.info("grew %d LLM parameters of %s (step %d) to %d heads, MLP %d; fresh optimizer",
+                 len(grown), args.grow_from, step, args.llm_heads, args.llm_mlp)
     # The tower is the run's stage-1 tower, also on resume (a run whose stage 1 was continued with new
     # targets, e.g. --count-map, continues its LLM on the new tower).
     model.model.vision_tower.load_state_dict(s1.vision.state_dict())
@@ -666,7 +698,7 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
 
     def state() -> dict:
         return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                "since_best": since_best, "elapsed": elapsed0 + time.time() - t0}
+                "since_best": since_best, "elapsed": elapsed0 + time.time() - t0, "warm_from": warm_from}
 
     while step < args.stage2_steps:
         elapsed = elapsed0 + time.time() - t0
@@ -678,6 +710,8 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         progress = elapsed / (60 * args.stage2_minutes) if args.stage2_minutes else None
         for gp in opt.param_groups:
             gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps, progress=progress)
+            if warm_from and step - warm_from < 300:  # a grown model's fresh optimizer warms up again
+                gp["lr"] *= (step - warm_from + 1) / 300
         images, scenes, seqs, tgts, grounding = stage2_batch(args, step, enc, keys)
         with torch.no_grad():
             hv = M.vision_hidden(model.model.vision_tower, M.pixel_values(images)).hidden_states[-2][:, 1:]  # [B, 144, Dv]
@@ -773,6 +807,11 @@ def parse_args(argv=None):
                     help="add the per-patch 'objects of my colour' target in stage 1 (see VisionHeads)")
     ap.add_argument("--shapes-map", action="store_true",
                     help="add the per-patch 'shapes in my colour' target in stage 1 (see VisionHeads)")
+    ap.add_argument("--llm-heads", type=int, default=4, help="LLM attention heads (dimension 32 each)")
+    ap.add_argument("--llm-mlp", type=int, default=384, help="LLM MLP width")
+    ap.add_argument("--grow-from", default=None,
+                    help="start stage 2 from this stage2.pt of a smaller LLM, grown function-preserving to "
+                         "--llm-heads / --llm-mlp (when the run has no stage-2 checkpoint yet)")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",
                     help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
