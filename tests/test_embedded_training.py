@@ -146,7 +146,7 @@ def test_head_grounding_loss_is_cross_entropy_to_uniform_targets():
             assert all(h in (0, 1) for h, _, _ in targets)
 
 
-def test_count_and_shapes_maps_describe_the_objects_of_the_patch_colour():
+def test_count_shapes_and_presence_maps_describe_the_objects():
     rng = np.random.default_rng(11)
     for _ in range(20):
         scene = G.random_scene(rng)
@@ -158,6 +158,9 @@ def test_count_and_shapes_maps_describe_the_objects_of_the_patch_colour():
             assert t["colour_count"][p] == sum(o["colour"] == colour for o in scene["objects"])
             shapes = {o["shape"] for o in scene["objects"] if o["colour"] == colour}
             assert t["colour_shapes"][p].tolist() == [float(s in shapes) for s in G.SHAPES]
+            combos = {(o["colour"], o["shape"]) for o in scene["objects"]}
+            assert t["presence_map"][p].tolist() == [float((c, s) in combos) for c in G.COLOUR_NAMES for s in G.SHAPES]
+        assert (t["presence_map"][~fg] == 0).all()  # background and digit patches carry no presence map
 
 
 def test_heads_colour_mode_looks_up_existence_by_colour():

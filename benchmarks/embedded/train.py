@@ -65,7 +65,8 @@ MIXED_WEIGHTS = {f: (3 if f in G.EVAL_FAMILIES else 1) for f in G.ALL_FAMILIES}
 class VisionHeads(nn.Module):
     """Linear probes on ViT hidden_states[-2]: per patch and on CLS."""
 
-    def __init__(self, d: int, conj: bool = False, count_map: bool = False, shapes_map: bool = False):
+    def __init__(self, d: int, conj: bool = False, count_map: bool = False, shapes_map: bool = False,
+                 presence_map: bool = False):
         super().__init__()
         self.colour = nn.Linear(d, 1 + len(G.COLOUR_NAMES))
         self.shape = nn.Linear(d, 1 + len(G.SHAPES))
@@ -84,6 +85,11 @@ class VisionHeads(nn.Module):
             # in the image (multi-label), so an existence question can be answered from any patch of the
             # named colour (and "no colour patch at all" still means the lookup must fail).
             self.colour_shapes = nn.Linear(d, len(G.SHAPES))
+        if presence_map:
+            # "presence map" recipe: every object patch also encodes which colour x shape combinations the
+            # whole image holds (multi-label), so absence ("is there a red circle ?" -> no, "how many red
+            # objects ?" -> zero) can be read from any object patch, as global context in local tokens.
+            self.presence_map = nn.Linear(d, N_COMBOS)
         if not conj:
             return
         # Conjunctive per-patch targets ("conj" recipe): each object patch linearly encodes its
@@ -158,6 +164,8 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         for o2 in scene["objects"]:
             if o2["colour"] == o["colour"]:
                 colour_shapes[owner == i, G.SHAPES.index(o2["shape"])] = 1.0
+    presence_map = np.zeros((g, g, N_COMBOS), dtype=np.float32)
+    presence_map[colour > 0] = presence[:N_COMBOS]  # object patches (not the digit)
     extra = {"colour_count": colour_count, "combo": combo, "combo_col": combo_col, "combo_row": combo_row, "shape_cell": shape_cell,
             "colour_cell": colour_cell, "centre_colour": centre_colour}
     return {
@@ -166,6 +174,7 @@ def patch_targets(scene: dict) -> dict[str, np.ndarray]:
         "presence": presence, "counts": np.minimum(counts, MAX_CLS_COUNT),
         **{k: v.reshape(-1) for k, v in extra.items()},
         "colour_shapes": colour_shapes.reshape(g * g, len(G.SHAPES)),
+        "presence_map": presence_map.reshape(g * g, N_COMBOS),
     }
 
 
@@ -177,7 +186,8 @@ class Stage1:
         self.vision = CLIPVisionModel(M.vision_config())
         self.text = M.build_text_tower(args.seed + 1)
         d = self.vision.config.hidden_size
-        self.heads = VisionHeads(d, conj=args.conj, count_map=args.count_map, shapes_map=args.shapes_map)
+        self.heads = VisionHeads(d, conj=args.conj, count_map=args.count_map, shapes_map=args.shapes_map,
+                                 presence_map=args.presence_map)
         self.visual_projection = nn.Linear(d, self.text.config.projection_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.modules = nn.ModuleDict(
@@ -190,6 +200,7 @@ class Stage1:
         self.conj = args.conj
         self.count_map = args.count_map
         self.shapes_map = args.shapes_map
+        self.presence_map = args.presence_map
 
     def state(self) -> dict:
         return {"modules": self.modules.state_dict(), "logit_scale": self.logit_scale.data,
@@ -257,6 +268,9 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
     if s1.shapes_map:
         obj = T["colour"] > 0  # [B, 144] object patches only
         losses["colour_shapes"] = F.binary_cross_entropy_with_logits(H.colour_shapes(pt)[obj], T["colour_shapes"][obj])
+    if s1.presence_map:
+        obj = T["colour"] > 0  # [B, 144] object patches only
+        losses["presence_map"] = F.binary_cross_entropy_with_logits(H.presence_map(pt)[obj], T["presence_map"][obj])
     if contrastive:
         caps = [G.caption(sc) + " " + M.EOS_TOKEN for sc in scenes]
         tb = s1.text_tok(caps, return_tensors="pt", padding=True)
@@ -275,6 +289,8 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
             acc["acc_colour_count_fg"] = (H.colour_count(pt).argmax(-1)[fg] == T["colour_count"][fg]).float().mean().item()
         if s1.shapes_map:
             acc["acc_colour_shapes_fg"] = ((H.colour_shapes(pt)[fg] > 0).float() == T["colour_shapes"][fg]).all(-1).float().mean().item()
+        if s1.presence_map:
+            acc["acc_presence_map_fg"] = ((H.presence_map(pt)[fg] > 0).float() == T["presence_map"][fg]).all(-1).float().mean().item()
         if s1.conj:
             for name in ("combo_col", "shape_cell", "colour_cell"):
                 acc[f"acc_{name}_fg"] = (getattr(H, name)(pt).argmax(-1)[fg] == T[name][fg]).float().mean().item()
@@ -812,6 +828,9 @@ def parse_args(argv=None):
     ap.add_argument("--grow-from", default=None,
                     help="start stage 2 from this stage2.pt of a smaller LLM, grown function-preserving to "
                          "--llm-heads / --llm-mlp (when the run has no stage-2 checkpoint yet)")
+    ap.add_argument("--presence-map", action="store_true",
+                    help="stage 1: every object patch also encodes the image's colour x shape presence (continue a "
+                         "finished vision stage with --s1-init)")
     ap.add_argument("--s1-init", default=None, help="initialise stage 1 from this stage-1 checkpoint (weights only)")
     ap.add_argument("--s2-init", choices=["default", "fanin"], default="default",
                     help="LLM attention projection init: Llama default (std 0.02) or std 1/sqrt(fan_in)")
