@@ -168,10 +168,15 @@ def stage2_options(args_lines: list[str]) -> list[str]:
     for i, a in enumerate(parsed):
         if a.get("grow_from"):
             prev = parsed[i - 1] if i else {}
-            out.append(f"In session {i + 1} the LLM was grown from {prev.get('llm_heads', 4)} to {a['llm_heads']} "
-                       f"attention heads per layer and from MLP {prev.get('llm_mlp', 384)} to {a['llm_mlp']}, "
-                       "function-preserving (`--grow-from`, `train.grow_llm`: the added heads' and MLP units' output "
-                       "columns start at zero), and trained on from there with a fresh optimizer.")
+            before = (prev.get("llm_heads", 4), prev.get("llm_mlp", 384))
+            if before == (a["llm_heads"], a["llm_mlp"]):
+                out.append(f"In session {i + 1} stage 2 continued from the previous checkpoint with a fresh optimizer "
+                           "(`--grow-from` at the same size).")
+                continue
+            out.append(f"In session {i + 1} the LLM was grown from {before[0]} to {a['llm_heads']} attention heads per "
+                       f"layer and from MLP {before[1]} to {a['llm_mlp']}, function-preserving (`--grow-from`, "
+                       "`train.grow_llm`: the added heads' and MLP units' output columns start at zero), and trained "
+                       "on from there with a fresh optimizer.")
     if "aux" in used:
         on = sessions_with("attn_aux_weight")
         mass = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "mass"]

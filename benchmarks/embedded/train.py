@@ -265,11 +265,10 @@ def stage1_loss(s1: Stage1, scenes: list[dict], contrastive: bool) -> tuple[torc
         w = torch.full((H.colour_count.out_features,), 3.0)
         w[0] = 1.0
         losses["colour_count"] = F.cross_entropy(H.colour_count(pt).flatten(0, 1), T["colour_count"].flatten(), weight=w)
+    obj = T["colour"] > 0  # [B, 144] object patches: the maps below are defined there only
     if s1.shapes_map:
-        obj = T["colour"] > 0  # [B, 144] object patches only
         losses["colour_shapes"] = F.binary_cross_entropy_with_logits(H.colour_shapes(pt)[obj], T["colour_shapes"][obj])
     if s1.presence_map:
-        obj = T["colour"] > 0  # [B, 144] object patches only
         losses["presence_map"] = F.binary_cross_entropy_with_logits(H.presence_map(pt)[obj], T["presence_map"][obj])
     if contrastive:
         caps = [G.caption(sc) + " " + M.EOS_TOKEN for sc in scenes]
@@ -726,7 +725,7 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         progress = elapsed / (60 * args.stage2_minutes) if args.stage2_minutes else None
         for gp in opt.param_groups:
             gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps, progress=progress)
-            if warm_from and step - warm_from < 300:  # a grown model's fresh optimizer warms up again
+            if warm_from and step - warm_from < 300:  # --grow-from starts a fresh optimizer: warm it up again
                 gp["lr"] *= (step - warm_from + 1) / 300
         images, scenes, seqs, tgts, grounding = stage2_batch(args, step, enc, keys)
         with torch.no_grad():
