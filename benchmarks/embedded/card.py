@@ -168,7 +168,7 @@ def stage2_options(args_lines: list[str]) -> list[str]:
     for i, a in enumerate(parsed):
         if a.get("grow_from"):
             prev = parsed[i - 1] if i else {}
-            before = (prev.get("llm_heads", 4), prev.get("llm_mlp", 384))
+            before = (prev.get("llm_heads", M.LLM_HEADS), prev.get("llm_mlp", M.LLM_MLP))
             if before == (a["llm_heads"], a["llm_mlp"]):
                 out.append(f"In session {i + 1} stage 2 continued from the previous checkpoint with a fresh optimizer "
                            "(`--grow-from` at the same size).")

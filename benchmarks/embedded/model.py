@@ -78,9 +78,11 @@ def text_tower_config(vocab_size: int) -> CLIPTextConfig:
 
 
 LLM_HEAD_DIM = 32
+LLM_HEADS = 4  # default LLM size; --llm-heads / --llm-mlp of train.py grow it
+LLM_MLP = 384
 
 
-def llava_config(vocab_size: int, heads: int = 4, mlp: int = 384) -> LlavaConfig:
+def llava_config(vocab_size: int, heads: int = LLM_HEADS, mlp: int = LLM_MLP) -> LlavaConfig:
     """LLaVA config: the ViT above, feature layer -2 ('default' drops CLS), 8-layer Llama (hidden 128,
     ``heads`` attention heads of dimension 32, MLP width ``mlp``)."""
     text = LlamaConfig(
@@ -170,7 +172,7 @@ def llm_forward(
     return out
 
 
-def build_llava(seed: int = 0, heads: int = 4, mlp: int = 384) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def build_llava(seed: int = 0, heads: int = LLM_HEADS, mlp: int = LLM_MLP) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """A freshly initialised embedded LLaVA (fp32) and its processor (LLM sizes as in `llava_config`)."""
     tok = make_tokenizer()
     torch.manual_seed(seed)

@@ -822,8 +822,8 @@ def parse_args(argv=None):
                     help="add the per-patch 'objects of my colour' target in stage 1 (see VisionHeads)")
     ap.add_argument("--shapes-map", action="store_true",
                     help="add the per-patch 'shapes in my colour' target in stage 1 (see VisionHeads)")
-    ap.add_argument("--llm-heads", type=int, default=4, help="LLM attention heads (dimension 32 each)")
-    ap.add_argument("--llm-mlp", type=int, default=384, help="LLM MLP width")
+    ap.add_argument("--llm-heads", type=int, default=M.LLM_HEADS, help="LLM attention heads (dimension 32 each)")
+    ap.add_argument("--llm-mlp", type=int, default=M.LLM_MLP, help="LLM MLP width")
     ap.add_argument("--grow-from", default=None,
                     help="start stage 2 from this stage2.pt of a smaller LLM, grown function-preserving to "
                          "--llm-heads / --llm-mlp (when the run has no stage-2 checkpoint yet)")
