@@ -1,16 +1,13 @@
 """The shipped embedded model: loads offline with standard transformers classes, its processor batches
-with left padding and 144 image tokens, it uses the image, and pre-LLM pruning changes its accuracy;
-all on a fixed subset of the eval split (120 samples, 20 per family; seconds on CPU).
+with left padding and 144 image tokens, it uses the image, it meets the issue's targets, and pre-LLM
+pruning changes its accuracy; all on a fixed subset of the eval split (120 samples, 20 per family;
+seconds on CPU).
 
-The issue's targets are stated on the full 1,000-sample eval split. On 120 samples the binomial
-standard error of an accuracy near 0.85 is ~3.3 points (~10 points per 20-sample family), so
-`test_meets_issue_discrimination_targets_on_fixed_subset` asserts the pruning targets loosened by about
-two standard errors (random 1/8 at least 8 points below unpruned, oracle 1/8 at most 8 points below,
-CLS top-k at 1/4 not below random at 1/4). The accuracy targets (>= 85% overall, >= 70% per family)
-are not met by the shipped model (83.8% overall; exists and count below 70%): they stay open in issue
-3, with the numbers in the model card. What it does solve is asserted: it finds the object a question
-names (colour of a named shape, shape at a named cell), reads the digit, and counts well above the
-answer prior.
+The issue's targets are stated on the full 1,000-sample eval split, where the model card measures them
+(98.8% unpruned, worst family 95.8%, random 1/8 -45.6 points, oracle 1/8 -0.8 points, CLS top-k at 1/4
+96.6% against random 68.1%). Here the same targets are asserted unchanged on the subset, where the
+margins were of the same size when this model was shipped (0.992 unpruned, worst family 0.95; random 1/8
+0.492; oracle 1/8 0.983; CLS top-k at 1/4 0.983 against random 0.683).
 """
 
 from __future__ import annotations
@@ -141,8 +138,9 @@ def test_uses_the_image(measured, subset):
 
 @pytest.mark.slow
 def test_locates_the_named_object(measured):
-    """Families answered by finding one named object are solved (eval split: 1.00 each): at least 18
-    of 20 right on the subset, far above what pooled image statistics give (about 0.6)."""
+    """Families answered by finding one named object are solved (eval split: colour 0.99, shape 0.96,
+    digit 1.00): at least 18 of 20 right on the subset, far above what pooled image statistics give
+    (about 0.6)."""
     _, per_family = measured
     for fam in ("colour", "shape", "digit"):
         assert per_family[fam] >= 0.9, (fam, per_family)
@@ -150,7 +148,7 @@ def test_locates_the_named_object(measured):
 
 @pytest.mark.slow
 def test_counts_above_the_answer_prior(measured, subset):
-    """Counting is learned (eval split: 0.665 against a family prior of about 0.28): on the subset's 20
+    """Counting is learned (eval split: 0.99 against a family prior of about 0.28): on the subset's 20
     count questions at least 10 points above the image-blind prior answer's accuracy plus two standard
     errors of 20 samples (~0.2)."""
     _, per_family = measured
@@ -170,15 +168,22 @@ def test_pruning_changes_accuracy(pruned):
 
 
 @pytest.mark.slow
-def test_meets_issue_discrimination_targets_on_fixed_subset(measured, pruned):
-    """The issue's pruning targets, loosened by about two standard errors for 120 samples: random 1/8
-    loses >= 8 points, the oracle at 1/8 stays within 8 points, CLS top-k at 1/4 is not below random.
-    (The accuracy targets, >= 85% overall and >= 70% per family, are not met by the shipped model and
-    stay open in issue 3; the model card has the full-split numbers.)"""
+def test_meets_issue_accuracy_targets_on_fixed_subset(measured):
+    """The issue's accuracy targets on the subset, through the standard path: >= 85% overall and
+    >= 70% in every family."""
+    overall, per_family = measured
+    assert overall >= 0.85, (overall, per_family)
+    assert min(per_family.values()) >= 0.70, per_family
+
+
+@pytest.mark.slow
+def test_meets_issue_discrimination_targets_on_fixed_subset(pruned):
+    """The issue's pruning targets on the subset: random 1/8 loses >= 15 points, the oracle at 1/8
+    stays within 5 points, CLS top-k at 1/4 beats random at 1/4."""
     acc = {k: v["overall"] for k, v in pruned.items()}
-    assert acc["random@18"] <= acc["none"] - 0.08, acc
-    assert acc["oracle@18"] >= acc["none"] - 0.08, acc
-    assert acc["cls@36"] >= acc["random@36"], acc
+    assert acc["random@18"] <= acc["none"] - 0.15, acc
+    assert acc["oracle@18"] >= acc["none"] - 0.05, acc
+    assert acc["cls@36"] > acc["random@36"], acc
 
 
 def test_text_tower_matches_images(loaded, subset):
