@@ -50,7 +50,7 @@ lint: setup
 	$(PY) -m ruff check pruners mllm_adapters benchmarks tests
 
 train-embedded: setup
-	$(PY) -m benchmarks.embedded.train $(ARGS)
+	$(PY) -m benchmarks.embedded.recipe $(ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -145,7 +145,7 @@ def stage2_options(args_lines: list[str]) -> list[str]:
 
     def sessions_with(key: str) -> list[tuple[int, dict]]:
         """(1-based session number, arguments) of the sessions where option ``key`` is on (> 0)."""
-        return [(i + 1, a) for i, a in enumerate(parsed) if a.get(key, 0) > 0]
+        return [(i + 1, a) for i, a in enumerate(parsed) if a.get(key, 0) > 0 and not a.get("only_stage1")]
 
     options = {"aux": "attn_aux_weight", "bg": "bg_ramp_end", "cap": "caption_prob", "drop": "bg_drop_prob"}
     used = {name: on[-1][1] for name, key in options.items() if (on := sessions_with(key))}  # last session's args
@@ -177,6 +177,17 @@ def stage2_options(args_lines: list[str]) -> list[str]:
                        f"layer and from MLP {before[1]} to {a['llm_mlp']}, function-preserving (`--grow-from`, "
                        "`train.grow_llm`: the added heads' and MLP units' output columns start at zero), and trained "
                        "on from there with a fresh optimizer.")
+    phases: list[tuple[str, int]] = []  # (phase, last step) of the stage-2 sessions of a recipe run
+    for a in parsed:
+        if a.get("phase") and not a.get("only_stage1"):
+            if phases and phases[-1][0] == a["phase"]:
+                phases.pop()  # a resumed phase
+            phases.append((a["phase"], a["stage2_steps"]))
+    if phases:
+        out.append("Stage 2 ran as the phases of a recipe (`benchmarks.embedded.recipe`; each phase after the first "
+                   "continues the previous one's weights with a fresh optimizer, a 300-step warm-up and a cosine to its "
+                   "last step): "
+                   + ", ".join(f"'{p}' to step {s}" for p, s in phases) + ".")
     if "aux" in used:
         on = sessions_with("attn_aux_weight")
         mass = [(i, a) for i, a in on if a.get("grounding_mode", "mass") == "mass"]

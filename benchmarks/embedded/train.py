@@ -22,9 +22,11 @@ resumes from the last checkpoint when re-run with the same ``--out``. The defaul
 9,500 stage-2 steps of the shipped lineage condensed into one session (grounding on all question
 turns and 6 turns for the first 4,250 steps, family weights from step 5,250, grounding off from step
 6,750). The shipped checkpoint continued from there in further sessions (single-head grounding, a
-vision stage continued with ``--count-map`` / ``--shapes-map`` via ``--s1-init``, ``--bg-drop-prob``);
-its card lists every session's arguments, in order. A resumed stage 2 keeps its elapsed time, so
-raise ``--stage2-minutes`` to train further.
+vision stage continued with ``--count-map`` / ``--shapes-map`` / ``--presence-map`` via ``--s1-init``,
+``--bg-drop-prob``, a count / exists phase, a mixed phase); its card lists every session's arguments,
+in order. ``make train-embedded`` runs `benchmarks.embedded.recipe`, which chains such sessions as the
+``--phase``s of one run. A resumed stage 2 keeps its elapsed time, so raise ``--stage2-minutes`` to
+train further.
 """
 
 from __future__ import annotations
@@ -696,10 +698,15 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
     if ck.exists() and not args.restart_stage2:
         st = torch.load(ck, weights_only=False)
         model.load_state_dict(st["model"])
-        opt.load_state_dict(st["opt"])
-        step, best, since_best = st["step"], st["best"], st["since_best"]
-        elapsed0, warm_from = st.get("elapsed", 0.0), st.get("warm_from", 0)
-        log.info("resuming stage 2 from step %d (best %.4f, %.1f min done)", step, best, elapsed0 / 60)
+        step, best, elapsed0 = st["step"], st["best"], st.get("elapsed", 0.0)
+        if st.get("phase") == args.phase:
+            opt.load_state_dict(st["opt"])
+            since_best, warm_from = st["since_best"], st.get("warm_from", 0)
+            log.info("resuming stage 2 from step %d (best %.4f, %.1f min done)", step, best, elapsed0 / 60)
+        else:  # a new --phase continues the previous phase's weights with a fresh optimizer
+            since_best, warm_from = 0, step
+            log.info("phase %r starts at stage-2 step %d from the checkpoint of phase %r; fresh optimizer",
+                     args.phase, step, st.get("phase"))
     elif args.grow_from:
         st = torch.load(args.grow_from, weights_only=False)
         grown = grow_llm(model, st["model"])
@@ -713,7 +720,8 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
 
     def state() -> dict:
         return {"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "best": best,
-                "since_best": since_best, "elapsed": elapsed0 + time.time() - t0, "warm_from": warm_from}
+                "since_best": since_best, "elapsed": elapsed0 + time.time() - t0, "warm_from": warm_from,
+                "phase": args.phase}
 
     while step < args.stage2_steps:
         elapsed = elapsed0 + time.time() - t0
@@ -724,9 +732,9 @@ def run_stage2(args, out: Path, s1: Stage1, curve) -> None:
         model.model.vision_tower.eval()
         progress = elapsed / (60 * args.stage2_minutes) if args.stage2_minutes else None
         for gp in opt.param_groups:
-            gp["lr"] = lr_at(step, args.s2_lr, 300, args.stage2_steps, progress=progress)
-            if warm_from and step - warm_from < 300:  # --grow-from starts a fresh optimizer: warm it up again
-                gp["lr"] *= (step - warm_from + 1) / 300
+            # A fresh optimizer (--grow-from, a new --phase) warms up again and its cosine runs from its own
+            # first step to --stage2-steps.
+            gp["lr"] = lr_at(step - warm_from, args.s2_lr, 300, args.stage2_steps - warm_from, progress=progress)
         images, scenes, seqs, tgts, grounding = stage2_batch(args, step, enc, keys)
         with torch.no_grad():
             hv = M.vision_hidden(model.model.vision_tower, M.pixel_values(images)).hidden_states[-2][:, 1:]  # [B, 144, Dv]
@@ -840,7 +848,30 @@ def parse_args(argv=None):
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--restart-stage2", action="store_true", help="ignore an existing stage-2 checkpoint")
     ap.add_argument("--only-stage1", action="store_true")
+    ap.add_argument("--phase", default=None,
+                    help="name of this training phase (benchmarks.embedded.recipe): a stage-2 checkpoint written "
+                         "by another phase is continued with a fresh optimizer, warm-up and cosine")
     return ap.parse_args(argv)
+
+
+def _log_to(out: Path) -> None:
+    """Send this module's log to ``<out>/train.log`` (the card reads each session's arguments from it) and to
+    stderr, whatever logging the caller configured; a later call for another folder moves the file."""
+    fmt = logging.Formatter("%(asctime)s %(message)s")
+    path = str((out / "train.log").resolve())
+    for h in [h for h in log.handlers if isinstance(h, logging.FileHandler) and h.baseFilename != path]:
+        log.removeHandler(h)
+        h.close()
+    if not any(isinstance(h, logging.FileHandler) for h in log.handlers):
+        fh = logging.FileHandler(path)
+        fh.setFormatter(fmt)
+        log.addHandler(fh)
+    if not any(type(h) is logging.StreamHandler for h in log.handlers):
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        log.addHandler(sh)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def main(argv=None) -> None:
@@ -851,10 +882,7 @@ def main(argv=None) -> None:
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(message)s",
-        handlers=[logging.FileHandler(out / "train.log"), logging.StreamHandler()],
-    )
+    _log_to(out)
     log.info("args: %s", json.dumps(vars(args)))
     with open(out / "curve.jsonl", "a") as curve:
         s1 = run_stage1(args, out, curve)
