@@ -12,45 +12,66 @@ N ?= 200
 RESULTS ?= results
 ARGS ?=
 
-.PHONY: setup test test-fast bench sweep leaderboard perf lint train-embedded clean-venv
+LOCK := requirements.lock
+# Every extra the tests or the launchers use; `make lock` resolves them all together.
+LOCK_EXTRAS := test,lmms,slurm,ray
+LOCK_VENV := .venv-lock
 
-setup: $(STAMP)
+.PHONY: help setup lock test test-fast bench sweep leaderboard perf lint train-embedded clean-venv
 
-# torch and torchvision are pinned together and installed first so pip never resolves a second torch.
-# lmms-eval pins antlr4 4.7.2 (through latex2sympy2) but Hydra needs 4.9.*: re-pin it afterwards.
-$(STAMP): pyproject.toml
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
+
+setup: $(STAMP)  ## create .venv from requirements.lock (hash-checked), then prunebench itself
+
+# The lock holds every distribution (torch and torchvision included, pinned together), so pip resolves
+# nothing: hash-checking mode installs exactly those files, then prunebench without dependencies.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[test,lmms]'
-	$(PY) -m pip install -q antlr4-python3-runtime==4.9.3
+	$(PY) -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m benchmarks.lockfile check
 	@touch $(STAMP)
 
-test: setup
+# Re-resolve pyproject.toml (all extras) in a scratch venv, run the fast tests there against the new
+# lock, and only then replace requirements.lock: an upgrade is one reviewable commit of both files.
+lock:  ## re-resolve pyproject.toml into requirements.lock (scratch venv, fast tests first)
+	rm -rf $(LOCK_VENV)
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/python -m pip install -q --upgrade --report $(LOCK_VENV)/report.json \
+		pip 'setuptools>=77' -e '.[$(LOCK_EXTRAS)]'
+	$(LOCK_VENV)/bin/python -m benchmarks.lockfile write $(LOCK_VENV)/report.json \
+		--extras $(LOCK_EXTRAS) --out $(LOCK_VENV)/requirements.lock
+	PRUNEBENCH_LOCK=$(LOCK_VENV)/requirements.lock $(LOCK_VENV)/bin/python -m pytest -q -m "not slow" tests
+	cp $(LOCK_VENV)/requirements.lock $(LOCK)
+	rm -rf $(LOCK_VENV)
+	@echo "requirements.lock rewritten: review 'git diff $(LOCK)', run 'make test', commit it with pyproject.toml"
+
+test: setup  ## run the whole test suite (CPU only, no downloads)
 	$(PY) -m pytest -q tests
 
-test-fast: setup
+test-fast: setup  ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" tests
 
-bench: setup
+bench: setup  ## one benchmark: METHOD=fastv MODEL=embedded TASK=shapes BUDGETS=... N=200
 	$(PY) -m benchmarks.run method=$(METHOD) model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) $(ARGS)
 	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
-sweep: setup
+sweep: setup  ## every registered method over BUDGETS
 	$(PY) -m benchmarks.run --multirun method=$(shell $(PY) -c "from pruners import available_pruners as a; print(','.join(n for n in a() if n != 'none'))") model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) $(ARGS)
 	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
-leaderboard: setup
+leaderboard: setup  ## aggregate results/ into leaderboard.csv, auc.csv, plots/
 	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
 
-perf: setup
+perf: setup  ## speed and memory tables (ARGS=--help for the options)
 	$(PY) -m benchmarks.perf $(ARGS)
 
-lint: setup
+lint: setup  ## ruff over the code and tests
 	$(PY) -m ruff check pruners mllm_adapters benchmarks tests
 
-train-embedded: setup
+train-embedded: setup  ## train the embedded model again (hours of CPU; resumes)
 	$(PY) -m benchmarks.embedded.recipe $(ARGS)
 
-clean-venv:
+clean-venv:  ## delete .venv
 	rm -rf $(VENV)

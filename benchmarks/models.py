@@ -138,6 +138,47 @@ def _check_template(template: str, where: str) -> str:
     return template
 
 
+def check_checkpoint(path: str, local_only: bool, name: str) -> None:
+    """Fail fast, once, with what to do, when ``path`` can be neither a folder nor a reachable hub model.
+
+    A local folder must exist. Anything that cannot be a hub id (``/abs``, ``./rel``, ``a/b/c``) is a
+    folder that is not there. A hub id is fine when cached; otherwise one metadata request (5 s
+    timeout) tells a missing network from a missing repository, instead of transformers' retries
+    (about 50 s offline) and a hint to allow downloads that were already allowed.
+    """
+    import huggingface_hub as hub
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    folder = Path(path).expanduser()
+    if folder.exists():
+        if not folder.is_dir():
+            raise FileNotFoundError(f"model {name!r}: model.path={path!r} is a file, not a checkpoint folder")
+        return
+    try:
+        validate_repo_id(path)
+    except HFValidationError:
+        raise FileNotFoundError(f"model {name!r}: folder not found: {path}") from None
+    if isinstance(hub.try_to_load_from_cache(path, "config.json"), str):
+        return  # cached: transformers loads it without the network
+    not_folder = f"no folder {path!r} here"
+    if local_only:
+        raise FileNotFoundError(
+            f"model {name!r}: {path!r} is not in the local Hugging Face cache ({not_folder}) and "
+            "model.local_files_only=true forbids downloading: set model.path=<checkpoint folder>, or "
+            "model.local_files_only=false on a machine with network")
+    try:
+        hub.get_hf_file_metadata(hub.hf_hub_url(path, "config.json"), timeout=5)
+    except (hub.errors.RepositoryNotFoundError, hub.errors.EntryNotFoundError, hub.errors.GatedRepoError) as e:
+        raise FileNotFoundError(
+            f"model {name!r}: {path!r} is not a downloadable hub model ({type(e).__name__}; {not_folder}): "
+            "check the id, or set model.path=<checkpoint folder>") from None
+    except Exception as e:  # no network, DNS, proxy, timeout: all the same to the user
+        raise ConnectionError(
+            f"model {name!r}: cannot reach the Hugging Face hub to download {path!r} "
+            f"({type(e).__name__}: {e}; {not_folder}): download it on a machine with network and set "
+            "model.path=<checkpoint folder>") from None
+
+
 def _load_pretrained(path: str, model_class: str, dtype: torch.dtype, attn: str | None, local_only: bool, name: str):
     import transformers
     from transformers import AutoProcessor
@@ -145,6 +186,7 @@ def _load_pretrained(path: str, model_class: str, dtype: torch.dtype, attn: str 
     cls = getattr(transformers, model_class, None)
     if cls is None:
         raise ValueError(f"model.model_class={model_class!r} is not a transformers class")
+    check_checkpoint(path, local_only, name)
     kwargs: dict[str, Any] = {"dtype": dtype, "local_files_only": local_only}
     if attn:
         kwargs["attn_implementation"] = attn
@@ -152,11 +194,7 @@ def _load_pretrained(path: str, model_class: str, dtype: torch.dtype, attn: str 
         model = cls.from_pretrained(path, **kwargs)
         processor = AutoProcessor.from_pretrained(path, local_files_only=local_only)
     except OSError as e:
-        where = "a local folder" if Path(path).exists() else "not a local folder"
-        raise FileNotFoundError(
-            f"model {name!r}: cannot load checkpoint {path!r} ({where}; local_files_only={local_only}): {e}. "
-            "Set model.path to a downloaded checkpoint folder, or allow hub downloads with model.local_files_only=false."
-        ) from e
+        raise FileNotFoundError(f"model {name!r}: cannot load checkpoint {path!r}: {e}") from e
     return model.eval(), processor
 
 

@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from benchmarks import store
 from benchmarks.flops import sample_cost
+from benchmarks.method_configs import register_method_configs
 from benchmarks.metrics import measure_runtime, relevant_recall
 from benchmarks.models import LoadedModel, load_model
 
@@ -392,6 +393,9 @@ def _reference_accuracy(
     digest = store.config_hash(ccfg)
     path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], "none", None, digest)
     return store.read_metrics(path)["accuracy"] if store.is_finished(path) else None
+
+
+register_method_configs()  # method=<any registered pruner>, before Hydra composes
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

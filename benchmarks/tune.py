@@ -55,9 +55,12 @@ from typing import Any
 
 import torch
 
+from benchmarks.method_configs import register_method_configs
+
 log = logging.getLogger("prunebench.tune")
 
 CONF_METHOD = Path(__file__).resolve().parent.parent / "conf" / "method"
+register_method_configs()  # method=<any registered pruner>, before Hydra composes
 SAMPLERS = ("tpe", "gp")
 INFEASIBLE = -1.0
 

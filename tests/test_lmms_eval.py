@@ -52,7 +52,7 @@ def monkeypatch_module():
     mp.undo()
 
 
-def _evaluate(root, model_args: str):
+def _evaluate(root, model_args: str, batch_size: int = 1):
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -64,7 +64,7 @@ def _evaluate(root, model_args: str):
         limit=N,
         device="cpu",
         log_samples=True,
-        batch_size=1,
+        batch_size=batch_size,
     )
 
 
@@ -78,10 +78,12 @@ def test_chat_template_reproduces_the_prompt_template():
         assert rendered == template.format(question="what is it's colour?")
 
 
+@pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("model_args", ["method=none", "method=fastv,budget=8,layer=2", "method=random,budget=5,seed=3"])
-def test_lmms_eval_answers_equal_prunebench_generation(lmms_setup, model_args):
+def test_lmms_eval_answers_equal_prunebench_generation(lmms_setup, model_args, batch_size):
+    """Batch size 3 over 4 requests: one padded batch of 3 and one of 1, each answer equal to batch size 1's."""
     root, model, processor = lmms_setup
-    res = _evaluate(root, model_args)
+    res = _evaluate(root, model_args, batch_size)
     logged = res["samples"]["prunebench_shapes"]
     assert len(logged) == N
     args = dict(kv.split("=") for kv in model_args.split(","))
@@ -109,3 +111,46 @@ def test_a_failing_pruner_is_an_error_not_an_empty_answer(lmms_setup):
     root, _, _ = lmms_setup
     with pytest.raises(RuntimeError, match="did not run"):
         _evaluate(root, "method=_test_broken_llm,budget=4")
+    with pytest.raises(RuntimeError, match="deliberately broken"):  # batched: generate's error itself
+        _evaluate(root, "method=_test_broken_llm,budget=4", batch_size=2)
+
+
+def _cli_args(root, model_args: str, *extra: str) -> list[str]:
+    return ["--model", "prunebench_llava", "--model_args", f"pretrained={root / 'model'},{model_args}",
+            "--tasks", "prunebench_shapes", "--include_path", str(root / "task"), "--limit", str(N),
+            "--device", "cpu", *extra]
+
+
+def test_documented_entry_point_exit_codes(lmms_setup, capsys):
+    """`python -m benchmarks.lmms` (the README's command) returns 0 on success and 1 on a failed run,
+    where lmms-eval's own `__main__` exits 0 either way."""
+    from benchmarks.lmms.__main__ import main
+
+    root, _, _ = lmms_setup
+    assert main(_cli_args(root, "method=random,budget=5", "--batch_size", "2")) == 0
+    assert "exact_match" in capsys.readouterr().out
+    assert main(_cli_args(root, "method=_test_broken_llm,budget=4")) == 1
+    assert "prunebench: lmms-eval evaluation failed: RuntimeError" in capsys.readouterr().err
+    assert main(_cli_args(root, "method=none", "--batch_size", "0")) == 1
+    assert "--batch_size '0' is not supported" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("why, model_args", [
+    ("unknown method", "method=no_such_method"),
+    ("missing model folder", "method=none"),
+])
+def test_documented_command_exits_nonzero_in_a_subprocess(lmms_setup, why, model_args):
+    import subprocess
+    import sys
+
+    root, _, _ = lmms_setup
+    args = _cli_args(root, model_args)
+    if why == "missing model folder":
+        args[3] = f"pretrained={root / 'no_such_folder'},method=none"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.lmms", *args], capture_output=True, text=True,
+                         timeout=300, env={**__import__("os").environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 1, run.stderr[-2000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("prunebench: lmms-eval evaluation failed:"), last
+    assert ("no_such_method" in last) if why == "unknown method" else ("folder not found" in last), last

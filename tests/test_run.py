@@ -119,22 +119,59 @@ def test_missing_checkpoints_are_clear_errors(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="embedded model is missing"):
         load_model({"name": "embedded", "source": "embedded", "path": str(tmp_path)})
-    with pytest.raises(FileNotFoundError, match=r"cannot load checkpoint .*no-such-model.*model.path"):
-        load_model({"name": "x", "source": "hub", "path": str(tmp_path / "no-such-model"), "local_files_only": True})
+    for local_only in (True, False):
+        with pytest.raises(FileNotFoundError, match=r"^model 'x': folder not found: .*no-such-model$"):
+            load_model({"name": "x", "source": "hub", "path": str(tmp_path / "no-such-model"),
+                        "local_files_only": local_only})
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileNotFoundError, match="is a file, not a checkpoint folder"):
+        load_model({"name": "x", "source": "hub", "path": str(tmp_path / "file")})
     with pytest.raises(ValueError, match="model.source='pip' .* accepted: embedded, hub, tiny"):
         load_model({"name": "x", "source": "pip"})
 
 
+def test_hub_id_without_network_fails_fast_once_with_what_to_do(tmp_path):
+    """No network (the hub endpoint is a closed loopback port) and an empty cache: one clear line in
+    seconds, not transformers' retries (~50 s) and a hint to allow downloads that were allowed."""
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    t0 = time.monotonic()
+    run = subprocess.run([sys.executable, "-m", "benchmarks.run", "model=llava-1.5-7b", "budgets=[null]",
+                          f"results_dir={tmp_path / 'r'}", "hydra.run.dir=" + str(tmp_path / "h")],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    elapsed = time.monotonic() - t0
+    assert run.returncode != 0
+    lines = [ln for ln in run.stderr.splitlines() if "cannot reach the Hugging Face hub" in ln]
+    assert len(lines) == 1, run.stderr[-3000:]
+    assert "llava-hf/llava-1.5-7b-hf" in lines[0] and "model.path=<checkpoint folder>" in lines[0]
+    assert "local_files_only=false" not in run.stderr
+    assert elapsed < 30, elapsed
+
+
 def test_every_registered_method_has_a_config_with_its_defaults():
+    """`method=<name>` composes for every registered pruner (ConfigStore, no YAML to keep in step)."""
+    from benchmarks.method_configs import register_method_configs
     from pruners import available_pruners, get_pruner_class
 
+    register_method_configs()  # also the test-only pruners other test modules registered since import
     for name in available_pruners():
-        if name.startswith("_"):
-            continue  # test-only pruners registered by other test modules
-        path = CONF / "method" / f"{name}.yaml"
-        assert path.is_file(), f"conf/method/{name}.yaml missing: run `python -m benchmarks.method_configs`"
-        conf = yaml.safe_load(path.read_text())
-        assert conf["name"] == name and (conf["params"] or {}) == get_pruner_class(name).defaults
+        cfg = _cfg([f"method={name}"])
+        assert cfg.method.name == name
+        assert runner.method_params(cfg.method) == get_pruner_class(name).defaults
+
+
+def test_method_configs_cli_help_and_show():
+    run = subprocess.run([sys.executable, "-m", "benchmarks.method_configs", "--help"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0 and "usage: python -m benchmarks.method_configs" in run.stdout
+    before = sorted(p.name for p in (CONF / "method").iterdir())
+    run = subprocess.run([sys.executable, "-m", "benchmarks.method_configs", "show", "fastv"], capture_output=True,
+                         text=True, cwd=ROOT)
+    assert run.returncode == 0
+    from pruners import get_pruner_class
+
+    assert yaml.safe_load(run.stdout) == {"name": "fastv", "params": get_pruner_class("fastv").defaults}
+    assert sorted(p.name for p in (CONF / "method").iterdir()) == before  # --help and show write nothing
 
 
 def test_joblib_job_pins_a_gpu(monkeypatch):

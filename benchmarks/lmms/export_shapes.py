@@ -2,7 +2,7 @@
 
 DIR receives the images (PNG), ``<task>.parquet`` (id, image path, question, answer, family),
 ``prunebench_<task>.yaml`` and a ``utils.py`` whose functions come from `benchmarks.lmms.task_utils`.
-Then: ``python -m lmms_eval --model prunebench_llava --model_args pretrained=embedded,method=fastv,budget=36
+Then: ``python -m benchmarks.lmms --model prunebench_llava --model_args pretrained=embedded,method=fastv,budget=36
 --tasks prunebench_shapes --include_path DIR`` (with HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1).
 """
 
