@@ -46,6 +46,14 @@ def lock_path() -> Path:
     return Path(os.environ.get("PRUNEBENCH_LOCK") or LOCK)
 
 
+def lock_digest(path: Path | str | None = None) -> str | None:
+    """sha256 (16 hex) of the lock file's bytes, or None when there is none (an installed copy of
+    prunebench without its repository): part of every result cell's identity, so an upgrade made
+    with `make lock` never reuses cells computed in the old environment."""
+    path = Path(path) if path is not None else lock_path()
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else None
+
+
 def read_lock(path: Path | str) -> dict[str, str]:
     """``{normalised name: version}`` of every ``name==version`` line of a lock file."""
     pins: dict[str, str] = {}

@@ -15,7 +15,9 @@ can have, and answer-relevant recall maps kept positions back to image regions (
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,50 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def is_anyres(config: Any) -> bool:
     """True for LLaVA-NeXT configs: tiles per image and a visual-token count that depends on the image size."""
     return getattr(config, "model_type", None) == "llava_next"
+
+
+def visual_tokens_of(config: Any) -> int:
+    """Visual tokens per image reaching the LLM unpruned (LLaVA 'default' strategy: patches, no CLS).
+
+    LLaVA-NeXT: the longest packed run any image can have (base tile + the largest unpadded canvas
+    with its newline tokens; 2,928 on the 7B), what budgets are validated against; an image's own
+    count is `LoadedModel.image_tokens`.
+    """
+    v = config.vision_config
+    side = int(v.image_size) // int(v.patch_size)
+    if not is_anyres(config):
+        return side * side
+    from mllm_adapters.llava_next import max_packed_tokens
+
+    return max_packed_tokens([list(p) for p in config.image_grid_pinpoints], int(v.image_size), side)
+
+
+def peek_config(model_cfg: Any) -> Any:
+    """The transformers config of the model ``model_cfg`` describes, without loading any weights
+    (config.json only; the tiny models' configs are built): what settings are checked against before
+    the model loads."""
+    cfg = dict(model_cfg)
+    name = str(cfg.get("name", "?"))
+    source = cfg.get("source")
+    if source == "tiny":
+        from mllm_adapters.tiny import tiny_config
+
+        keys = ["image_size", "patch_size", "vision_layers", "text_layers"]
+        model_class = cfg.get("model_class") or "LlavaForConditionalGeneration"
+        if model_class == "LlavaNextForConditionalGeneration":
+            keys.append("grid_pinpoints")
+        return tiny_config(model_class, **{k: cfg[k] for k in keys if cfg.get(k) is not None})
+    from transformers import AutoConfig
+
+    if source == "embedded":
+        path, local_only = str(cfg.get("path") or EMBEDDED_DIR), True
+    else:
+        path, local_only = str(cfg.get("path")), bool(cfg.get("local_files_only", False))
+    check_checkpoint(path, local_only, name)
+    try:
+        return AutoConfig.from_pretrained(path, local_files_only=local_only)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"model {name!r}: cannot read the config of {path!r}: {e}") from e
 
 
 @dataclass
@@ -65,18 +111,8 @@ class LoadedModel:
 
     @property
     def num_visual_tokens(self) -> int:
-        """Visual tokens per image reaching the LLM unpruned (LLaVA 'default' strategy: patches, no CLS).
-
-        LLaVA-NeXT: the longest packed run any image can have (base tile + the largest unpadded canvas
-        with its newline tokens; 2,928 on the 7B), what budgets are validated against; an image's own
-        count is `image_tokens`.
-        """
-        rows, cols = self.grid_hw
-        if not self.anyres:
-            return rows * cols
-        from mllm_adapters.llava_next import max_packed_tokens
-
-        return max_packed_tokens(self._pinpoints(), int(self.config.vision_config.image_size), rows)
+        """Visual tokens per image reaching the LLM unpruned; see `visual_tokens_of`."""
+        return visual_tokens_of(self.model.config)
 
     def _pinpoints(self) -> list[list[int]]:
         return [list(p) for p in self.config.image_grid_pinpoints]
@@ -199,30 +235,71 @@ def _load_pretrained(path: str, model_class: str, dtype: torch.dtype, attn: str 
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
-_EDGE = 1 << 20  # bytes hashed at each end of a weight file
+#: Files of a checkpoint folder that do not change what the model computes (cards, plots, scores).
+IGNORED_SUFFIXES = (".md", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".pdf")
+IGNORED_NAMES = ("eval_results.json",)
+_DIGEST_MEMO: dict[str, str] = {}
+
+
+def digest_cache_path() -> Path:
+    """Where file digests are cached: ``$PRUNEBENCH_CACHE_DIR`` or ``~/.cache/prunebench``."""
+    root = os.environ.get("PRUNEBENCH_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prunebench"
+    return Path(root) / "file-digests.json"
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's full content, cached by (absolute path, size, mtime_ns, inode).
+
+    A 14 GB checkpoint is read once; a copy, a rewrite or a replacement changes the key (new inode
+    or mtime) and is hashed again. The one change the cache cannot see is an in-place rewrite that
+    keeps the size and restores the mtime (e.g. ``os.utime`` after editing): delete the cache file
+    (`digest_cache_path`) after such surgery.
+    """
+    f = Path(path).resolve()
+    st = f.stat()
+    key = f"{f}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    if key in _DIGEST_MEMO:
+        return _DIGEST_MEMO[key]
+    cache_file = digest_cache_path()
+    try:
+        cache = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if not isinstance(cache, dict):
+        cache = {}
+    digest = cache.get(key)
+    if not isinstance(digest, str):
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+        cache[key] = digest
+        try:  # best effort: a read-only home only costs re-hashing next time
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_name(f".{cache_file.name}-{os.getpid()}")
+            tmp.write_text(json.dumps(cache))
+            os.replace(tmp, cache_file)
+        except OSError:
+            pass
+    _DIGEST_MEMO[key] = digest
+    return digest
 
 
 def weights_fingerprint(folder: str | Path) -> str:
-    """Cheap content fingerprint of a checkpoint folder: sha256 over every weight file's relative path,
-    size and first and last MiB, and the full text of its JSON files (configs, tokenizer,
-    ``prunebench.json``); subfolders (e.g. the embedded model's ``text_tower/``) included. Retrained
-    weights change every tensor, so the edges change; hashing edges keeps a 14 GB 7B folder at ~ms."""
-    import hashlib
-
+    """Content fingerprint of a checkpoint folder: sha256 over every file's relative path and full
+    content digest (`file_digest`, cached), subfolders included (e.g. the embedded model's
+    ``text_tower/``). Files that do not change what the model computes are left out: cards and
+    images (`IGNORED_SUFFIXES`), ``eval_results.json`` and hidden files. Part of every result cell's
+    hash, so damaged, retrained or swapped weights under the same model name never reuse stale cells."""
     root = Path(folder)
     h = hashlib.sha256()
     for f in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = f.relative_to(root).as_posix()
-        if f.suffix in WEIGHT_SUFFIXES:
-            size = f.stat().st_size
-            h.update(f"{rel}:{size}:".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(_EDGE))
-                if size > _EDGE:
-                    fh.seek(max(_EDGE, size - _EDGE))
-                    h.update(fh.read())
-        elif f.suffix == ".json" and f.name != "eval_results.json":
-            h.update(f"{rel}:".encode() + f.read_bytes())
+        if (f.suffix.lower() in IGNORED_SUFFIXES or f.name in IGNORED_NAMES
+                or any(part.startswith(".") for part in f.relative_to(root).parts)):
+            continue
+        h.update(f"{rel}:{file_digest(f)}\n".encode())
     return h.hexdigest()[:16]
 
 

@@ -36,9 +36,12 @@ from tqdm.auto import tqdm
 
 from benchmarks import store
 from benchmarks.flops import sample_cost
+from benchmarks.intervals import paired_bootstrap, paired_scores, ratio_of_means, wilson_interval
+from benchmarks.launch import watch_sweep_parent
 from benchmarks.method_configs import register_method_configs
 from benchmarks.metrics import measure_runtime, relevant_recall
-from benchmarks.models import LoadedModel, load_model
+from benchmarks.models import LoadedModel, is_anyres, load_model, peek_config, visual_tokens_of
+from benchmarks.settings import check_settings
 
 log = logging.getLogger("prunebench.run")
 
@@ -99,12 +102,49 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str, anyres: bool 
     return sorted(out, key=lambda x: -2 if x is None else (-1 if x == AUTO else x))
 
 
+def variant_label(method_cfg: Any, method: str, params: dict[str, Any], defaults: dict[str, Any]) -> str:
+    """The method *variant* a cell belongs to (a column of every table; plot lines never mix variants).
+
+    In order: ``method.variant`` if the config sets it; the name of the config Hydra composed for
+    the ``method`` group when it is not the method's own (``vflowopt_tuned_eq36``); else the method
+    name plus every non-default parameter, ``fastv[layer=3]``.
+    """
+    explicit = method_cfg.get("variant") if method_cfg is not None else None
+    if explicit:
+        return str(explicit)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choice = HydraConfig.get().runtime.choices.get("method")
+    except Exception:  # noqa: BLE001 - not composed by a Hydra app (tests, the API)
+        choice = None
+    if choice and choice != method:
+        return str(choice)
+    changed = {k: v for k, v in sorted(params.items()) if k not in defaults or defaults[k] != v}
+    return method if not changed else f"{method}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
+
+
+def code_identity(method: str) -> dict[str, Any]:
+    """What code computed a cell: the method's declared ``version``, the adapters' ``ENGINE_VERSION``
+    and the locked environment's digest. Part of the cell hash: a behaviour change, an adapter change
+    or an upgrade (`make lock`) never reuses old cells."""
+    from benchmarks.lockfile import lock_digest
+    from mllm_adapters import ENGINE_VERSION
+    from pruners import get_pruner_class
+
+    return {"method_version": int(get_pruner_class(method).version), "engine_version": ENGINE_VERSION,
+            "lock": lock_digest()}
+
+
 def cell_config(
-    cfg: DictConfig, budget: int | str | None, method: str, params: dict[str, Any], weights: str | None = None
+    cfg: DictConfig, budget: int | str | None, method: str, params: dict[str, Any], weights: str | None = None,
+    variant: str | None = None, method_seed: int | None = None,
 ) -> dict[str, Any]:
     """The resolved config of one cell (what its hash covers and what ``config.yaml`` records).
     ``weights``: the loaded model's weights fingerprint (`LoadedModel.weights`), recorded as
-    ``model.weights`` so that new weights under the same model name get new cells."""
+    ``model.weights`` so that new weights under the same model name get new cells. ``variant`` (default:
+    the method name) and ``method_seed`` (the pruner's seed, default ``seed``) join ``method``; ``code``
+    is `code_identity`. The reference cell (budget null) is method ``none`` whatever was asked."""
     base = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(base, dict)
     if weights is not None:
@@ -112,10 +152,13 @@ def cell_config(
     for key in UNHASHED:
         base.pop(key, None)
     base.pop("budgets", None)
+    base.pop("seeds", None)
     base.pop("hydra", None)
     if budget is None:
-        method, params = "none", {}
-    base["method"] = {"name": method, "params": params}
+        method, params, variant, method_seed = "none", {}, None, None
+    seed = int(base["seed"]) if method_seed is None else int(method_seed)
+    base["method"] = {"name": method, "params": params, "variant": variant or method, "seed": seed}
+    base["code"] = code_identity(method)
     base["budget"] = budget
     return base
 
@@ -215,8 +258,8 @@ def run_cell(
     n_layers = int(cfg_model.text_config.num_hidden_layers)
     image_token_id = int(cfg_model.image_token_id)
     t0 = time.perf_counter()
-    handle = apply_pruner(model, method, budget=None if budget == AUTO else budget, seed=int(ccfg["seed"]),
-                          tokenizer=tok, **params)
+    handle = apply_pruner(model, method, budget=None if budget == AUTO else budget,
+                          seed=int(ccfg["method"]["seed"]), tokenizer=tok, **params)
     rows: list[dict[str, Any]] = []
     flops_parts: dict[str, float] = defaultdict(float)
     ref_total = 0.0
@@ -235,6 +278,7 @@ def run_cell(
             preds = tok.batch_decode(new, skip_special_tokens=True)
             counts = dict(handle.token_counts)
             kept = list(handle.kept_indices)
+            kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
             overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
             sizes = enc["image_sizes"].tolist() if "image_sizes" in enc else [None] * len(batch)  # [B] (h, w)
             for b, (s, pred) in enumerate(zip(batch, preds)):
@@ -253,12 +297,17 @@ def run_cell(
                 equiv.append(e)
                 for i, v in enumerate(c.counts.get("llm_visual") or [n_in] * n_layers):
                     layer_sum[i] += v
-                rows.append({
+                row = {
                     "id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
                     "prediction": pred.strip(), "score": score, "relevant_recall": rec,
-                    "kept": None if k_b is None else int(k_b.numel()), "visual_in": n_in, "equiv_tokens": e,
-                    "tflops_prefill": f.total / 1e12,
-                })
+                    # per image (one per sample here) the kept positions (None: every token kept)
+                    "kept": None if k_b is None else [k_b.tolist()],
+                    "n_kept": None if k_b is None else int(k_b.numel()),
+                    "visual_in": n_in, "equiv_tokens": e, "tflops_prefill": f.total / 1e12,
+                }
+                if kept_by_layer:  # in-LLM methods: the kept set entering each pruning layer
+                    row["kept_by_layer"] = {str(layer): [ks[b].tolist()] for layer, ks in sorted(kept_by_layer.items())}
+                rows.append(row)
         handle.count_overhead_flops = False
         lat = ccfg["latency"]
         n_lat = min(int(lat["n_samples"]), len(samples))
@@ -280,13 +329,17 @@ def run_cell(
         "model": ccfg["model"]["name"],
         "task": ccfg["task"]["name"],
         "method": method,
+        "variant": ccfg["method"]["variant"],
         "budget": budget,
         "params": {k: v for k, v in describe.items() if k not in ("method", "budget", "seed")},
         "seed": ccfg["seed"],
+        "method_seed": ccfg["method"]["seed"],
         "n_samples": n,
         "accuracy": sum(r["score"] for r in rows) / n,
+        "accuracy_ci95": list(wilson_interval([r["score"] for r in rows])),
         "accuracy_by_family": {f: sum(v) / len(v) for f, v in sorted(by_family.items())},
         "accuracy_rel": None,
+        "accuracy_rel_ci95": None,
         "equiv_tokens": sum(equiv) / n,
         "llm_visual_tokens_per_layer": [v / n for v in layer_sum],
         # per-sample unpruned visual tokens: LLaVA-1.5's fixed count, LLaVA-NeXT's mean over the samples
@@ -319,21 +372,29 @@ def run(cfg: DictConfig) -> list[Path]:
     from benchmarks.tasks import get_task
     from pruners import get_pruner_class
 
-    if cfg.get("num_threads"):
-        torch.set_num_threads(int(cfg.num_threads))
-    results_dir = store.check_writable(cfg.results_dir)
+    settings = check_settings(cfg)  # every run-level setting, before anything heavy
+    watch_sweep_parent()  # a sweep worker exits when its parent is killed
+    if settings.num_threads is not None:
+        torch.set_num_threads(settings.num_threads)
+    results_dir = store.check_writable(settings.results_dir)
     store.clean_stale_tmp(results_dir)
     method = str(cfg.method.name)
     params = method_params(cfg.method)
     # Unknown method or parameters fail here, before the model loads; the hash covers every default.
-    probe = get_pruner_class(method)(budget=None, seed=int(cfg.seed), **params)
+    cls = get_pruner_class(method)
+    probe = cls(budget=None, seed=int(cfg.seed), **params)
     params = dict(probe.params)
+    variant = variant_label(cfg.method, method, params, dict(cls.defaults))
+    seeds = settings.seeds
+    if seeds is not None and not cls.uses_seed:
+        log.info("seeds=%s: %r does not depend on its seed; it runs once (seed=%s)", seeds, method, cfg.seed)
+    method_seeds: list[int | None] = list(seeds) if seeds is not None and cls.uses_seed else [None]
     task = get_task(str(cfg.task.name))
-    device = resolve_device(cfg.device, _job_num())
-    lm = get_model(cfg.model, device)
-    raw = cfg.budgets
-    budgets = validate_budgets(OmegaConf.to_container(raw) if OmegaConf.is_config(raw) else raw,
-                               lm.num_visual_tokens, lm.name, anyres=lm.anyres)
+    device = resolve_device(settings.device, _job_num())
+    # Budgets against the model's config (config.json only): before the weights load.
+    model_config = peek_config(cfg.model)
+    budgets = validate_budgets(settings.budgets, visual_tokens_of(model_config), str(cfg.model.name),
+                               anyres=is_anyres(model_config))
     counts = [b for b in budgets if b not in (None, AUTO)]
     if AUTO in budgets and not probe.chooses_budget:
         raise ValueError(f"budgets: {AUTO!r} is for methods that choose their own token count (e.g. recoverable "
@@ -344,55 +405,98 @@ def run(cfg: DictConfig) -> list[Path]:
     if method == "none" and budgets != [None]:
         log.info("method 'none' keeps every token: only its budget=null cell is run (asked: %s)", budgets)
         budgets = [None]
+    lm = get_model(cfg.model, device)
     todo = []
     for budget in budgets:
-        ccfg = cell_config(cfg, budget, method, params, lm.weights)
-        digest = store.config_hash(ccfg)
-        path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], ccfg["method"]["name"],
-                              budget, digest)
-        todo.append((budget, ccfg, digest, path))
-    pending = [t for t in todo if not store.is_finished(t[3])]
+        for mseed in ([None] if budget is None else method_seeds):
+            ccfg = cell_config(cfg, budget, method, params, lm.weights, variant=variant, method_seed=mseed)
+            digest = store.config_hash(ccfg)
+            path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"],
+                                  "none" if budget is None else method, budget, digest, seed=mseed)
+            todo.append((budget, ccfg, digest, path))
+    # A damaged or half-written cell is moved aside (results_dir/damaged/) and computed again.
+    pending = [t for t in todo if not store.reusable(t[3])]
     for _, _, _, path in todo:
-        if store.is_finished(path):
+        if all(path != t[3] for t in pending):
             log.info("skip finished cell %s", path)
-    if not pending:
-        return [t[3] for t in todo]
-    split = str(cfg.task.get("split", "eval"))
-    samples = task.samples(split=split, n=cfg.n_samples, seed=int(cfg.seed))
-    if not samples:
-        raise ValueError(f"task {task.name!r} split {split!r} returned no samples (n_samples={cfg.n_samples})")
-    progress = bool(cfg.get("progress", True))
-    for _budget, ccfg, digest, path in tqdm(pending, desc=f"{lm.name}/{task.name}/{method}", unit="cell",
-                                            disable=not progress):
-        if store.is_finished(path):  # a parallel job finished it meanwhile
-            log.info("skip finished cell %s", path)
-            continue
-        metrics, rows = run_cell(lm, task, samples, ccfg, progress)
-        metrics["config_hash"] = digest
-        metrics["weights"] = lm.weights
-        ref = (metrics["accuracy"] if ccfg["budget"] is None
-               else _reference_accuracy(results_dir, cfg, method, params, lm.weights))
-        if ref is not None:
-            metrics["accuracy_rel"] = metrics["accuracy"] / ref if ref > 0 else None
-        files = {
-            "config.yaml": OmegaConf.to_yaml(OmegaConf.create({**ccfg, "config_hash": digest})),
-            "predictions.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
-            store.METRICS: json.dumps(metrics, indent=2) + "\n",
-        }
-        if store.write_cell(path, files):
-            log.info("wrote cell %s (accuracy %.3f, %.4g TFLOPs)", path, metrics["accuracy"], metrics["tflops_prefill"])
-        else:
-            log.info("cell %s was finished by another job; kept that copy", path)
-    return [t[3] for t in todo]
+    if pending:
+        split = str(cfg.task.get("split", "eval"))
+        samples = task.samples(split=split, n=cfg.n_samples, seed=int(cfg.seed))
+        if not samples:
+            raise ValueError(f"task {task.name!r} split {split!r} returned no samples (n_samples={cfg.n_samples})")
+        progress = bool(cfg.get("progress", True))
+        for _budget, ccfg, digest, path in tqdm(pending, desc=f"{lm.name}/{task.name}/{variant}", unit="cell",
+                                                disable=not progress):
+            if store.reusable(path):  # a parallel job finished it meanwhile
+                log.info("skip finished cell %s", path)
+                continue
+            metrics, rows = run_cell(lm, task, samples, ccfg, progress)
+            metrics["config_hash"] = digest
+            metrics["weights"] = lm.weights
+            add_relative(metrics, rows, _reference_cell(results_dir, cfg, lm.weights) if ccfg["budget"] is not None
+                         else None)
+            files = {
+                store.CONFIG: OmegaConf.to_yaml(OmegaConf.create({**ccfg, "config_hash": digest})),
+                store.PREDICTIONS: "".join(json.dumps(r) + "\n" for r in rows),
+                store.METRICS: json.dumps(metrics, indent=2) + "\n",
+            }
+            if store.write_cell(path, files):
+                log.info("wrote cell %s (accuracy %.3f, %.4g TFLOPs)", path, metrics["accuracy"],
+                         metrics["tflops_prefill"])
+            else:
+                log.info("cell %s was finished by another job; kept that copy", path)
+    paths = [t[3] for t in todo]
+    print_summary(paths)
+    return paths
 
 
-def _reference_accuracy(
-    results_dir: Path, cfg: DictConfig, method: str, params: dict[str, Any], weights: str | None
-) -> float | None:
-    ccfg = cell_config(cfg, None, method, params, weights)
+def add_relative(metrics: dict[str, Any], rows: list[dict[str, Any]], reference: Path | None) -> None:
+    """``accuracy_rel`` (accuracy / unpruned accuracy) and its paired-bootstrap 95% interval over the
+    samples both cells scored; a reference cell is its own reference (1.0). ``reference`` None and not
+    the reference itself: both stay None (no reference cell yet)."""
+    if metrics["budget"] is None:
+        ref_rows = rows
+    elif reference is None:
+        return
+    else:
+        ref_rows = store.read_predictions(reference)
+    ours, ref = paired_scores({r["id"]: r["score"] for r in rows}, {r["id"]: r["score"] for r in ref_rows})
+    if not ours or sum(ref) == 0:
+        return
+    metrics["accuracy_rel"] = metrics["accuracy"] / (sum(ref) / len(ref))
+    ci = paired_bootstrap(ours, ref, ratio_of_means, seed=int(metrics["seed"]))
+    metrics["accuracy_rel_ci95"] = None if ci is None else list(ci)
+
+
+def print_summary(paths: list[Path]) -> None:
+    """A compact table of this run's cells: variant, budget, accuracy with its 95% interval, FLOPs
+    relative to unpruned and the prefill speed-up (unpruned prefill time / this cell's)."""
+    import pandas as pd
+
+    rows = [store.read_metrics(p) for p in paths if store.is_finished(p)]
+    if not rows:
+        return
+    ref_ms = next((m.get("prefill_ms") for m in rows if m["budget"] is None), None)
+    table = pd.DataFrame([{
+        "variant": m.get("variant", m["method"]),
+        "budget": "null" if m["budget"] is None else m["budget"],
+        "seed": m.get("method_seed", m["seed"]),
+        "n": m["n_samples"],
+        "accuracy": f"{m['accuracy']:.3f} [{m['accuracy_ci95'][0]:.3f}, {m['accuracy_ci95'][1]:.3f}]"
+                    if m.get("accuracy_ci95") else f"{m['accuracy']:.3f}",
+        "flops_rel": round(float(m["flops_rel"]), 3),
+        "speedup": (round(ref_ms / m["prefill_ms"], 2) if ref_ms and m.get("prefill_ms") else None),
+    } for m in rows])
+    print(f"\nprunebench: {len(rows)} cell(s) of this run (accuracy with its 95% Wilson interval)")
+    print(table.to_string(index=False))
+
+
+def _reference_cell(results_dir: Path, cfg: DictConfig, weights: str | None) -> Path | None:
+    """The finished unpruned reference cell of this model, task, samples and seed, if there is one."""
+    ccfg = cell_config(cfg, None, "none", {}, weights)
     digest = store.config_hash(ccfg)
     path = store.cell_dir(results_dir, ccfg["model"]["name"], ccfg["task"]["name"], "none", None, digest)
-    return store.read_metrics(path)["accuracy"] if store.is_finished(path) else None
+    return path if store.reusable(path) else None
 
 
 register_method_configs()  # method=<any registered pruner>, before Hydra composes

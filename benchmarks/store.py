@@ -12,16 +12,29 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
+import time
 import uuid
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+log = logging.getLogger("prunebench.store")
+
 CELLS = "cells"
+#: Damaged cells are moved here (same relative path, plus a time stamp), kept for inspection.
+DAMAGED = "damaged"
 TMP_PREFIX = ".tmp-"
 METRICS = "metrics.json"
+PREDICTIONS = "predictions.jsonl"
+CONFIG = "config.yaml"
+CELL_FILES = (CONFIG, PREDICTIONS, METRICS)
+#: Fields every metrics.json must have for the cell to be reused or aggregated.
+REQUIRED_METRICS = ("model", "task", "method", "budget", "n_samples", "accuracy", "config_hash")
 
 
 def config_hash(cell_config: dict[str, Any]) -> str:
@@ -35,15 +48,90 @@ def _safe(name: Any) -> str:
     return s or "_"
 
 
-def cell_dir(results_dir: str | Path, model: str, task: str, method: str, budget: int | str | None, digest: str) -> Path:
-    """Where a cell lives: ``results_dir/cells/<model>/<task>/<method>/b<budget|all|auto>-<hash12>``."""
+def cell_dir(results_dir: str | Path, model: str, task: str, method: str, budget: int | str | None, digest: str,
+             seed: int | None = None) -> Path:
+    """Where a cell lives: ``results_dir/cells/<model>/<task>/<method>/b<budget|all|auto>[-s<seed>]-<hash12>``
+    (``-s<seed>`` for the cells of a ``seeds=[...]`` run)."""
     label = "ball" if budget is None else ("bauto" if budget == "auto" else f"b{int(budget)}")
+    if seed is not None:
+        label += f"-s{int(seed)}"
     return Path(results_dir) / CELLS / _safe(model) / _safe(task) / _safe(method) / f"{label}-{digest[:12]}"
 
 
+def cell_problem(path: str | Path) -> str | None:
+    """Why the folder ``path`` is not a complete, readable cell, or None when it is.
+
+    Checks that every file is present and parses, that metrics.json has `REQUIRED_METRICS`, that its
+    config_hash matches the folder name, and that predictions.jsonl has one row per sample.
+    """
+    path = Path(path)
+    missing = [name for name in CELL_FILES if not (path / name).is_file()]
+    if missing:
+        return f"missing {', '.join(missing)}"
+    try:
+        metrics = json.loads((path / METRICS).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{METRICS} does not parse ({e})"
+    if not isinstance(metrics, dict):
+        return f"{METRICS} is not a JSON object"
+    absent = [k for k in REQUIRED_METRICS if k not in metrics]
+    if absent:
+        return f"{METRICS} lacks {', '.join(absent)}"
+    digest = str(metrics["config_hash"])
+    if "-" in path.name and not digest.startswith(path.name.rsplit("-", 1)[1]):
+        return f"{METRICS} config_hash {digest[:12]} does not match the folder name {path.name}"
+    try:
+        rows = [json.loads(line) for line in (path / PREDICTIONS).read_text(encoding="utf-8").splitlines() if line]
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        return f"{PREDICTIONS} does not parse ({e})"
+    if len(rows) != metrics["n_samples"]:
+        return f"{PREDICTIONS} has {len(rows)} rows for n_samples={metrics['n_samples']}"
+    try:
+        config = yaml.safe_load((path / CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        return f"{CONFIG} does not parse ({e})"
+    if not isinstance(config, dict):
+        return f"{CONFIG} is not a mapping"
+    return None
+
+
 def is_finished(path: str | Path) -> bool:
-    """A cell is finished when its directory (renamed into place only when complete) holds metrics.json."""
-    return (Path(path) / METRICS).is_file()
+    """A cell is finished when its directory (renamed into place only when complete) is a whole,
+    readable cell (`cell_problem` finds nothing)."""
+    return Path(path).is_dir() and cell_problem(path) is None
+
+
+def quarantine(path: str | Path, reason: str) -> Path:
+    """Move a damaged cell folder to ``<results_dir>/damaged/<same relative path>-<UTC time>`` and log it.
+
+    ``path`` must lie under ``<results_dir>/cells/``; the moved copy is kept for inspection and the
+    cell is computed again.
+    """
+    path = Path(path)
+    parts = path.parts
+    root = Path(*parts[: len(parts) - 1 - parts[::-1].index(CELLS)])  # the results_dir
+    dest = root / DAMAGED / path.relative_to(root / CELLS)
+    dest = dest.with_name(f"{dest.name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:6]}")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.rename(path, dest)
+    log.warning("damaged cell %s (%s): moved to %s; it will be computed again", path, reason, dest)
+    return dest
+
+
+def reusable(path: str | Path) -> bool:
+    """True when ``path`` is a finished cell; a damaged or half-written folder there is quarantined
+    (and False returned) so the cell can be written again."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    problem = cell_problem(path)
+    if problem is None:
+        return True
+    try:
+        quarantine(path, problem)
+    except FileNotFoundError:  # another job moved or replaced it meanwhile
+        return is_finished(path)
+    return False
 
 
 def check_writable(results_dir: str | Path) -> Path:
@@ -128,14 +216,29 @@ def clean_stale_tmp(results_dir: str | Path) -> list[Path]:
     return removed
 
 
-def iter_cells(results_dir: str | Path) -> list[Path]:
-    """Finished cell directories under ``results_dir`` (temporary directories excluded), sorted."""
+def cell_folders(results_dir: str | Path) -> list[Path]:
+    """Every cell folder under ``results_dir/cells`` (``<model>/<task>/<method>/<cell>``, temporary
+    directories excluded), finished or not, sorted."""
     root = Path(results_dir) / CELLS
     if not root.is_dir():
         return []
-    return sorted(
-        p.parent for p in root.rglob(METRICS) if not any(part.startswith(TMP_PREFIX) for part in p.parts)
-    )
+    return sorted(p for p in root.glob("*/*/*/*") if p.is_dir() and not p.name.startswith(TMP_PREFIX))
+
+
+def iter_cells(results_dir: str | Path) -> list[Path]:
+    """Finished, readable cell directories under ``results_dir`` (temporary directories excluded), sorted."""
+    return [p for p in cell_folders(results_dir) if cell_problem(p) is None]
+
+
+def unreadable_cells(results_dir: str | Path) -> list[tuple[Path, str]]:
+    """(folder, what is wrong) for every cell folder under ``results_dir`` that is not a whole cell."""
+    return [(p, why) for p in cell_folders(results_dir) if (why := cell_problem(p)) is not None]
+
+
+def read_predictions(cell: str | Path) -> list[dict[str, Any]]:
+    """The rows of a finished cell's predictions.jsonl."""
+    text = (Path(cell) / PREDICTIONS).read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line]
 
 
 def read_metrics(cell: str | Path) -> dict[str, Any]:

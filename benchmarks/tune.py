@@ -37,11 +37,29 @@ Calibration data: ``task.samples(split=calib_split)``; the default split ``val``
 task is a seed domain disjoint from the ``eval`` split the benchmark scores (the task has no split
 named "calib").
 
-Output: ``conf/method/<method>_tuned_<target>.yaml`` (e.g. ``vflowopt_tuned_eq36``), usable by the
-runner by name (``python -m benchmarks.run method=vflowopt_tuned_eq36 budgets=[<tuned.budget>]``),
-with the tuned parameters, the solved budget and the objective (best and best-of-initial-points).
-``mode=evaluate method=<tuned file>`` recomputes the objective of a config at its ``tuned.budget``
-(or ``budget=``), which is how a tuned config is checked to reproduce its reported value.
+Output: ``<results_dir>/tuned/method/<method>_tuned_<target>.yaml`` (e.g. ``vflowopt_tuned_eq36``;
+``tuned_name=`` picks another name), with the tuned parameters, the solved budget, the objective (best
+and best-of-initial-points) and the calibration settings it was measured with. ``<results_dir>/tuned`` is
+on Hydra's search path of both ``conf/config.yaml`` and ``conf/tune.yaml`` (``hydra.searchpath``), so the
+runner finds it by name (``python -m benchmarks.run method=vflowopt_tuned_eq36 budgets=[<tuned.budget>]``).
+The tracked ``conf/method/`` is written only with ``overwrite=true`` (the tuner never replaces a shipped
+config by accident; a file of the same name already in ``<results_dir>/tuned/method/`` is replaced, and
+the log says so with both objectives).
+
+Name collisions: Hydra searches the primary config directory ``conf/`` before the ``hydra.searchpath``
+entries (and the registry's ConfigStore last), so when ``conf/method/<name>.yaml`` and
+``<results_dir>/tuned/method/<name>.yaml`` both exist, ``method=<name>`` always composes the tracked file.
+The tuner warns when its output is shadowed that way. Hydra reads ``hydra.searchpath`` from the primary
+config file BEFORE command-line overrides, interpolated against that file's own ``results_dir`` and
+relative to the working directory: with ``results_dir=<dir>`` on the command line also pass
+``hydra.searchpath=[file://<dir>/tuned]`` (the tuner prints the exact command).
+
+``mode=evaluate method=<tuned file>`` recomputes the objective of a config at its ``tuned.budget`` (or
+``budget=``), which is how a tuned config is checked to reproduce its reported value. It calibrates with
+the settings stored in the file's ``tuned:`` block (calib_samples, calib_split, seed, batch_size, and it
+checks model and task): in ``conf/tune.yaml`` these are null, meaning "the stored value" in evaluate mode
+and `CALIB_DEFAULTS` in tune mode; a command-line value that differs from the stored one is refused
+(ValueError naming both), and the summary reports the calibration used and where each value came from.
 """
 
 from __future__ import annotations
@@ -59,10 +77,16 @@ from benchmarks.method_configs import register_method_configs
 
 log = logging.getLogger("prunebench.tune")
 
-CONF_METHOD = Path(__file__).resolve().parent.parent / "conf" / "method"
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_METHOD = CONF_DIR / "method"  # tracked: written only with overwrite=true
 register_method_configs()  # method=<any registered pruner>, before Hydra composes
 SAMPLERS = ("tpe", "gp")
 INFEASIBLE = -1.0
+#: calibration settings, with their tune-mode defaults (conf/tune.yaml leaves them null so that
+#: mode=evaluate can tell "not given" from "given": not given = the value stored in the tuned file)
+CALIB_DEFAULTS: dict[str, Any] = {"calib_samples": 32, "calib_split": "val", "seed": 0, "batch_size": 8}
+#: config groups whose ``name`` the tuned file records and mode=evaluate checks (they cannot be null)
+CALIB_GROUPS = ("model", "task")
 
 
 # ---- calibration ------------------------------------------------------------------------------
@@ -383,13 +407,22 @@ def target_tag(kind: str, target: float) -> str:
     return f"eq{num}" if kind == "equiv_tokens" else f"flops{num}"
 
 
-def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``<out_dir>/<method>_tuned_<tag>.yaml`` (runner-compatible: name + params, plus ``tuned``)."""
+def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] | None = None, *,
+                       name: str | None = None, run_args: str = "", note: str | None = None) -> Path:
+    """Write ``<out_dir>/<name>.yaml`` (runner-compatible: name + variant + params, plus ``tuned``).
+
+    ``name`` defaults to ``<method>_tuned_<tag>``; ``run_args`` (e.g. a ``hydra.searchpath=[...]``
+    override, see `selection`) is appended to the commands in the file's header; ``note`` (why
+    ``method=<name>`` does not select this file, see `selection`) replaces those commands, which would
+    be wrong. Written atomically, replacing a file of that name: callers decide whether that is allowed
+    (`output_dir`).
+    """
     from omegaconf import OmegaConf
 
-    name = f"{result.method}_tuned_{target_tag(result.kind, result.target)}"
+    name = name or f"{result.method}_tuned_{target_tag(result.kind, result.target)}"
     body = {
         "name": result.method,
+        "variant": name,  # the runner's label for its cells (as Hydra's method choice would be)
         "params": result.params,
         "tuned": {
             "budget": result.budget,
@@ -406,11 +439,13 @@ def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] 
             **(extra or {}),
         },
     }
+    more = f" {run_args}" if run_args else ""
     header = (
         f"# {result.method} tuned by benchmarks.tune for {result.kind} <= {result.target:g} "
         f"(objective {result.objective:.5f}; best initial point {result.initial_best:.5f}).\n"
-        f"# Benchmark it: python -m benchmarks.run method={name} budgets=[{result.budget}]\n"
-        f"# Re-check the objective: python -m benchmarks.tune mode=evaluate method={name}\n"
+        + (f"# NOTE: {note}\n" if note else
+           f"# Benchmark it: python -m benchmarks.run method={name} budgets=[{result.budget}]{more}\n"
+           f"# Re-check the objective: python -m benchmarks.tune mode=evaluate method={name}{more}\n")
     )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -419,6 +454,147 @@ def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] 
     tmp.write_text(header + OmegaConf.to_yaml(OmegaConf.create(body)))
     tmp.replace(path)
     return path
+
+
+# ---- where tuned configs go, and how Hydra finds them ---------------------------------------------
+def tuned_config_name(cfg: Any, method: str, kind: str, target: float) -> str:
+    """``tuned_name`` or ``<method>_tuned_<tag>``: the file stem, i.e. what ``method=`` selects.
+
+    A registered pruner's name is refused: the file would replace the registry's config of that pruner
+    (the search path comes before the ConfigStore), silently changing what ``method=<pruner>`` means.
+    """
+    import re
+
+    from pruners import available_pruners
+
+    name = cfg.get("tuned_name") or f"{method}_tuned_{target_tag(kind, target)}"
+    name = str(name)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", name):
+        raise ValueError(f"tuned_name must be letters, digits, '_' or '-' (a Hydra option name), got {name!r}")
+    if name in available_pruners():
+        raise ValueError(f"tuned_name={name!r} is a registered pruner; a tuned config needs its own name "
+                         f"(default <method>_tuned_<target>)")
+    return name
+
+
+def _inside(path: Path, root: Path) -> bool:
+    path, root = Path(path).resolve(), Path(root).resolve()
+    return path == root or root in path.parents
+
+
+def output_dir(cfg: Any) -> Path:
+    """Directory the tuned config goes to: ``out_dir``, else ``conf/method`` with ``overwrite=true``, else
+    ``<results_dir>/tuned/method``. Writing into the tracked ``conf/method`` needs ``overwrite=true``
+    (whichever way it is named), so a tune run cannot replace a shipped config by accident."""
+    overwrite = bool(cfg.get("overwrite", False))
+    if cfg.get("out_dir"):
+        out = Path(str(cfg.out_dir))
+    elif overwrite:
+        out = CONF_METHOD
+    else:
+        out = Path(str(cfg.get("results_dir") or "results")) / "tuned" / "method"
+    if _inside(out, CONF_METHOD) and not overwrite:
+        raise ValueError(f"out_dir={out} is inside the tracked {CONF_METHOD}; writing there needs overwrite=true "
+                         f"(default: <results_dir>/tuned/method, out_dir=null)")
+    return out
+
+
+def search_roots(config_name: str = "config") -> list[Path]:
+    """Directories ``conf/<config_name>.yaml``'s ``hydra.searchpath`` adds, as Hydra 1.3 reads them.
+
+    Hydra takes ``hydra.searchpath`` from the primary config file before applying command-line overrides:
+    an interpolation such as ``${results_dir}`` resolves against the file's own value, and a relative path
+    is relative to the working directory. Only ``file://`` entries are returned (resolved).
+    """
+    from omegaconf import OmegaConf
+
+    conf = OmegaConf.load(CONF_DIR / f"{config_name}.yaml")
+    entries = OmegaConf.select(conf, "hydra.searchpath") or []
+    return [Path(str(e)[len("file://"):]).resolve() for e in entries if str(e).startswith("file://")]
+
+
+def selection(path: Path) -> tuple[str, str | None]:
+    """How ``method=<path.stem>`` reaches ``path`` in benchmarks.run (and benchmarks.tune) from the working
+    directory: (extra command-line arguments, "" if none are needed; a warning, or None).
+
+    ``conf/method`` comes first on Hydra's search path, so a file of the same name there shadows ``path``;
+    a ``<dir>/method`` directory not on ``hydra.searchpath`` needs ``hydra.searchpath=[file://<dir>]``.
+    """
+    path = Path(path).resolve()
+    tracked = CONF_METHOD.resolve() / path.name
+    if path.parent == CONF_METHOD.resolve():
+        return "", None
+    if tracked.exists():
+        return "", (f"{tracked} (tracked) has the same name and comes first on Hydra's search path: "
+                    f"method={path.stem} still composes the tracked file, not {path}. Compare them, then "
+                    f"replace the tracked one with overwrite=true, or tune under another tuned_name=")
+    if path.parent.name != "method":
+        return "", (f"{path} is not in a 'method' directory, so method={path.stem} cannot select it; "
+                    f"write it with out_dir=<dir>/method (or the default out_dir=null)")
+    root = path.parent.parent
+    if all(root in search_roots(c) for c in ("config", "tune")):
+        return "", None
+    return f"hydra.searchpath=[file://{root}]", None
+
+
+def _objective_of(path: Path) -> Any:
+    """The ``tuned.objective`` recorded in an existing config file (None if unreadable)."""
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.select(OmegaConf.load(path), "tuned.objective")
+    except Exception:  # noqa: BLE001  (a corrupt or foreign file: just no objective to report)
+        return None
+
+
+# ---- calibration settings -------------------------------------------------------------------------
+def _same(a: Any, b: Any) -> bool:
+    """Whether two setting values are equal (``32`` and ``"32"`` are: YAML vs command line)."""
+    return str(a) == str(b)
+
+
+def calibration_settings(cfg: Any, mode: str, tuned: Any) -> tuple[dict[str, Any], dict[str, str]]:
+    """The calibration settings to use, and where each value came from ("command line", "tuned file",
+    "default").
+
+    mode=tune: the config's value, else `CALIB_DEFAULTS`. mode=evaluate: the value stored in the tuned
+    file's ``tuned:`` block when it has one, else the config's, else the default; a config value that
+    differs from the stored one is a ValueError naming the setting and both values: the re-checked
+    objective would silently not be comparable with the reported one. ``model`` and ``task`` (config
+    groups, never null) are checked against the stored names the same way.
+    """
+    tuned = tuned or {}
+    settings: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for group in CALIB_GROUPS:
+        given, stored = str(cfg[group].name), tuned.get(group)
+        if mode == "evaluate" and stored is not None and not _same(given, stored):
+            raise ValueError(f"mode=evaluate: {group}={given} differs from the {group} the tuned file was "
+                             f"calibrated with (tuned.{group}={stored}); pass {group}={stored}")
+        settings[group] = given
+        sources[group] = "tuned file (checked)" if mode == "evaluate" and stored is not None else "config"
+    for key, default in CALIB_DEFAULTS.items():
+        given = cfg.get(key)
+        stored = tuned.get(key) if mode == "evaluate" else None
+        if stored is not None:
+            if given is not None and not _same(given, stored):
+                raise ValueError(
+                    f"mode=evaluate: {key}={given} differs from the {key}={stored} stored in the tuned file "
+                    f"(tuned.{key}), so the objective would not be comparable with the reported one; drop "
+                    f"{key}= to use the stored value (to evaluate these parameters on other calibration "
+                    f"data, drop the record instead: method.tuned=null budget=<tokens> {key}={given})")
+            value, source = stored, "tuned file"
+        elif given is not None:
+            value, source = given, "command line"
+        else:
+            value, source = default, "default"
+        settings[key] = type(default)(value)
+        sources[key] = source
+    if settings["calib_samples"] < 1:
+        raise ValueError(f"calib_samples must be >= 1, got {settings['calib_samples']}")
+    if settings["batch_size"] < 1:
+        raise ValueError(f"batch_size must be >= 1, got {settings['batch_size']}")
+    return settings, sources
 
 
 # ---- Hydra entry point ----------------------------------------------------------------------------
@@ -430,7 +606,11 @@ def _constraint(cfg: Any) -> tuple[str, float]:
 
 
 def run(cfg: Any) -> dict[str, Any]:
-    """Tune (``mode=tune``) or re-evaluate a config (``mode=evaluate``); returns a summary dict."""
+    """Tune (``mode=tune``) or re-evaluate a config (``mode=evaluate``); returns a summary dict.
+
+    Everything that can be checked without the model (mode, calibration settings, output path) is
+    checked before it is loaded.
+    """
     from omegaconf import OmegaConf
 
     from benchmarks.models import load_model
@@ -445,13 +625,16 @@ def run(cfg: Any) -> dict[str, Any]:
         raise ValueError(f"mode must be 'tune' or 'evaluate', got {mode!r}")
     method = str(cfg.method.name)
     params = OmegaConf.to_container(cfg.method.get("params") or {}, resolve=True)
-    n_calib = int(cfg.calib_samples)
-    if n_calib < 1:
-        raise ValueError(f"calib_samples must be >= 1, got {n_calib}")
+    tuned = cfg.method.get("tuned") or {}
+    calib_cfg, sources = calibration_settings(cfg, mode, tuned)
+    seed = calib_cfg["seed"]
+    if mode == "tune":
+        kind, target = _constraint(cfg)
+        name = tuned_config_name(cfg, method, kind, target)
+        out_dir = output_dir(cfg)
     device = "cuda" if str(cfg.device) == "auto" and torch.cuda.is_available() else (
         "cpu" if str(cfg.device) == "auto" else str(cfg.device))
     lm = load_model(cfg.model, device)
-    tuned = cfg.method.get("tuned") or {}
     budget = None
     if mode == "evaluate":  # checked like the runner's budgets, before the calibration set is encoded
         raw = cfg.get("budget") if cfg.get("budget") is not None else tuned.get("budget")
@@ -459,39 +642,54 @@ def run(cfg: Any) -> dict[str, Any]:
         if budget == AUTO:
             raise ValueError(f"mode=evaluate needs budget=<tokens> or null, got {AUTO!r}")
     task = get_task(str(cfg.task.name))
-    split = str(cfg.calib_split)
-    samples = task.samples(split=split, n=n_calib, seed=int(cfg.seed))
+    split = calib_cfg["calib_split"]
+    samples = task.samples(split=split, n=calib_cfg["calib_samples"], seed=seed)
     calib = build_calibration(lm.model, lm.processor, [s.image for s in samples],
-                              [lm.prompt(s.question) for s in samples], int(cfg.batch_size))
+                              [lm.prompt(s.question) for s in samples], calib_cfg["batch_size"])
+    used = ", ".join(f"{k}={v} ({sources[k]})" for k, v in calib_cfg.items())
     if mode == "evaluate":
-        value = objective(calib, method, None if budget is None else int(budget), params, int(cfg.seed))
-        counts = token_counts(calib, method, int(budget), params, int(cfg.seed)) if budget is not None else None
+        value = objective(calib, method, None if budget is None else int(budget), params, seed)
+        counts = token_counts(calib, method, int(budget), params, seed) if budget is not None else None
         summary = {"method": method, "budget": budget, "objective": value,
                    "reported": tuned.get("objective"),
                    "equiv_tokens": cost(calib, counts, "equiv_tokens") if counts else None,
-                   "flops_rel": cost(calib, counts, "flops_rel") if counts else None}
+                   "flops_rel": cost(calib, counts, "flops_rel") if counts else None,
+                   "calibration": calib_cfg, "calibration_source": sources}
+        log.info("evaluate: calibration %s", used)
         log.info("evaluate: %s", summary)
         print(summary)
         return summary
-    kind, target = _constraint(cfg)
     space = OmegaConf.to_container(cfg.space, resolve=True) if cfg.get("space") else None
     result = tune(calib, method, target=target, kind=kind, base_params=params, space=space,
                   n_trials=int(cfg.n_trials), n_initial=int(cfg.n_initial), sampler=str(cfg.sampler),
-                  seed=int(cfg.seed), progress=print if cfg.get("progress", True) else None)
-    out_dir = Path(cfg.out_dir) if cfg.get("out_dir") else CONF_METHOD
-    extra = {"model": str(cfg.model.name), "task": str(cfg.task.name), "calib_split": split,
-             "calib_samples": n_calib, "sampler": str(cfg.sampler), "seed": int(cfg.seed),
+                  seed=seed, progress=print if cfg.get("progress", True) else None)
+    extra = {**calib_cfg, "sampler": str(cfg.sampler),
              "search_space": {k: list(v) for k, v in resolve_space(get_pruner_class(method), space).items()},
              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
-    path = write_tuned_config(result, out_dir, extra)
+    path = out_dir / f"{name}.yaml"
+    if path.exists():
+        log.warning("replacing %s (objective %s) with the new result (objective %.5f)%s", path,
+                    _objective_of(path), result.objective, " [overwrite=true]" if cfg.get("overwrite") else "")
+    run_args, warning = selection(path)
+    path = write_tuned_config(result, out_dir, extra, name=name, run_args=run_args, note=warning)
+    log.info("tune: wrote %s; calibration %s", path, used)
+    if warning:
+        log.warning("%s", warning)
+    command = f"python -m benchmarks.run method={name} budgets=[{result.budget}]" + (f" {run_args}" if run_args else "")
     summary = {"path": str(path), "objective": result.objective, "objective_initial_best": result.initial_best,
-               "budget": result.budget, kind: result.cost, "searched": result.searched}
+               "budget": result.budget, kind: result.cost, "searched": result.searched,
+               "calibration": calib_cfg, "benchmark": None if warning else command}
     print(summary)
     return summary
 
 
 def _main() -> None:
+    import warnings
+
     import hydra
+
+    # no <results_dir>/tuned yet (nothing tuned): an empty search-path entry, not a problem worth a warning
+    warnings.filterwarnings("ignore", message=r"provider=hydra\.searchpath in main, path=.*tuned is not available")
 
     @hydra.main(config_path="../conf", config_name="tune", version_base="1.3")
     def main(cfg: Any) -> None:

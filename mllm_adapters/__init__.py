@@ -6,6 +6,10 @@ from typing import Any
 
 from mllm_adapters.handle import PruningHandle
 
+#: Behaviour version of the adapters (hooks, prompt surgery, LLM-stage slicing): bump it whenever the
+#: same pruner on the same inputs can give a different result. Part of every result cell's identity.
+ENGINE_VERSION = 1
+
 #: transformers model classes `attach` has an adapter for.
 SUPPORTED_MODEL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
 

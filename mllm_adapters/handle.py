@@ -18,6 +18,9 @@ class PruningHandle:
                    ORIGINAL patch grid (raster order; LLaVA-NeXT: positions in the image's unpruned
                    packed run, see mllm_adapters/llava_next.py). Merged tokens have no grid index and
                    are not listed.
+    kept_by_layer: after each prefill of an in-LLM method, {decoder layer K: per sample the kept
+                   indices (as in kept_indices) of the visual tokens entering layer K}, one entry per
+                   pruning layer; empty for methods that prune only before the LLM.
     token_counts:  {"visual_in": N, "vision": [tokens entering each ViT layer run, CLS included],
                     "llm_visual": [visual tokens entering each LLM decoder layer],
                     "merged": number of merged (non-grid) tokens reaching the LLM}.
@@ -29,6 +32,7 @@ class PruningHandle:
     pruner: Pruner
     adapter: Any = None
     kept_indices: list[torch.Tensor] = field(default_factory=list)
+    kept_by_layer: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     token_counts: dict[str, Any] = field(default_factory=dict)
     overhead_flops: int = 0
     count_overhead_flops: bool = False

@@ -207,6 +207,7 @@ class LlavaAdapter:
             return False
         self._fw = self._new_forward()
         self.handle.overhead_flops = 0
+        self.handle.kept_by_layer = {}
         self.handle.info = {}
         return True
 
@@ -652,6 +653,7 @@ class LlavaAdapter:
             fw.cur_kwargs = None
             idx = fw.visual_index
             self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in range(B)]
+            self.handle.kept_by_layer[i] = list(self.handle.kept_indices)
             counts = self.handle.token_counts.setdefault("llm_visual", [nv] * self.info.llm_num_layers)
             for j in range(i, self.info.llm_num_layers):
                 counts[j] = k

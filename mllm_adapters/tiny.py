@@ -6,6 +6,8 @@ architecture, no download. The same tokenizer/processor builders serve the embed
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -144,6 +146,42 @@ def build_tiny_llava(
     return model, processor
 
 
+def tiny_llava_next_config(
+    vocab_size: int,
+    image_size: int = 32,
+    patch_size: int = 8,
+    grid_pinpoints: list[list[int]] | None = None,
+    vision_layers: int = 4,
+    text_layers: int = 4,
+    attn_implementation: str = "eager",
+) -> LlavaNextConfig:
+    """Config of a tiny LLaVA-NeXT: `tiny_llava_config`'s towers with anyres tiling over ``grid_pinpoints``."""
+    base = tiny_llava_config(vocab_size, image_size, patch_size, vision_layers, text_layers, attn_implementation)
+    cfg = LlavaNextConfig(
+        vision_config=base.vision_config,
+        text_config=base.text_config,
+        image_token_index=SPECIAL_TOKENS.index("<image>"),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        projector_hidden_act="gelu",
+        image_grid_pinpoints=[list(p) for p in (grid_pinpoints or TINY_NEXT_PINPOINTS)],
+    )
+    cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def tiny_config(model_class: str, **kwargs: Any) -> LlavaConfig | LlavaNextConfig:
+    """The config `build_tiny_llava` / `build_tiny_llava_next` would build (vocabulary of the tiny
+    tokenizer), without building the model: what a runner checks settings against."""
+    vocab = len(dict.fromkeys([*SPECIAL_TOKENS, *TINY_WORDS]))  # as make_word_tokenizer(TINY_WORDS) builds it
+    if model_class == "LlavaForConditionalGeneration":
+        return tiny_llava_config(vocab, **kwargs)
+    if model_class == "LlavaNextForConditionalGeneration":
+        return tiny_llava_next_config(vocab, **kwargs)
+    raise ValueError(f"no tiny builder for model_class={model_class!r}; accepted: LlavaForConditionalGeneration, "
+                     "LlavaNextForConditionalGeneration")
+
+
 #: Tiny LLaVA-NeXT: 32 px tiles of 8 px patches (4 x 4 grid per tile); these pinpoints give 2 or 4 crops
 #: plus the base tile, so an image packs into 16 + up to 8 x (8 + 1) = 88 visual tokens.
 TINY_NEXT_PINPOINTS = [[32, 64], [64, 32], [64, 64]]
@@ -178,17 +216,8 @@ def build_tiny_llava_next(
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    base = tiny_llava_config(len(tokenizer), image_size, patch_size, vision_layers, text_layers, attn_implementation)
-    cfg = LlavaNextConfig(
-        vision_config=base.vision_config,
-        text_config=base.text_config,
-        image_token_index=SPECIAL_TOKENS.index("<image>"),
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        projector_hidden_act="gelu",
-        image_grid_pinpoints=pinpoints,
-    )
-    cfg._attn_implementation = attn_implementation
+    cfg = tiny_llava_next_config(len(tokenizer), image_size, patch_size, pinpoints, vision_layers, text_layers,
+                                 attn_implementation)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
     with torch.no_grad():  # sharpen attention as in build_tiny_llava (image_newline is 1-D: drawn too)

@@ -71,6 +71,11 @@ class Pruner:
     name: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()
     requires_cls: ClassVar[bool] = False
+    #: Behaviour version: bump it whenever the method's output for the same inputs changes. It is part
+    #: of every result cell's identity, so cells computed by the old behaviour are never reused.
+    version: ClassVar[int] = 1
+    #: True when the result depends on ``seed`` (a random draw): ``seeds=[...]`` runs it once per seed.
+    uses_seed: ClassVar[bool] = False
     #: parameter name -> default value; anything else passed to the constructor is an error.
     defaults: ClassVar[dict[str, Any]] = {}
     #: parameter name -> ("int"|"float"|"categorical", low, high) or ("categorical", [choices]); for the tuner.

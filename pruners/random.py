@@ -14,6 +14,7 @@ class RandomPruner(Pruner):
     so the same image keeps the same tokens alone or in any batch."""
 
     stages = ("pre_llm",)
+    uses_seed = True
 
     def prune_pre_llm(self, ctx: PreLLMContext) -> PreLLMDecision:
         n = ctx.features.shape[1]

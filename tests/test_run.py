@@ -349,7 +349,8 @@ def test_tiny_next_sweep_counts_each_image(tmp_path, next_shapes):
     assert ref["visual_tokens_in"] == pytest.approx(sum(NEXT_IN) / 3) and ref["within_budget"] is None
     assert ref["relevant_recall"] == pytest.approx(1.0) and ref["equiv_tokens"] == pytest.approx(sum(NEXT_IN) / 3)
     ref_rows = _rows(cells[("none", None)])
-    assert [r["visual_in"] for r in ref_rows] == NEXT_IN and [r["kept"] for r in ref_rows] == NEXT_IN
+    assert [r["visual_in"] for r in ref_rows] == NEXT_IN and [r["n_kept"] for r in ref_rows] == NEXT_IN
+    assert [r["kept"] for r in ref_rows] == [[list(range(n))] for n in NEXT_IN]  # positions, per image
     # Each row's FLOPs are its own image's: tiles through the ViT, its packed run in the LLM.
     model, processor = build_tiny_llava_next()
     samples = next_shapes.samples(split="eval", n=3, seed=0)
@@ -363,7 +364,8 @@ def test_tiny_next_sweep_counts_each_image(tmp_path, next_shapes):
         m = store.read_metrics(cells[(method, budget)])
         rows = _rows(cells[(method, budget)])
         # An image with no more tokens than the budget reaches the LLM whole (the adapter's rule).
-        assert [r["kept"] for r in rows] == [min(budget, n) for n in NEXT_IN], (method, budget)
+        assert [r["n_kept"] for r in rows] == [min(budget, n) for n in NEXT_IN], (method, budget)
+        assert [len(r["kept"][0]) for r in rows] == [min(budget, n) for n in NEXT_IN], (method, budget)
         assert m["within_budget"] == pytest.approx(sum(n <= budget for n in NEXT_IN) / 3)
         assert m["visual_tokens_in"] == pytest.approx(sum(NEXT_IN) / 3)
         assert 0 <= m["relevant_recall"] <= 1 and 0 < m["flops_rel"] < 1
@@ -398,7 +400,8 @@ def test_tiny_next_flowcut_cell_flops_match_the_flop_counter(tmp_path, next_shap
 
     (cell,) = [p for p in _run_next(tmp_path, "method=flowcut", "budgets=[45]", "n_samples=3", "batch_size=1")]
     rows = _rows(cell)
-    assert [r["kept"] for r in rows] == [45, 45, 45] and [r["visual_in"] for r in rows] == NEXT_IN
+    assert [r["n_kept"] for r in rows] == [45, 45, 45] and [r["visual_in"] for r in rows] == NEXT_IN
+    assert [len(r["kept"][0]) for r in rows] == [45, 45, 45]
     m = store.read_metrics(cell)
     assert 0 < m["flops_rel"] < 1 and m["vision_tflops"] > 0 and m["overhead_tflops"] > 0
     model, processor = build_tiny_llava_next()

@@ -1,6 +1,8 @@
 """The general tuner (benchmarks/tune.py) on the tiny LLaVA: it improves the flow objective over its
 initial points, respects the compute constraint (checked against the token counts the adapter really
-produces), works for pruners without a pure schedule, and its output config reproduces its objective."""
+produces), works for pruners without a pure schedule, and its output config reproduces its objective.
+It writes <results_dir>/tuned/method/ (found by name through Hydra's search path), never the tracked
+conf/method/ without overwrite=true, and mode=evaluate calibrates with the settings the tuned file stores."""
 
 from __future__ import annotations
 
@@ -15,12 +17,17 @@ from omegaconf import OmegaConf
 
 from benchmarks.flops import equiv_tokens, prefill_flops
 from benchmarks.tune import (
+    CALIB_DEFAULTS,
+    TuneResult,
     build_calibration,
+    calibration_settings,
     cost,
     objective,
     reference_vision_counts,
     resolve_space,
     run,
+    search_roots,
+    selection,
     target_tag,
     tune,
     write_tuned_config,
@@ -29,6 +36,8 @@ from pruners import apply_pruner, get_pruner_class
 from tests.conftest import make_images
 
 ROOT = Path(__file__).resolve().parent.parent
+# composing from the repository root before anything was tuned: results/tuned does not exist yet
+pytestmark = pytest.mark.filterwarnings("ignore:provider=hydra.searchpath in main, path=.*tuned is not available")
 QUESTIONS = ["what is the colour of the circle ?", "how many ?", "what shape is at row one ?",
              "is there a red square ?"]
 
@@ -95,36 +104,156 @@ def test_search_space_and_target_errors(calib):
     assert target_tag("equiv_tokens", 36) == "eq36" and target_tag("flops_rel", 0.25) == "flops0p25"
 
 
-def test_cli_writes_a_config_that_reproduces_its_objective(tmp_path):
-    """`python -m benchmarks.tune` end to end (tiny model, shapes calibration split), then
-    `mode=evaluate` on the written config recomputes the same objective."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    args = ["model=tiny", "method=vflowopt", "target_equiv_tokens=9", "calib_samples=4", "n_trials=4",
-            "n_initial=2", f"out_dir={tmp_path}", "num_threads=1", "progress=false"]
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.tune", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    path = tmp_path / "vflowopt_tuned_eq9.yaml"
-    written = OmegaConf.load(path)
-    assert written.name == "vflowopt" and written.tuned.equiv_tokens <= 9
-    assert set(written.params) == set(get_pruner_class("vflowopt").defaults)
-    # evaluate the written config the way the runner would load it (method group = the file)
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _compose(config_name: str, overrides: list[str]):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("tune", overrides=["model=tiny", "mode=evaluate", "calib_samples=4", "num_threads=1"])
+        return compose(config_name, overrides=overrides)
+
+
+SHIPPED = ROOT / "conf" / "method" / "vflowopt_tuned_eq36.yaml"
+SHIPPED_OBJECTIVE = float(OmegaConf.load(SHIPPED).tuned.objective)  # 0.9651
+
+
+def test_cli_writes_a_config_that_reproduces_its_objective(tmp_path, monkeypatch):
+    """The README's tune command (`python -m benchmarks.tune method=vflowopt target_equiv_tokens=36 ...`,
+    tiny model, shapes calibration split, run from a fresh working directory) used to replace the shipped
+    conf/method/vflowopt_tuned_eq36.yaml (objective 0.9651) with its own result. Now it leaves every file
+    under conf/method/ byte-identical and writes results/tuned/method/, saying that the tracked file of the
+    same name still wins; then `mode=evaluate` on the written config, with no calibration settings on the
+    command line, recomputes the same objective because it uses the file's calib_samples=4 (it used
+    tune.yaml's 32 before, silently)."""
+    before = _tree_bytes(ROOT / "conf" / "method")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    args = ["model=tiny", "method=vflowopt", "target_equiv_tokens=36", "calib_samples=4", "n_trials=4",
+            "n_initial=2", "num_threads=1", "progress=false"]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.tune", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _tree_bytes(ROOT / "conf" / "method") == before
+    path = tmp_path / "results" / "tuned" / "method" / "vflowopt_tuned_eq36.yaml"
+    written = OmegaConf.load(path)
+    assert written.name == "vflowopt" and written.tuned.equiv_tokens <= 36
+    assert set(written.params) == set(get_pruner_class("vflowopt").defaults)
+    assert written.tuned.calib_samples == 4 and written.tuned.batch_size == 8 and written.tuned.model == "tiny"
+    # shadowed: said on stdout and in the file, instead of a benchmark command that would pick the tracked one
+    assert "still composes the tracked file" in proc.stdout
+    assert "# NOTE: " in path.read_text() and "# Benchmark it" not in path.read_text()
+    monkeypatch.chdir(tmp_path)  # where the command ran: the search path is relative to it
+    for config_name in ("config", "tune"):
+        assert _compose(config_name, ["method=vflowopt_tuned_eq36"]).method.tuned.objective == SHIPPED_OBJECTIVE
+    # evaluate the written config the way the runner would load it (method group = the file)
+    cfg = _compose("tune", ["model=tiny", "mode=evaluate", "num_threads=1"])
     OmegaConf.set_struct(cfg, False)
     cfg.method = written
     summary = run(cfg)
+    assert summary["calibration"]["calib_samples"] == 4 and summary["calibration_source"]["calib_samples"] == "tuned file"
     assert summary["objective"] == pytest.approx(float(written.tuned.objective), abs=1e-6)
     assert summary["equiv_tokens"] == pytest.approx(float(written.tuned.equiv_tokens))
+    # a command-line value that differs from the stored one is refused, naming both (before the model loads)
+    cfg.calib_samples = 8
+    with pytest.raises(ValueError, match=r"calib_samples=8 differs from the calib_samples=4 stored in the tuned file"):
+        run(cfg)
+    cfg = _compose("tune", ["mode=evaluate"])  # model: the default (embedded), not the stored tiny
+    OmegaConf.set_struct(cfg, False)
+    cfg.method = written
+    with pytest.raises(ValueError, match=r"model=embedded differs .*tuned.model=tiny\); pass model=tiny"):
+        run(cfg)
+
+
+def _result(objective: float, target: float = 9) -> TuneResult:
+    params = dict(get_pruner_class("vflowopt").defaults)
+    return TuneResult(method="vflowopt", params=params, searched={}, budget=8, cost=8.5, objective=objective,
+                      initial_best=objective, kind="equiv_tokens", target=target, n_trials=1, n_initial=1,
+                      n_feasible=1)
+
+
+def test_tuned_configs_compose_by_name_from_results_dir(tmp_path, monkeypatch):
+    """`method=<name>_tuned_<target>` finds <results_dir>/tuned/method/ in benchmarks.run's and
+    benchmarks.tune's config (the search path is relative to the working directory, as `make bench`
+    runs from the repository root); conf/method/ wins a name collision; another results_dir needs the
+    hydra.searchpath override the tuner prints."""
+    monkeypatch.chdir(tmp_path)
+    assert search_roots("config") == search_roots("tune") == [tmp_path.resolve() / "results" / "tuned"]
+    tuned = tmp_path / "results" / "tuned" / "method"
+    path = write_tuned_config(_result(0.5), tuned, {"calib_samples": 4})
+    assert selection(path) == ("", None)
+    for config_name in ("config", "tune"):
+        cfg = _compose(config_name, ["method=vflowopt_tuned_eq9"])
+        assert cfg.method.name == "vflowopt" and cfg.method.tuned.objective == 0.5
+        assert "hydra" not in cfg  # the search path is not part of a cell's config (nor its hash)
+    # collision: the tracked file wins, deterministically
+    write_tuned_config(_result(0.5, target=36), tuned)
+    assert _compose("config", ["method=vflowopt_tuned_eq36"]).method.tuned.objective == SHIPPED_OBJECTIVE
+    assert "still composes the tracked file" in selection(tuned / "vflowopt_tuned_eq36.yaml")[1]
+    # results_dir=<other> on the command line does not move the search path (Hydra reads it first) ...
+    other = write_tuned_config(_result(0.25), tmp_path / "other" / "tuned" / "method", name="mine")
+    with pytest.raises(Exception, match="mine"):
+        _compose("config", ["method=mine", f"results_dir={tmp_path / 'other'}"])
+    # ... the override the tuner prints (and writes into the file's header) does
+    args, warning = selection(other)
+    assert warning is None and args == f"hydra.searchpath=[file://{tmp_path.resolve() / 'other' / 'tuned'}]"
+    write_tuned_config(_result(0.25), other.parent, name="mine", run_args=args)  # as run() writes it
+    assert f"method=mine budgets=[8] {args}" in other.read_text()
+    assert _compose("config", ["method=mine", args]).method.tuned.objective == 0.25
+
+
+def test_overwrite_writes_conf_method_only_when_asked(tmp_path, monkeypatch, caplog):
+    """Without overwrite=true the tuner cannot write into conf/method (however it is named) and leaves a
+    tracked file of its name untouched; with it, it replaces that file (logging both objectives). The
+    tracked directory is a temporary copy here: the real one is never written."""
+    import benchmarks.tune as tune_mod
+
+    real = _tree_bytes(ROOT / "conf" / "method")
+    conf_method = tmp_path / "conf_method"
+    conf_method.mkdir()
+    tracked = conf_method / SHIPPED.name
+    tracked.write_bytes(SHIPPED.read_bytes())
+    monkeypatch.setattr(tune_mod, "CONF_METHOD", conf_method)
+    base = ["model=tiny", "method=vflowopt", "target_equiv_tokens=36", "calib_samples=2", "n_trials=2",
+            "n_initial=1", "num_threads=1", "progress=false", f"results_dir={tmp_path / 'res'}"]
+
+    with pytest.raises(ValueError, match=r"out_dir=.* is inside the tracked .*needs overwrite=true"):
+        run(_compose("tune", [*base, f"out_dir={conf_method}"]))
+    with pytest.raises(ValueError, match=r"tuned_name='fastv' is a registered pruner"):
+        run(_compose("tune", [*base, "tuned_name=fastv"]))
+
+    summary = run(_compose("tune", base))
+    assert Path(summary["path"]) == tmp_path / "res" / "tuned" / "method" / SHIPPED.name
+    assert tracked.read_bytes() == SHIPPED.read_bytes() and summary["benchmark"] is None  # shadowed
+    with caplog.at_level("WARNING", logger="prunebench.tune"):
+        summary = run(_compose("tune", [*base, "overwrite=true"]))
+    assert Path(summary["path"]) == tracked
+    assert OmegaConf.load(tracked).tuned.calib_samples == 2
+    assert f"replacing {tracked} (objective {SHIPPED_OBJECTIVE})" in caplog.text
+    assert summary["benchmark"] == f"python -m benchmarks.run method=vflowopt_tuned_eq36 budgets=[{summary['budget']}]"
+    assert _tree_bytes(ROOT / "conf" / "method") == real
+
+
+def test_calibration_settings_defaults_and_sources():
+    """mode=tune fills unset settings from CALIB_DEFAULTS; mode=evaluate takes a tuned file's values;
+    a config without a tuned record evaluates on the given or default settings."""
+    cfg = _compose("tune", ["model=tiny", "calib_samples=4"])
+    settings, sources = calibration_settings(cfg, "tune", {})
+    assert settings == {"model": "tiny", "task": "shapes", **CALIB_DEFAULTS, "calib_samples": 4}
+    assert sources["calib_samples"] == "command line" and sources["seed"] == "default"
+    settings, sources = calibration_settings(cfg, "evaluate", {"calib_samples": 4, "seed": 3, "model": "tiny"})
+    assert settings["seed"] == 3 and sources["seed"] == "tuned file" and sources["calib_samples"] == "tuned file"
+    with pytest.raises(ValueError, match=r"seed=1 differs from the seed=3"):
+        calibration_settings(_compose("tune", ["model=tiny", "seed=1"]), "evaluate", {"seed": 3})
+    with pytest.raises(ValueError, match="calib_samples must be >= 1, got 0"):
+        calibration_settings(_compose("tune", ["calib_samples=0"]), "tune", {})
 
 
 def test_written_config_is_runner_compatible(calib, tmp_path):
     r = tune(calib, "vflowopt", target=9, n_trials=3, n_initial=3, seed=0)
     path = write_tuned_config(r, tmp_path, {"model": "tiny"})
     conf = OmegaConf.to_container(OmegaConf.load(path))
-    assert path.name == "vflowopt_tuned_eq9.yaml"
+    assert path.name == "vflowopt_tuned_eq9.yaml" and conf["variant"] == "vflowopt_tuned_eq9"
     # the runner builds the pruner from name + params
     p = get_pruner_class(conf["name"])(budget=conf["tuned"]["budget"], **conf["params"])
     assert p.params == r.params and conf["tuned"]["objective"] == r.objective
