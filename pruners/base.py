@@ -76,6 +76,10 @@ class Pruner:
     version: ClassVar[int] = 1
     #: True when the result depends on ``seed`` (a random draw): ``seeds=[...]`` runs it once per seed.
     uses_seed: ClassVar[bool] = False
+    #: Conformance-suite invariants this method is exempt from, each with the reason
+    #: (``{"pre_llm_equals_kept_tokens": "merges tokens: no kept-token prompt to compare with"}``);
+    #: tests/test_conformance.py lists the invariant names.
+    conformance_opt_outs: ClassVar[dict[str, str]] = {}
     #: parameter name -> default value; anything else passed to the constructor is an error.
     defaults: ClassVar[dict[str, Any]] = {}
     #: parameter name -> ("int"|"float"|"categorical", low, high) or ("categorical", [choices]); for the tuner.
