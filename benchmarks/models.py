@@ -51,6 +51,23 @@ def visual_tokens_of(config: Any) -> int:
     return max_packed_tokens([list(p) for p in config.image_grid_pinpoints], int(v.image_size), side)
 
 
+#: conf/model keys of a ``source: tiny`` model passed to its family's ``build_tiny`` / ``tiny_config``.
+TINY_KEYS = ("image_size", "patch_size", "vision_layers", "text_layers", "grid_pinpoints")
+
+
+def _tiny_family(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The family (`mllm_adapters.registry`) of a tiny model config and the builder's keyword arguments."""
+    from mllm_adapters.registry import family_of_class
+
+    model_class = cfg.get("model_class") or "LlavaForConditionalGeneration"
+    try:
+        family = family_of_class(model_class)
+    except TypeError as e:
+        raise ValueError(f"model {cfg.get('name', '?')!r}: model.model_class={model_class!r} has no tiny "
+                         f"builder ({e})") from None
+    return family, {k: cfg[k] for k in TINY_KEYS if cfg.get(k) is not None}
+
+
 def peek_config(model_cfg: Any) -> Any:
     """The transformers config of the model ``model_cfg`` describes, without loading any weights
     (config.json only; the tiny models' configs are built): what settings are checked against before
@@ -59,13 +76,8 @@ def peek_config(model_cfg: Any) -> Any:
     name = str(cfg.get("name", "?"))
     source = cfg.get("source")
     if source == "tiny":
-        from mllm_adapters.tiny import tiny_config
-
-        keys = ["image_size", "patch_size", "vision_layers", "text_layers"]
-        model_class = cfg.get("model_class") or "LlavaForConditionalGeneration"
-        if model_class == "LlavaNextForConditionalGeneration":
-            keys.append("grid_pinpoints")
-        return tiny_config(model_class, **{k: cfg[k] for k in keys if cfg.get(k) is not None})
+        family, kwargs = _tiny_family(cfg)
+        return family.tiny_config(**kwargs)
     from transformers import AutoConfig
 
     if source == "embedded":
@@ -314,20 +326,9 @@ def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
     attn = cfg.get("attn_implementation")
     template = cfg.get("prompt_template")
     if source == "tiny":
-        from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
-
-        keys = ["image_size", "patch_size", "vision_layers", "text_layers"]
-        model_class = cfg.get("model_class") or "LlavaForConditionalGeneration"
-        builders = {"LlavaForConditionalGeneration": build_tiny_llava,
-                    "LlavaNextForConditionalGeneration": build_tiny_llava_next}
-        if model_class not in builders:
-            raise ValueError(f"model {name!r}: model.model_class={model_class!r} has no tiny builder; "
-                             f"accepted for source=tiny: {', '.join(builders)}")
-        if model_class == "LlavaNextForConditionalGeneration":
-            keys.append("grid_pinpoints")
-        kwargs = {k: cfg[k] for k in keys if cfg.get(k) is not None}
-        model, processor = builders[model_class](seed=int(cfg.get("seed", 0)), attn_implementation=attn or "eager",
-                                                 **kwargs)
+        family, kwargs = _tiny_family(cfg)
+        model, processor = family.build_tiny(seed=int(cfg.get("seed", 0)), attn_implementation=attn or "eager",
+                                             **kwargs)
         model = model.to(dtype)
         where = "conf/model"
         template = template or DEFAULT_TEMPLATE

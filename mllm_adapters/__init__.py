@@ -10,30 +10,31 @@ from mllm_adapters.handle import PruningHandle
 #: same pruner on the same inputs can give a different result. Part of every result cell's identity.
 ENGINE_VERSION = 1
 
-#: transformers model classes `attach` has an adapter for.
-SUPPORTED_MODEL_CLASSES = ("LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED_MODEL_CLASSES":  # transformers model classes `attach` has an adapter for
+        from mllm_adapters.registry import supported_model_classes
+
+        return supported_model_classes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def available_families() -> list[str]:
+    """Sorted names of every registered model family (`mllm_adapters.registry`)."""
+    from mllm_adapters.registry import available_families as names
+
+    return names()
 
 
 def attach(model: Any, method: str, budget: int | None = None, tokenizer: Any = None, **params: Any) -> PruningHandle:
-    """Build pruner `method` and hook it into `model`; see `pruners.apply_pruner`."""
+    """Build pruner `method` and hook it into `model`; see `apply_pruner`."""
+    from mllm_adapters.registry import family_for
     from pruners.registry import get_pruner_class
 
     cls = get_pruner_class(method)
     pruner = cls(budget=budget, **params)
-    family = type(model).__name__
-    if family == "LlavaForConditionalGeneration":
-        from mllm_adapters.llava import LlavaAdapter
-
-        adapter_cls = LlavaAdapter
-    elif family == "LlavaNextForConditionalGeneration":
-        from mllm_adapters.llava_next import LlavaNextAdapter
-
-        adapter_cls = LlavaNextAdapter
-    else:
-        raise TypeError(
-            f"no prunebench adapter for {family}; supported model classes: "
-            f"{', '.join(SUPPORTED_MODEL_CLASSES)}"
-        )
+    adapter_cls = family_for(model)
     existing = getattr(model, "_prunebench_handle", None)
     if existing is not None and not existing.removed:
         raise ValueError("this model already has a pruner attached; call handle.remove() first")

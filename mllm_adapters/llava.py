@@ -20,6 +20,7 @@ Facts about transformers 5 this relies on are in ``shared/notes/transformers5.md
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mllm_adapters.handle import PruningHandle
+from mllm_adapters.registry import register_family
 from pruners.base import (
     LLMLayerContext,
     ModelInfo,
@@ -79,10 +81,26 @@ class _Forward:
     generators: list[torch.Generator] = field(default_factory=list)
 
 
+@register_family("llava")
 class LlavaAdapter:
     """Attach one pruner to a LlavaForConditionalGeneration through hooks (see module docstring)."""
 
     family = "llava"
+    model_classes = ("LlavaForConditionalGeneration",)
+
+    @classmethod
+    def build_tiny(cls, **kwargs: Any) -> tuple[Any, Any]:
+        """A tiny random LLaVA-1.5 built from config, and its processor (`mllm_adapters.tiny`)."""
+        from mllm_adapters.tiny import build_tiny_llava
+
+        return build_tiny_llava(**kwargs)
+
+    @classmethod
+    def tiny_config(cls, **kwargs: Any) -> Any:
+        """The config `build_tiny` builds (same keyword arguments but seed/attention), without weights."""
+        from mllm_adapters.tiny import TINY_VOCAB, tiny_llava_config
+
+        return tiny_llava_config(TINY_VOCAB, **kwargs)
 
     def __init__(self, model: nn.Module, pruner: Pruner, handle: PruningHandle) -> None:
         self.model = model
@@ -94,7 +112,7 @@ class LlavaAdapter:
         self.lm = core.language_model
         self.config = model.config
         self._hooks: list[Any] = []
-        self._fw = _Forward()
+        self._local = threading.local()  # per-call state: one forward state per thread (`_fw`)
         self.tokenizer = None
         self.info = self._model_info()
         pruner.attach(self.info)
@@ -187,6 +205,21 @@ class LlavaAdapter:
     # ---- top-level hook: vision / pre-LLM stages and decode bookkeeping ------------------------
     # positional order of the model class's forward (for a hook that receives args)
     _FORWARD_ARGS: tuple[str, ...] = ("input_ids", "pixel_values", "attention_mask", "position_ids", "past_key_values")
+
+    @property
+    def _fw(self) -> _Forward:
+        """This thread's forward state (prefill bookkeeping, then decode steps of its generate()).
+
+        Kept per thread so two threads sharing one pruned model never see each other's positions,
+        masks or kept tokens: each gets exactly its single-threaded result."""
+        fw = getattr(self._local, "fw", None)
+        if fw is None:
+            fw = self._local.fw = self._new_forward()
+        return fw
+
+    @_fw.setter
+    def _fw(self, value: _Forward) -> None:
+        self._local.fw = value
 
     def _new_forward(self) -> _Forward:
         """Fresh per-forward state (a subclass may return its own `_Forward` subclass)."""

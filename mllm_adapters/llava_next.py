@@ -84,6 +84,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters.handle import PruningHandle
 from mllm_adapters.llava import LlavaAdapter, _Forward, _gather_seq
+from mllm_adapters.registry import register_family
 from pruners.base import ModelInfo, PreLLMContext, Pruner, VisionLayerContext, sample_generators
 
 MODEL_CLASS = "LlavaNextForConditionalGeneration"
@@ -224,10 +225,26 @@ class _VisionTile:
     state: dict[str, Any]  # the tile pruner's per-forward state (e.g. FlowCut's cumulative flow)
 
 
+@register_family("llava_next")
 class LlavaNextAdapter(LlavaAdapter):
     """Attach one pruner to a LlavaNextForConditionalGeneration (see the module docstring)."""
 
     family = "llava_next"
+    model_classes = ("LlavaNextForConditionalGeneration",)
+
+    @classmethod
+    def build_tiny(cls, **kwargs: Any) -> tuple[Any, Any]:
+        """A tiny random LLaVA-NeXT (anyres tiles) built from config, and its processor."""
+        from mllm_adapters.tiny import build_tiny_llava_next
+
+        return build_tiny_llava_next(**kwargs)
+
+    @classmethod
+    def tiny_config(cls, **kwargs: Any) -> Any:
+        """The config `build_tiny` builds (same keyword arguments but seed/attention), without weights."""
+        from mllm_adapters.tiny import TINY_VOCAB, tiny_llava_next_config
+
+        return tiny_llava_next_config(TINY_VOCAB, **kwargs)
 
     def __init__(self, model: nn.Module, pruner: Pruner, handle: PruningHandle) -> None:
         if "vision" in pruner.stages and len(pruner.stages) > 1:

@@ -6,8 +6,6 @@ architecture, no download. The same tokenizer/processor builders serve the embed
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
@@ -170,16 +168,8 @@ def tiny_llava_next_config(
     return cfg
 
 
-def tiny_config(model_class: str, **kwargs: Any) -> LlavaConfig | LlavaNextConfig:
-    """The config `build_tiny_llava` / `build_tiny_llava_next` would build (vocabulary of the tiny
-    tokenizer), without building the model: what a runner checks settings against."""
-    vocab = len(dict.fromkeys([*SPECIAL_TOKENS, *TINY_WORDS]))  # as make_word_tokenizer(TINY_WORDS) builds it
-    if model_class == "LlavaForConditionalGeneration":
-        return tiny_llava_config(vocab, **kwargs)
-    if model_class == "LlavaNextForConditionalGeneration":
-        return tiny_llava_next_config(vocab, **kwargs)
-    raise ValueError(f"no tiny builder for model_class={model_class!r}; accepted: LlavaForConditionalGeneration, "
-                     "LlavaNextForConditionalGeneration")
+#: The tiny tokenizer's vocabulary size, as `make_word_tokenizer(TINY_WORDS)` builds it.
+TINY_VOCAB = len(dict.fromkeys([*SPECIAL_TOKENS, *TINY_WORDS]))
 
 
 #: Tiny LLaVA-NeXT: 32 px tiles of 8 px patches (4 x 4 grid per tile); these pinpoints give 2 or 4 crops

@@ -7,8 +7,6 @@ lookup, so importing this package stays cheap.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +14,9 @@ from typing import Any
 
 from PIL import Image
 
-_REGISTRY: dict[str, type[Task]] = {}
+from pruners.registry import Registry
+
 _INSTANCES: dict[str, Task] = {}
-_BUILTINS_LOADED = False
 
 
 @dataclass
@@ -81,44 +79,25 @@ class Task:
         return 1.0 if self.normalise(prediction) == self.normalise(sample.answer) else 0.0
 
 
+#: Every task: one module or package in `benchmarks/tasks/` each.
+TASKS: Registry[type[Task]] = Registry("task", __name__, base=Task)
+
+
 def register_task(name: str) -> Callable[[type[Task]], type[Task]]:
     """Class decorator registering a `Task` subclass under ``name`` (sets ``cls.name``)."""
-
-    def deco(cls: type[Task]) -> type[Task]:
-        if not (isinstance(cls, type) and issubclass(cls, Task)):
-            raise ValueError(f"register_task({name!r}) must decorate a subclass of Task, got {cls!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ValueError(f"task name {name!r} is already registered by {_REGISTRY[name].__qualname__}")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
-def _load_builtins() -> None:
-    """Import every module/package in benchmarks/tasks so their `register_task` decorators run."""
-    global _BUILTINS_LOADED
-    if _BUILTINS_LOADED:
-        return
-    _BUILTINS_LOADED = True
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+    return TASKS.register(name)
 
 
 def available_tasks() -> list[str]:
     """Sorted names of the registered tasks."""
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return TASKS.names()
 
 
 def get_task(name: str) -> Task:
     """The (cached) instance of task ``name``; ValueError naming the known tasks if unknown."""
-    _load_builtins()
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown task {name!r}; parameter 'name' must be one of {available_tasks()}")
+    cls = TASKS.get(name)
     if name not in _INSTANCES:
-        _INSTANCES[name] = _REGISTRY[name]()
+        _INSTANCES[name] = cls()
     return _INSTANCES[name]
 
 
