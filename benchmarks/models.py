@@ -62,9 +62,11 @@ def _tiny_family(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     model_class = cfg.get("model_class") or "LlavaForConditionalGeneration"
     try:
         family = family_of_class(model_class)
-    except TypeError as e:
-        raise ValueError(f"model {cfg.get('name', '?')!r}: model.model_class={model_class!r} has no tiny "
-                         f"builder ({e})") from None
+    except TypeError:
+        from mllm_adapters.registry import supported_model_classes
+
+        raise ValueError(f"model {cfg.get('name', '?')!r}: model.model_class={model_class!r} has no tiny builder; "
+                         f"accepted for source=tiny: {', '.join(supported_model_classes())}") from None
     return family, {k: cfg[k] for k in TINY_KEYS if cfg.get(k) is not None}
 
 

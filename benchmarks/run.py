@@ -250,7 +250,7 @@ def run_cell(
     lm: LoadedModel, task: Any, samples: list[Any], ccfg: dict[str, Any], progress: bool = True
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate one cell; returns (metrics, prediction rows). Does not write anything."""
-    from pruners import apply_pruner
+    from mllm_adapters import apply_pruner
 
     method, params, budget = ccfg["method"]["name"], ccfg["method"]["params"], ccfg["budget"]
     model, tok = lm.model, lm.processor.tokenizer

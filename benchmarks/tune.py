@@ -8,9 +8,10 @@ final-layer hidden state (after the LLM's final norm) of the LAST prompt token a
 without pruning. Higher = the pruned model's information flow into the answer is better preserved.
 
 Search: Bayesian optimisation with optuna (seeded TPE by default, ``sampler=gp`` for optuna's
-Gaussian-process sampler, which needs scipy) over the method's declared ``search_space`` (class
-attribute; ``space.<param>=[float, lo, hi]`` overrides or adds a dimension, ``space.<param>=null``
-removes one). Parameters outside the space come from ``conf/method/<method>.yaml`` (``method.params``).
+Gaussian-process sampler, which needs scipy) over the method's ``search_space`` (derived from the
+``search=`` of its ``parameters`` declarations; ``space.<param>=[float, lo, hi]`` overrides or adds a
+dimension, ``space.<param>=null`` removes one). Parameters outside the space come from
+``conf/method/<method>.yaml`` (``method.params``).
 
 Constraint (``target_equiv_tokens`` = layer-averaged visual tokens, or ``target_flops_rel`` = prefill
 FLOPs of vision encoder + projector + LLM relative to the unpruned model, pruner overhead excluded):
@@ -132,7 +133,7 @@ def last_token_state(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def model_info(model: Any) -> Any:
     """The adapter's ModelInfo for ``model`` (attaches the keep-all pruner once and removes it)."""
-    from pruners import apply_pruner
+    from mllm_adapters import apply_pruner
 
     with apply_pruner(model, "none") as h:
         return h.adapter.info
@@ -172,7 +173,7 @@ def count_probes(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tup
 # ---- objective and constraint -------------------------------------------------------------------
 def objective(calib: Calibration, method: str, budget: int | None, params: dict[str, Any], seed: int = 0) -> float:
     """Mean cosine similarity (pruned vs unpruned) of the last prompt token's final state."""
-    from pruners import apply_pruner
+    from mllm_adapters import apply_pruner
 
     sims = []
     with apply_pruner(calib.model, method, budget=budget, seed=seed, **params):
@@ -192,7 +193,8 @@ def token_counts(calib: Calibration, method: str, budget: int, params: dict[str,
     per `Calibration.probes` entry, or None if the pruner rejects the combination (ValueError). Pure
     when the pruner has ``token_schedule()`` and the model is not anyres."""
     from benchmarks.flops import sample_counts
-    from pruners import apply_pruner, get_pruner_class
+    from mllm_adapters import apply_pruner
+    from pruners import get_pruner_class
 
     cls = get_pruner_class(method)
     try:

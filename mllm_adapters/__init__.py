@@ -27,6 +27,16 @@ def available_families() -> list[str]:
     return names()
 
 
+def apply_pruner(model: Any, method: str, budget: int | None = None, **params: Any) -> PruningHandle:
+    """Attach pruner ``method`` to an unmodified Hugging Face model; returns its `PruningHandle`.
+
+    ``budget``: visual tokens per image reaching the LLM (None keeps all); other keyword arguments
+    are the method's parameters (and ``seed``, ``tokenizer``). The model's family (`available_families`)
+    is picked by its class. Bad budgets and parameters raise a ValueError before any hook is placed.
+    """
+    return attach(model, method, budget=budget, **params)
+
+
 def attach(model: Any, method: str, budget: int | None = None, tokenizer: Any = None, **params: Any) -> PruningHandle:
     """Build pruner `method` and hook it into `model`; see `apply_pruner`."""
     from mllm_adapters.registry import family_for

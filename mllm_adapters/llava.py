@@ -465,7 +465,15 @@ class LlavaAdapter:
             return layer(hs, mask)
         attn, out = layer.self_attn, {}
         names = ("q_proj", "k_proj", "v_proj")
-        hooks = [getattr(attn, n).register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o)) for n in names]
+        me = threading.get_ident()  # the modules are shared: keep only this thread's projections
+
+        def grab(name: str):
+            def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+                if threading.get_ident() == me:
+                    out[name] = output
+            return hook
+
+        hooks = [getattr(attn, n).register_forward_hook(grab(n)) for n in names]
         try:
             hs_out = layer(hs, mask)
         finally:

@@ -1,12 +1,9 @@
-"""prunebench pruners: `apply_pruner(model, name, budget=..., **params)` and the registry."""
+"""prunebench pruners: the registry, the base interfaces, one file per method, and the fused ops.
+
+This layer knows nothing of model families: attaching a pruner to a model is the adapters' job
+(`mllm_adapters.apply_pruner`).
+"""
 
 from pruners.registry import available_pruners, get_pruner_class, register_pruner
 
-__all__ = ["apply_pruner", "available_pruners", "get_pruner_class", "register_pruner"]
-
-
-def apply_pruner(model, method: str, budget: int | None = None, **params):
-    """Attach pruner `method` to an unmodified HF model; returns a handle (see mllm_adapters)."""
-    from mllm_adapters import attach
-
-    return attach(model, method, budget=budget, **params)
+__all__ = ["available_pruners", "get_pruner_class", "register_pruner"]

@@ -14,6 +14,7 @@ Stages (see `../shared/specs/README.md`):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from pruners.params import Param
+
 STAGES = ("vision", "pre_llm", "llm")
+#: Every pruner's ``seed`` argument (``uses_seed`` says whether the result depends on it).
+SEED = Param(int, 0, doc="seed of the method's random draws")
 
 
 @dataclass(frozen=True)
@@ -62,7 +67,7 @@ class PreLLMDecision:
 
 
 class Pruner:
-    """Base class. Subclasses set ``stages``, ``defaults`` and implement the matching ``prune_*``.
+    """Base class. Subclasses set ``stages``, ``parameters`` and implement the matching ``prune_*``.
 
     ``budget`` is the number of visual tokens per image that reach the LLM (for in-LLM methods: that
     remain after the last pruning layer); ``None`` keeps everything.
@@ -80,15 +85,43 @@ class Pruner:
     #: (``{"pre_llm_equals_kept_tokens": "merges tokens: no kept-token prompt to compare with"}``);
     #: tests/test_conformance.py lists the invariant names.
     conformance_opt_outs: ClassVar[dict[str, str]] = {}
-    #: parameter name -> default value; anything else passed to the constructor is an error.
+    #: parameter name -> its typed declaration (`pruners.params.Param`); anything else passed to the
+    #: constructor is an error. The only place a pruner lists its parameters.
+    parameters: ClassVar[dict[str, Param]] = {}
+    #: Derived from ``parameters`` (never set by hand): name -> default value.
     defaults: ClassVar[dict[str, Any]] = {}
-    #: parameter name -> ("int"|"float"|"categorical", low, high) or ("categorical", [choices]); for the tuner.
+    #: Derived from ``parameters`` (never set by hand): name -> the tuner's range,
+    #: ("int"|"float", low, high) or ("categorical", [choices]).
     search_space: ClassVar[dict[str, tuple]] = {}
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__
+        by_hand = [k for k in ("defaults", "search_space") if k in own]
+        if by_hand:
+            # Test-only pruners outside the package may still list untyped defaults (any value accepted).
+            legacy = by_hand == ["defaults"] and "parameters" not in own and not cls.__module__.startswith("pruners.")
+            if not legacy:
+                raise TypeError(
+                    f"{cls.__qualname__} sets {' and '.join(by_hand)} by hand; declare every parameter once in "
+                    f"`parameters = {{name: Param(kind, default, ..., search=...)}}` (pruners.params.Param): "
+                    f"defaults and search_space are derived from it"
+                )
+            cls.parameters = {k: Param(object, v) for k, v in own["defaults"].items()}
+        for pname, param in cls.parameters.items():
+            if not isinstance(param, Param):
+                raise TypeError(f"{cls.__qualname__}.parameters[{pname!r}] must be a pruners.params.Param, got {param!r}")
+            param.validate_declaration(pname, cls.__qualname__)
+            if param.folds_into is not None and param.folds_into not in cls.parameters:
+                raise TypeError(f"{cls.__qualname__}.parameters[{pname!r}] folds into unknown {param.folds_into!r}")
+        cls.defaults = {k: p.default for k, p in cls.parameters.items() if p.folds_into is None}
+        cls.search_space = {k: p.search for k, p in cls.parameters.items() if p.search is not None}
+
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
-        unknown = sorted(set(params) - set(self.defaults))
+        declared = self.parameters
+        unknown = sorted(set(params) - set(declared))
         if unknown:
-            accepted = ", ".join(sorted(self.defaults)) or "(none)"
+            accepted = ", ".join(sorted(declared)) or "(none)"
             raise ValueError(
                 f"unknown parameter(s) {unknown} for method {self.name!r}; accepted: budget, seed, {accepted}"
             )
@@ -96,10 +129,23 @@ class Pruner:
             raise TypeError(f"budget must be a positive int or None, got {budget!r}")
         if budget is not None and budget <= 0:
             raise ValueError(f"budget must be a positive int (visual tokens per image) or None, got {budget}")
+        SEED.check("seed", seed, self.name)
+        for k, v in params.items():
+            declared[k].check(k, v, self.name)
         self.budget = budget
         self.seed = int(seed)
-        self.params: dict[str, Any] = {**self.defaults, **params}
+        given = {k: v for k, v in params.items() if declared[k].folds_into is None}
+        #: the resolved parameters (defaults + given), as recorded in results
+        self.params: dict[str, Any] = {**copy.deepcopy(self.defaults), **given}
+        #: given flat spellings (``Param.folds_into``; null = not given), for ``check_params`` to fold
+        #: into ``self.params``
+        self.folded_params: dict[str, Any] = {k: v for k, v in params.items() if k not in given and v is not None}
         self.info: ModelInfo | None = None
+        self.check_params()
+
+    def check_params(self) -> None:
+        """Constraints between parameters (each declared value is already checked): raise a ValueError
+        naming the parameters involved. Model-dependent checks belong in ``attach(info)``."""
 
     # ---- attachment -------------------------------------------------------------------------
     def attach(self, info: ModelInfo) -> None:
@@ -109,11 +155,7 @@ class Pruner:
                 f"method {self.name!r} scores tokens with the vision encoder's [CLS] token, but this model's "
                 f"vision encoder has none; use a method that does not need CLS (e.g. random, pooling, divprune, fastv)"
             )
-        if self.budget is not None and self.budget > info.num_visual_tokens:
-            raise ValueError(
-                f"budget={self.budget} is above the {info.num_visual_tokens} visual tokens per image this model "
-                f"produces; accepted: 1..{info.num_visual_tokens} or None (keep all)"
-            )
+        check_budget_fits(self.budget, info)
         self.info = info
 
     @property
@@ -172,6 +214,15 @@ class Pruner:
     def describe(self) -> dict[str, Any]:
         """Parameters as recorded in results (JSON-serialisable)."""
         return {"method": self.name, "budget": self.budget, "seed": self.seed, **self.params}
+
+
+def check_budget_fits(budget: int | None, info: ModelInfo) -> None:
+    """A budget above the model's visual tokens per image is an error naming the accepted range."""
+    if budget is not None and budget > info.num_visual_tokens:
+        raise ValueError(
+            f"budget={budget} is above the {info.num_visual_tokens} visual tokens per image this model "
+            f"produces; accepted: 1..{info.num_visual_tokens} or None (keep all)"
+        )
 
 
 def sample_generators(seed: int, pixel_values: torch.Tensor) -> list[torch.Generator]:

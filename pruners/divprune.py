@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.base import PreLLMContext, PreLLMDecision, Pruner
+from pruners.params import Param
 from pruners.registry import register_pruner
 
 SPACES = ("projected", "vision")
@@ -56,13 +57,10 @@ class DivPrune(Pruner):
     """Greedy max-min diversity subset of ``budget`` visual tokens (distance 1 - cosine)."""
 
     stages = ("pre_llm",)
-    defaults = {"space": "projected"}
-    search_space = {"space": ("categorical", list(SPACES))}
-
-    def attach(self, info: ModelInfo) -> None:
-        super().attach(info)
-        if self.params["space"] not in SPACES:
-            raise ValueError(f"space must be one of {SPACES}, got {self.params['space']!r}")
+    parameters = {
+        "space": Param(str, "projected", choices=SPACES, search=("categorical", list(SPACES)),
+                       doc="embeddings compared: after the projector or before it"),
+    }
 
     def prune_pre_llm(self, ctx: PreLLMContext) -> PreLLMDecision:
         x = ctx.project(ctx.features) if self.params["space"] == "projected" else ctx.features  # [B, N, D]

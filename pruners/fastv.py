@@ -10,21 +10,25 @@ from __future__ import annotations
 import torch
 
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
+from pruners.params import POSITIONS, Param
 from pruners.registry import register_pruner
 
 
 @register_pruner("fastv")
 class FastV(Pruner):
     stages = ("llm",)
-    defaults = {"layer": 2, "positions": "original"}
+    parameters = {
+        "layer": Param(int, 2, doc="decoder layer K: layers K.. see only the kept tokens (1..L-1)"),
+        "positions": Param(str, "original", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
+    }
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
         k = self.params["layer"]
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < info.llm_num_layers:
+        if not 1 <= k < info.llm_num_layers:
             raise ValueError(
-                f"layer (K) must be an int in 1..{info.llm_num_layers - 1} for this model "
-                f"(layers before K see every token), got {k!r}"
+                f"fastv: parameter layer={k!r} is outside this model's decoder layers; accepted: an int in "
+                f"1..{info.llm_num_layers - 1} (layers before K see every token)"
             )
 
     def llm_layers(self) -> list[int]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pruners.base import Pruner
+from pruners.base import ModelInfo, Pruner, check_budget_fits
 from pruners.registry import register_pruner
 
 
@@ -13,4 +13,9 @@ class NoPruning(Pruner):
     stages = ()
 
     def __init__(self, budget: int | None = None, seed: int = 0, **params) -> None:
-        super().__init__(budget=None, seed=seed, **params)
+        super().__init__(budget=budget, seed=seed, **params)  # a bad budget is refused as for any method,
+        self.asked_budget, self.budget = self.budget, None  # then ignored: every token is kept
+
+    def attach(self, info: ModelInfo) -> None:
+        check_budget_fits(self.asked_budget, info)
+        super().attach(info)

@@ -21,6 +21,7 @@ import torch
 
 from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
+from pruners.params import POSITIONS, Param
 from pruners.registry import register_pruner
 
 REF_LAYERS, REF_DEPTH = (8, 16, 24), 32
@@ -36,10 +37,9 @@ def pdrop_schedule(
     """PyramidDrop's token schedule without a model: ``{"layers", "counts", "per_layer", "equiv_tokens"}``."""
     layers = scale_layers(REF_LAYERS, REF_DEPTH, n_layers) if layers is None else check_layers(layers, n_layers)
     s = len(layers)
+    PDrop.parameters["lam"].check("lam", lam, "pdrop")
     if lam is None:
         lam = (budget / n_visual) ** (1.0 / s)
-    elif isinstance(lam, bool) or not isinstance(lam, (int, float)) or not 0 < lam <= 1:
-        raise ValueError(f"lam must be a keep fraction in (0, 1] or null (derived from the budget), got {lam!r}")
     counts = [max(int(round(n_visual * lam ** (i + 1))), budget) for i in range(s - 1)] + [budget]
     per_layer = layer_counts(n_visual, n_layers, layers, counts)
     return {"layers": layers, "counts": counts, "per_layer": per_layer, "equiv_tokens": equivalent_tokens(per_layer),
@@ -51,8 +51,12 @@ class PDrop(ProgressiveSchedule, Pruner):
     """PyramidDrop; see the module docstring."""
 
     stages = ("llm",)
-    defaults = {"layers": None, "lam": None, "positions": "original"}
-    search_space = {"lam": ("float", 0.3, 1.0)}
+    parameters = {
+        "layers": Param(list, None, item=int, doc="pruning layers K; null: 8/16/24 of 32 scaled to the model"),
+        "lam": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.3, 1.0),
+                     doc="keep fraction per stage; null: derived from the budget"),
+        "positions": Param(str, "original", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
+    }
 
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
         super().__init__(budget=budget, seed=seed, **params)

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from pruners import ops
 from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.params import Param, layer_index
 from pruners.registry import register_pruner
 
 MODES = ("fixed", "adaptive")
@@ -239,22 +240,20 @@ class RecoverableCompression(Pruner):
 
     stages = ("pre_llm",)
     requires_cls = True
-    defaults = {
-        "mode": "fixed",
-        "recover_share": 0.25,
-        "merge_share": 0.125,
-        "score_layer": None,
-        "attention": "single_head",
-        "text_tower": None,
-        "neighbours": 32,
-        "text_weight": 1.0,
-        "lof_threshold": 1.5,
-        "lof_neighbors": 20,
-    }
-    search_space = {
-        "recover_share": ("float", 0.0, 0.5),
-        "merge_share": ("float", 0.0, 0.3),
-        "attention": ("categorical", list(ATTENTIONS)),
+    parameters = {
+        "mode": Param(str, "fixed", choices=MODES, doc="fixed: exactly budget tokens; adaptive: LOF outlier counts"),
+        "recover_share": Param(float, 0.25, low=0, high=1, high_inclusive=False, search=("float", 0.0, 0.5),
+                               doc="share of the budget recovered by text similarity (fixed mode)"),
+        "merge_share": Param(float, 0.125, low=0, high=1, high_inclusive=False, search=("float", 0.0, 0.3),
+                             doc="share of the tokens that are merged clusters"),
+        "score_layer": Param(int, None, doc="ViT layer of the CLS attention (negative: from the end); null: feature layer"),
+        "attention": Param(str, "single_head", choices=ATTENTIONS, search=("categorical", list(ATTENTIONS)),
+                           doc="CLS attention from concatenated heads (PruMerge) or the head mean"),
+        "text_tower": Param(str, None, doc=f"CLIP text tower folder, {FALLBACK!r}, or null (auto: <model>/text_tower)"),
+        "neighbours": Param(int, 32, low=1, doc="most members a merge centre keeps"),
+        "text_weight": Param(float, 1.0, doc="weight of text similarity when ranking a centre's members"),
+        "lof_threshold": Param(float, 1.5, low=0, low_inclusive=False, doc="LOF above which a score is an outlier (adaptive)"),
+        "lof_neighbors": Param(int, 20, low=1, doc="neighbours of the local outlier factor (adaptive)"),
     }
 
     @property
@@ -263,43 +262,26 @@ class RecoverableCompression(Pruner):
 
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
         super().__init__(budget=budget, seed=seed, **params)
-        p = self.params
-        if p["mode"] not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {p['mode']!r}")
-        if p["mode"] == "adaptive" and budget is not None:
-            raise ValueError("mode='adaptive' chooses the token count itself: pass budget=None (or use mode='fixed')")
-        for name in ("recover_share", "merge_share"):
-            v = p[name]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
-                raise ValueError(f"{name} must be a float in [0, 1), got {v!r}")
-        if p["recover_share"] + p["merge_share"] >= 1.0:
-            raise ValueError(
-                f"recover_share + merge_share must be < 1 (the rest is the visual keep), got "
-                f"{p['recover_share']} + {p['merge_share']}"
-            )
-        if p["attention"] not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {p['attention']!r}")
-        for name in ("neighbours", "lof_neighbors"):
-            v = p[name]
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int, got {v!r}")
-        tt = p["text_tower"]
-        if tt is not None and not isinstance(tt, str):
-            raise ValueError(f"text_tower must be None (auto), a folder path or {FALLBACK!r}, got {tt!r}")
         self._tower: ClipTextSimilarity | None = None
         self._tower_key: str | None = None
 
+    def check_params(self) -> None:
+        p = self.params
+        if p["mode"] == "adaptive" and self.budget is not None:
+            raise ValueError(
+                f"recoverable: parameter mode='adaptive' chooses the token count itself, but budget={self.budget} "
+                f"was given: pass budget=None (or use mode='fixed')"
+            )
+        if p["recover_share"] + p["merge_share"] >= 1.0:
+            raise ValueError(
+                f"recoverable: parameters recover_share + merge_share must be < 1 (the rest is the visual keep), "
+                f"got recover_share={p['recover_share']!r} + merge_share={p['merge_share']!r}"
+            )
+
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
-        sl = self.params["score_layer"]
         feat, n = info.vision_feature_layer, info.vision_num_layers
-        if sl is None:
-            self._layer = feat
-        else:
-            s = sl % n if isinstance(sl, int) and not isinstance(sl, bool) and sl < 0 else sl
-            if isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= feat:
-                raise ValueError(f"score_layer must be None (feature layer) or an int in 0..{feat}, got {sl!r}")
-            self._layer = s
+        self._layer = layer_index("recoverable", "score_layer", self.params["score_layer"], n, feat, feat)
 
     def vision_probe_layers(self) -> list[int]:
         return [self._layer]

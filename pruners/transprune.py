@@ -40,6 +40,7 @@ import torch
 from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.ops import transition_variation
+from pruners.params import POSITIONS, Param
 from pruners.registry import register_pruner
 
 #: Authors' LLaVA-1.5 schedule: K values on a 32-layer model and keep fractions before the budget.
@@ -61,21 +62,35 @@ def transprune_schedule(
     each decoder layer], "equiv_tokens": float}``. ``budget=None`` uses the authors' final 12.5%.
     """
     layers = scale_layers(REF_LAYERS, REF_DEPTH, n_layers) if layers is None else check_layers(layers, n_layers)
+    TransPrune.parameters["ratios"].check("ratios", ratios, "transprune")
     ratios = list(REF_RATIOS if ratios is None else ratios)
     if len(ratios) != len(layers) - 1:
         raise ValueError(
             f"ratios must hold one keep fraction per pruning layer except the last (whose count is the budget): "
             f"{len(layers) - 1} value(s) for layers={layers}, got {ratios!r}"
         )
-    if not all(isinstance(r, (int, float)) and 0 < r <= 1 for r in ratios) or any(
-        a < b for a, b in zip(ratios, ratios[1:])
-    ):
-        raise ValueError(f"ratios must be non-increasing fractions in (0, 1], got {ratios!r}")
+    check_non_increasing(ratios)
     if budget is None:
         budget = max(1, int(round(REF_FINAL_RATIO * n_visual)))
     counts = [max(int(round(r * n_visual)), budget) for r in ratios] + [budget]
     per_layer = layer_counts(n_visual, n_layers, layers, counts)
     return {"layers": layers, "counts": counts, "per_layer": per_layer, "equiv_tokens": equivalent_tokens(per_layer)}
+
+
+def check_non_increasing(ratios: Sequence[float], names: Sequence[str] | None = None) -> None:
+    """Each pruning layer keeps at most the previous one's tokens: ratios must not increase.
+    ``names`` (e.g. ``["ratio_1", "ratio_2"]``) names the flat parameters the ratios came from."""
+    if all(a >= b for a, b in zip(ratios, ratios[1:])):
+        return
+    if names:
+        given = "parameters " + ", ".join(f"{n}={r!r}" for n, r in zip(names, ratios)) + " increase"
+    else:
+        given = f"parameter ratios={list(ratios)!r} increases"
+    rule = " >= ".join(names) if names else "ratios[0] >= ratios[1] >= ..."
+    raise ValueError(
+        f"transprune: {given}; accepted: non-increasing keep fractions ({rule}), "
+        f"since each pruning layer keeps at most the tokens the previous one kept"
+    )
 
 
 def layer_ttv(capture: dict[str, torch.Tensor], mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,40 +108,43 @@ class TransPrune(ProgressiveSchedule, Pruner):
     """TTV (+ IGA) progressive pruning inside the LLM; see the module docstring."""
 
     stages = ("llm",)
-    defaults = {
-        "layers": None,  # pruning layers K; None = authors' 7/9/12 of 32 scaled to the model
-        "ratios": None,  # keep fractions of the image tokens at every K but the last; None = 0.875, 0.625
-        "use_iga": True,  # False = "TTV alone"
-        "ttv_start": None,  # first decoder layer whose TTV is accumulated; None = layers[0] - 1
-        "positions": "compact",
-    }
-    search_space = {
-        "ratio_1": ("float", 0.5, 1.0),
-        "ratio_2": ("float", 0.25, 1.0),
+    parameters = {
+        "layers": Param(list, None, item=int, doc="pruning layers K; null: the authors' 7/9/12 of 32 scaled to the model"),
+        "ratios": Param(list, None, item=float, low=0, high=1, low_inclusive=False,
+                        doc="keep fractions of the image tokens at every K but the last; null: 0.875, 0.625"),
+        "use_iga": Param(bool, True, doc="add instruction-guided attention to TTV (false: TTV alone)"),
+        "ttv_start": Param(int, None, doc="first decoder layer whose TTV is accumulated; null: layers[0] - 1"),
+        "positions": Param(str, "compact", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
+        # Tuner-friendly flat spellings of `ratios` (one per pruning layer but the last).
+        "ratio_1": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.5, 1.0),
+                         folds_into="ratios", doc="ratios[0], for the tuner"),
+        "ratio_2": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.25, 1.0),
+                         folds_into="ratios", doc="ratios[1], for the tuner"),
     }
 
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
-        # Tuner-friendly flat parameters: ratio_1, ratio_2 (as in search_space) build `ratios`.
-        flat = {k: params.pop(k) for k in list(params) if k.startswith("ratio_")}
         super().__init__(budget=budget, seed=seed, **params)
-        if flat:
-            bad = [k for k in flat if not k[len("ratio_"):].isdigit()]
-            if bad or params.get("ratios") is not None:
-                raise ValueError(
-                    f"give the keep fractions either as ratios=[...] or as ratio_1, ratio_2, ... (one per pruning "
-                    f"layer but the last), not both; got {sorted(flat)} with ratios={params.get('ratios')!r}"
-                )
-            keys = sorted(flat, key=lambda k: int(k[len("ratio_"):]))
-            r = [float(flat[k]) for k in keys]
-            for i in range(1, len(r)):  # keep the schedule monotone: each ratio at most the previous one
-                r[i] = min(r[i], r[i - 1])
-            self.params["ratios"] = r
         self._schedule: dict[str, Any] | None = None
+
+    def check_params(self) -> None:
+        flat = self.folded_params
+        if flat:
+            if self.params["ratios"] is not None:
+                raise ValueError(
+                    f"transprune: give the keep fractions either as ratios=[...] or as ratio_1, ratio_2 (one per "
+                    f"pruning layer but the last), not both; got {sorted(flat)} with ratios={self.params['ratios']!r}"
+                )
+            if "ratio_1" not in flat:
+                raise ValueError(f"transprune: parameter ratio_2={flat['ratio_2']!r} needs ratio_1 (the first keep "
+                                 f"fraction); accepted: ratio_1 alone, ratio_1 and ratio_2, or ratios=[...]")
+            names = [k for k in ("ratio_1", "ratio_2") if k in flat]
+            check_non_increasing([flat[k] for k in names], names)
+            self.params["ratios"] = [float(flat[k]) for k in names]
+        elif self.params["ratios"] is not None:
+            check_non_increasing(self.params["ratios"])
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
-        if not isinstance(self.params["use_iga"], bool):
-            raise ValueError(f"use_iga must be true or false, got {self.params['use_iga']!r}")
         budget = self.budget if self.budget is not None else info.num_visual_tokens
         self._schedule = transprune_schedule(
             info.num_visual_tokens, info.llm_num_layers, budget, self.params["layers"], self.params["ratios"]
@@ -135,8 +153,11 @@ class TransPrune(ProgressiveSchedule, Pruner):
         first = self._schedule["layers"][0]
         if start is None:
             start = first - 1
-        if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < first:
-            raise ValueError(f"ttv_start must be an int in 0..{first - 1} (before the first pruning layer), got {start!r}")
+        if not 0 <= start < first:
+            raise ValueError(
+                f"transprune: parameter ttv_start={start!r} is not before the first pruning layer ({first}); "
+                f"accepted: an int in 0..{first - 1} or null (layers[0] - 1)"
+            )
         self._ttv_start = start
 
     def llm_attention_layers(self) -> list[int]:

@@ -41,6 +41,7 @@ import torch
 from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, PreLLMContext, PreLLMDecision, Pruner
 from pruners.ops import attention_rows, merge_tokens
+from pruners.params import POSITIONS, Param, layer_index
 from pruners.registry import register_pruner
 
 REF_LLM_LAYERS, REF_DEPTH = (9, 18), 28
@@ -64,18 +65,13 @@ def vflowopt_schedule(
     Returns ``{"layers": [k_1, k_2], "pre_llm": n_v, "counts": [n_1, budget], "r_2": effective r_2,
     "per_layer": tokens entering each decoder layer, "equiv_tokens": float}``.
     """
+    for name, v in (("r_v", r_v), ("r_1", r_1), ("r_2", r_2), ("llm_layers", layers)):
+        VFlowOpt.parameters[name].check(name, v, "vflowopt")
     layers = scale_layers(REF_LLM_LAYERS, REF_DEPTH, n_layers) if layers is None else check_layers(layers, n_layers, "llm_layers")
-    if len(layers) != 2:
-        raise ValueError(f"llm_layers must hold two layers [k_1, k_2], got {layers!r}")
-    for name, v in (("r_1", r_1), ("r_2", r_2)):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1:
-            raise ValueError(f"{name} must be a keep ratio in (0, 1], got {v!r}")
     if r_v is None:
         n_v = min(n_visual, math.ceil(budget / (r_1 * r_2) - 1e-9))
         n_1 = min(n_v, max(budget, int(round(n_v * r_1))))
     else:
-        if isinstance(r_v, bool) or not isinstance(r_v, (int, float)) or not 0 < r_v <= 1:
-            raise ValueError(f"r_v must be a keep ratio in (0, 1] or null (derived from the budget), got {r_v!r}")
         n_v = max(1, int(round(r_v * n_visual)))
         n_1 = max(1, int(round(n_v * r_1)))
         if budget > n_1:
@@ -146,26 +142,28 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
     """Importance map + recycling pre-LLM, progressive drops in the LLM; see the module docstring."""
 
     stages = ("pre_llm", "llm")
-    defaults = {
-        "r_v": None,  # pre-LLM keep ratio of N (recycled tokens count); None = derived from budget, r_1, r_2
-        "r_1": 1.0,  # keep ratio at k_1 (multiplicative)
-        "r_2": 0.6,  # keep ratio at k_2, used only when r_v is None (else solved from the budget)
-        "t": 39.26,  # global-token threshold (x mean received attention); authors' 10% setting
-        "m": None,  # recycling cell side in patches; None = 17.39/27 of the grid side (authors' 10% setting)
-        "alpha": 0.0,  # weight of the patch-entropy term (authors' shipped configs: 0)
-        "vision_layer": None,  # ViT layer of the importance map; None = the one before LLaVA's feature layer
-        "llm_layers": None,  # [k_1, k_2]; None = 9 and 18 of 28 scaled to the model's depth
-        "pixel_mean": list(CLIP_MEAN),  # processor normalisation, to recover grey levels for the entropy
-        "pixel_std": list(CLIP_STD),
-        "positions": "original",
-    }
-    #: authors' search space (r_2 is solved from the compute target through the budget)
-    search_space = {
-        "r_v": ("float", 0.25, 0.375),
-        "r_1": ("float", 0.533, 1.0),
-        "t": ("float", 0.0, 50.0),
-        "m": ("float", 3.0, 24.0),
-        "alpha": ("float", -1.0, 1.0),
+    #: ``search``: the authors' search space (r_2 is solved from the compute target through the budget)
+    parameters = {
+        "r_v": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.25, 0.375),
+                     doc="pre-LLM keep ratio of N (recycled tokens count); null: derived from budget, r_1, r_2"),
+        "r_1": Param(float, 1.0, low=0, high=1, low_inclusive=False, search=("float", 0.533, 1.0),
+                     doc="keep ratio at k_1 (multiplicative)"),
+        "r_2": Param(float, 0.6, low=0, high=1, low_inclusive=False,
+                     doc="keep ratio at k_2, used only when r_v is null (else solved from the budget)"),
+        "t": Param(float, 39.26, search=("float", 0.0, 50.0),
+                   doc="global-token threshold (x mean received attention); authors' 10% setting"),
+        "m": Param(float, None, low=0, low_inclusive=False, search=("float", 3.0, 24.0),
+                   doc="recycling cell side in patches; null: 17.39/27 of the grid side (authors' 10% setting)"),
+        "alpha": Param(float, 0.0, search=("float", -1.0, 1.0),
+                       doc="weight of the patch-entropy term (authors' shipped configs: 0)"),
+        "vision_layer": Param(int, None, doc="ViT layer of the importance map; null: the one before the feature layer"),
+        "llm_layers": Param(list, None, item=int, length=2,
+                            doc="[k_1, k_2]; null: 9 and 18 of 28 scaled to the model's depth"),
+        "pixel_mean": Param(list, list(CLIP_MEAN), item=float, length=3,
+                            doc="processor normalisation (R, G, B), to recover grey levels for the entropy"),
+        "pixel_std": Param(list, list(CLIP_STD), item=float, length=3, low=0, low_inclusive=False,
+                           doc="processor normalisation (R, G, B), to recover grey levels for the entropy"),
+        "positions": Param(str, "original", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
     }
 
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
@@ -180,19 +178,10 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
         self._schedule = vflowopt_schedule(
             info.num_visual_tokens, info.llm_num_layers, budget, p["r_v"], p["r_1"], p["r_2"], p["llm_layers"]
         )
-        for name in ("t", "alpha"):
-            if isinstance(p[name], bool) or not isinstance(p[name], (int, float)):
-                raise ValueError(f"{name} must be a number, got {p[name]!r}")
-        if p["m"] is not None and (isinstance(p["m"], bool) or not isinstance(p["m"], (int, float)) or p["m"] <= 0):
-            raise ValueError(f"m (recycling cell side, in patches) must be a positive number or null, got {p['m']!r}")
-        vl = p["vision_layer"]
-        if vl is None:
-            vl = max(info.vision_feature_layer - 1, 0)
-        if isinstance(vl, bool) or not isinstance(vl, int) or not 0 <= vl <= info.vision_feature_layer:
-            raise ValueError(
-                f"vision_layer must be an int in 0..{info.vision_feature_layer} (ViT layers LLaVA runs) or null, got {vl!r}"
-            )
-        self._vision_layer = vl
+        feat = info.vision_feature_layer
+        self._vision_layer = layer_index(
+            "vflowopt", "vision_layer", p["vision_layer"], info.vision_num_layers, feat, max(feat - 1, 0)
+        )
         self._m = float(p["m"]) if p["m"] is not None else REF_M / REF_GRID * info.grid_hw[1]
 
     def vision_probe_layers(self) -> list[int]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import torch
 
 from pruners import ops
-from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.base import PreLLMContext, PreLLMDecision, Pruner
+from pruners.params import Param
 from pruners.registry import register_pruner
 
 CONTEXTUAL_RATIO = 10 / 64
@@ -70,14 +71,10 @@ class VisionZip(Pruner):
 
     stages = ("pre_llm",)
     requires_cls = True
-    defaults = {"contextual_ratio": CONTEXTUAL_RATIO}
-    search_space = {"contextual_ratio": ("float", 0.0, 0.5)}
-
-    def attach(self, info: ModelInfo) -> None:
-        super().attach(info)
-        r = self.params["contextual_ratio"]
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
-            raise ValueError(f"contextual_ratio must be a float in [0, 1), got {r!r}")
+    parameters = {
+        "contextual_ratio": Param(float, CONTEXTUAL_RATIO, low=0, high=1, high_inclusive=False,
+                                  search=("float", 0.0, 0.5), doc="share of the budget given to merged tokens"),
+    }
 
     def vision_probe_layers(self) -> list[int]:
         return [self.info.vision_feature_layer]

@@ -15,6 +15,7 @@ import torch
 
 from pruners import ops
 from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.params import Param, layer_index
 from pruners.registry import register_pruner
 
 #: VTC-CLS's default start layer (authors' CLI) for the 24-layer CLIP-L/336 of LLaVA-1.5.
@@ -28,19 +29,12 @@ def resolve_start_layer(start_layer: int | None, info: ModelInfo) -> int:
     ``None`` scales the authors' 16-of-24 to the model's depth (16 for CLIP-L; layer 3 of a 4-layer
     ViT, clamped to the feature layer), so the default is meaningful on small models too.
     A non-negative value is used as given; a negative one counts back from the end of the ViT
-    (-2 = the feature layer of LLaVA-1.5, -8 = layer 16 of 24) and starts at layer 0 at the earliest,
-    so one negative range serves encoders of any depth (the tuner's search space).
+    (-2 = the feature layer of LLaVA-1.5, -8 = layer 16 of 24). Either must name a layer in
+    0..feature layer, else a ValueError naming ``start_layer`` and the accepted range.
     """
     n, feat = info.vision_num_layers, info.vision_feature_layer
-    if start_layer is None:
-        return min(feat, int(round(REF_START_LAYER * n / REF_DEPTH)))
-    s = max(0, n + start_layer) if start_layer < 0 else start_layer
-    if not 0 <= s <= feat:
-        raise ValueError(
-            f"start_layer={start_layer} is after the feature layer ({feat}) whose output LLaVA takes; "
-            f"accepted: None (scaled default), an int in 0..{feat}, or a negative int <= {feat - n}"
-        )
-    return s
+    default = min(feat, int(round(REF_START_LAYER * n / REF_DEPTH)))
+    return layer_index("vtc_cls", "start_layer", start_layer, n, feat, default)
 
 
 def cls_layer_scores(rows: list[torch.Tensor], ensemble: str = "sum") -> torch.Tensor:
@@ -70,17 +64,16 @@ class VTCCLS(Pruner):
 
     stages = ("pre_llm",)
     requires_cls = True
-    defaults = {"start_layer": None, "ensemble": "sum"}
-    search_space = {"start_layer": ("int", -9, -2), "ensemble": ("categorical", list(ENSEMBLES))}
+    parameters = {
+        "start_layer": Param(int, None, search=("int", -9, -2),
+                             doc="first summed ViT layer (negative: from the end); null: 16 of 24 scaled"),
+        "ensemble": Param(str, "sum", choices=ENSEMBLES, search=("categorical", list(ENSEMBLES)),
+                          doc="how the per-layer CLS rows combine"),
+    }
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
-        if self.params["ensemble"] not in ENSEMBLES:
-            raise ValueError(f"ensemble must be one of {ENSEMBLES}, got {self.params['ensemble']!r}")
-        sl = self.params["start_layer"]
-        if sl is not None and (isinstance(sl, bool) or not isinstance(sl, int)):
-            raise ValueError(f"start_layer must be an int or None (scaled default), got {sl!r}")
-        self._start = resolve_start_layer(sl, info)
+        self._start = resolve_start_layer(self.params["start_layer"], info)
 
     def vision_probe_layers(self) -> list[int]:
         return list(range(self._start, self.info.vision_feature_layer + 1))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from pruners import apply_pruner, register_pruner
+from mllm_adapters import apply_pruner
+from pruners import register_pruner
 from pruners.base import LLMLayerContext, Pruner
 
 

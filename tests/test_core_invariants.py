@@ -14,7 +14,8 @@ import pytest
 import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from pruners import apply_pruner, available_pruners, register_pruner
+from mllm_adapters import apply_pruner
+from pruners import available_pruners, register_pruner
 from pruners.base import Pruner, VisionLayerContext
 from tests._adapter_helpers import greedy_recompute
 from tests.conftest import PROMPTS, make_images, single

@@ -22,9 +22,10 @@ from benchmarks.flops import (
     sample_counts,
     vision_flops,
 )
+from mllm_adapters import apply_pruner
 from mllm_adapters.llava_next import image_layout
 from mllm_adapters.tiny import build_tiny_llava_next
-from pruners import apply_pruner, available_pruners, get_pruner_class
+from pruners import available_pruners, get_pruner_class
 from tests.conftest import PROMPTS, make_images
 
 N_VIS = 36

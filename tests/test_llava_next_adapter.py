@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+from mllm_adapters import apply_pruner
 from mllm_adapters.llava_next import image_layout, max_packed_tokens, split_budget
 from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
-from pruners import apply_pruner, register_pruner
+from pruners import register_pruner
 from pruners.base import Pruner
 from pruners.flowcut import flow_scores
 from tests._adapter_helpers import ProjectorInputs, greedy_recompute

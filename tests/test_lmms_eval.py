@@ -11,8 +11,9 @@ import torch
 from benchmarks.lmms.export_shapes import export
 from benchmarks.lmms.model import chat_template_from_prompt
 from benchmarks.tasks import Task, get_task
+from mllm_adapters import apply_pruner
 from mllm_adapters.tiny import build_tiny_llava
-from pruners import apply_pruner, register_pruner
+from pruners import register_pruner
 from pruners.base import LLMLayerContext, Pruner
 
 TEMPLATE = "USER: <image> {question} ASSISTANT:"

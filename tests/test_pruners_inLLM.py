@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pruners import apply_pruner, get_pruner_class, register_pruner
+from mllm_adapters import apply_pruner
+from pruners import get_pruner_class, register_pruner
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.pdrop import pdrop_schedule
 from pruners.transprune import layer_ttv, transprune_schedule
@@ -361,7 +362,10 @@ def test_embedded_layout_schedule_and_batch_of_two(embedded_layout, method, para
 
 def test_transprune_flat_ratio_parameters_for_the_tuner():
     cls = get_pruner_class("transprune")
-    assert cls(budget=6, ratio_1=0.9, ratio_2=0.95).params["ratios"] == [0.9, 0.9]  # kept monotone
+    assert cls(budget=6, ratio_1=0.9, ratio_2=0.8).params["ratios"] == [0.9, 0.8]
+    assert "ratio_1" not in cls(budget=6, ratio_1=0.9, ratio_2=0.8).params  # folded into ratios
+    with pytest.raises(ValueError, match=r"ratio_1=0.9, ratio_2=0.95 .*non-increasing"):  # not clamped
+        cls(budget=6, ratio_1=0.9, ratio_2=0.95)
     with pytest.raises(ValueError, match="not both"):
         cls(budget=6, ratio_1=0.9, ratios=[0.9, 0.5])
     with pytest.raises(ValueError, match="ratio_1, ratio_2"):

@@ -19,8 +19,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from benchmarks.flops import vision_flops
+from mllm_adapters import apply_pruner
 from mllm_adapters.tiny import build_tiny_llava
-from pruners import apply_pruner, available_pruners, get_pruner_class, register_pruner
+from pruners import available_pruners, get_pruner_class, register_pruner
 from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
 from pruners.divprune import maxmin_order
 from pruners.flowcut import entropy_ratio, flowcut_cut, flowcut_schedule
@@ -287,10 +288,12 @@ def test_vtc_cls_sums_layers_from_start_layer():
     default = get_pruner_class("vtc_cls")(budget=3)
     default.attach(_info())
     assert default.vision_probe_layers() == list(range(16, 23))  # authors' default 16..22 on CLIP-L
-    for start, first in [(-8, 16), (-2, 22), (-30, 0)]:  # negative: from the end, clamped at layer 0
+    for start, first in [(-8, 16), (-2, 22), (-24, 0)]:  # negative: from the end of the 24-layer ViT
         p = get_pruner_class("vtc_cls")(budget=3, start_layer=start)
         p.attach(_info())
         assert p.vision_probe_layers()[0] == first
+    with pytest.raises(ValueError, match=r"start_layer=-30 .*-24 <= start_layer <= -2"):  # before layer 0
+        get_pruner_class("vtc_cls")(budget=3, start_layer=-30).attach(_info())
 
 
 def test_flowcut_schedule_24_layers_budget_64():

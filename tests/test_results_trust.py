@@ -197,7 +197,7 @@ def test_seeds_run_a_seeded_method_once_per_seed(tmp_path, capsys):
 def test_predictions_store_the_kept_positions(tmp_path):
     """`kept` was a count although the docs said positions."""
     from benchmarks.models import load_model
-    from pruners import apply_pruner
+    from mllm_adapters import apply_pruner
 
     cfg = _cfg([*TINY, "method=random"])
     (_, cell) = _run(tmp_path, "method=random", "budgets=[null,6]", "n_samples=2", "batch_size=1")

@@ -395,8 +395,8 @@ def test_tiny_next_flowcut_cell_flops_match_the_flop_counter(tmp_path, next_shap
     3 x 15 of 48), so no tile is padded and the count is exact."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from mllm_adapters import apply_pruner
     from mllm_adapters.tiny import build_tiny_llava_next
-    from pruners import apply_pruner
 
     (cell,) = [p for p in _run_next(tmp_path, "method=flowcut", "budgets=[45]", "n_samples=3", "batch_size=1")]
     rows = _rows(cell)

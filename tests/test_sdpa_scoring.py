@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from pruners import apply_pruner
+from mllm_adapters import apply_pruner
 
 
 def test_fastv_same_kept_set_with_sdpa_and_eager(tiny, tiny_sdpa, batch):

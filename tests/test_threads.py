@@ -12,8 +12,8 @@ import threading
 import pytest
 import torch
 
+from mllm_adapters import apply_pruner
 from mllm_adapters.tiny import build_tiny_llava
-from pruners import apply_pruner
 from tests.conftest import PROMPTS, make_images
 
 ROUNDS = 6

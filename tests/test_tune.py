@@ -32,7 +32,8 @@ from benchmarks.tune import (
     tune,
     write_tuned_config,
 )
-from pruners import apply_pruner, get_pruner_class
+from mllm_adapters import apply_pruner
+from pruners import get_pruner_class
 from tests.conftest import make_images
 
 ROOT = Path(__file__).resolve().parent.parent

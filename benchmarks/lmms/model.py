@@ -25,7 +25,7 @@ from lmms_eval import utils as lmms_utils
 from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE, LlavaHf
 
 from benchmarks.models import EMBEDDED_DIR, check_checkpoint
-from pruners import apply_pruner
+from mllm_adapters import apply_pruner
 
 
 def _scalar(value: Any) -> Any:

@@ -207,7 +207,7 @@ def model_perf(
     """
     from benchmarks.flops import sample_cost
     from benchmarks.perf.__main__ import print_table
-    from pruners import apply_pruner
+    from mllm_adapters import apply_pruner
 
     t0 = time.perf_counter()
     lm = load_perf_model(model, text_layers, vision_layers)
