@@ -18,7 +18,7 @@ FLOPs of vision encoder + projector + LLM relative to the unpruned model, pruner
 it is SOLVED, not penalised. For each trial the tuner picks the largest ``budget`` (tokens after the
 last pruning step) whose schedule meets the target, by bisection. For VFlowOpt, whose budget fixes
 r_2 once r_v and r_1 are sampled, this is exactly the authors' "solve r_2 from the target". Token
-counts come from the pruner's pure ``token_schedule()`` when it has one, else from one measured
+counts come from the pruner's pure ``token_schedule()`` when it is a ``ProgressiveSchedule``, else from one measured
 forward pass on the first calibration sample. Costs are computed per sample as the runner does
 (`benchmarks.flops.sample_cost`: the sample's own counts, FLOPs relative to the same sample unpruned).
 A trial whose parameters the pruner rejects, or for
@@ -191,10 +191,11 @@ def token_counts(calib: Calibration, method: str, budget: int, params: dict[str,
                  ) -> list[dict[str, Any]] | None:
     """Per-layer token counts of ``method`` at ``budget`` ({"vision", "llm_visual", ...}), one sample's
     per `Calibration.probes` entry, or None if the pruner rejects the combination (ValueError). Pure
-    when the pruner has ``token_schedule()`` and the model is not anyres."""
+    when the pruner is a ``ProgressiveSchedule`` and the model is not anyres."""
     from benchmarks.flops import sample_counts
     from mllm_adapters import apply_pruner
     from pruners import get_pruner_class
+    from pruners._schedule import ProgressiveSchedule
 
     cls = get_pruner_class(method)
     try:
@@ -202,7 +203,7 @@ def token_counts(calib: Calibration, method: str, budget: int, params: dict[str,
         pruner.attach(calib.info)
     except ValueError:
         return None
-    if hasattr(pruner, "token_schedule") and calib.info.family != "llava_next":
+    if isinstance(pruner, ProgressiveSchedule) and calib.info.family != "llava_next":
         return [{"vision": reference_vision_counts(calib.info), "llm_visual": pruner.token_schedule()}] * len(calib.probes)
     out = []
     try:

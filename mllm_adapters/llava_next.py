@@ -85,6 +85,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from mllm_adapters.handle import PruningHandle
 from mllm_adapters.llava import LlavaAdapter, _Forward, _gather_seq
 from mllm_adapters.registry import register_family
+from pruners._schedule import ProgressiveSchedule
 from pruners.base import ModelInfo, PreLLMContext, Pruner, VisionLayerContext, sample_generators
 
 MODEL_CLASS = "LlavaNextForConditionalGeneration"
@@ -713,7 +714,7 @@ class LlavaNextAdapter(LlavaAdapter):
         p = self.pruner
         if "llm" not in p.stages or p.keeps_all or not self._llm_layers:
             return 0
-        if hasattr(p, "count_at"):
+        if isinstance(p, ProgressiveSchedule):
             return max(int(p.count_at(k)) for k in p.llm_layers())
         return int(p.budget or 0)
 
