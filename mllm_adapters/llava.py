@@ -672,7 +672,9 @@ class LlavaAdapter:
                 state=fw.pruner_state,
                 attention_rows=lambda layer, queries="last", h=hs: self._llm_attention_rows(layer, queries, h),
                 generators=fw.generators,
-                extras={"captures": fw.captures, "token_scores": fw.visual_scores, "layer_rows": lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries)},
+                layer_rows=lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries),
+                captures=fw.captures,
+                token_scores=fw.visual_scores,
             )
             keep = self._call_pruner(pruner.prune_llm, ctx).sort(dim=1).values  # [B, k] into visual tokens
             B, Lc = hs.shape[:2]

@@ -56,7 +56,7 @@ class PreLLMDecision:
     info:    free-form facts for the results (e.g. ``{"text_similarity": "llm_embeddings"}``).
     scores:  optional [B, k + m] per-token scores (kept tokens in ``keep``'s order, then merged ones);
              the adapter carries them with the tokens into the LLM stage as
-             ``LLMLayerContext.extras["token_scores"]`` (e.g. VFlowOpt's progressive in-LLM drops).
+             ``LLMLayerContext.token_scores`` (e.g. VFlowOpt's progressive in-LLM drops).
     """
 
     keep: torch.Tensor
@@ -203,7 +203,7 @@ class Pruner:
 
     def llm_capture_layers(self) -> list[int]:
         """Decoder layers whose attention/MLP sub-layer inputs and outputs are captured at prefill
-        (``ctx.extras["captures"][layer]`` = {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D])."""
+        (``ctx.captures[layer]`` = {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D])."""
         return []
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
@@ -317,11 +317,12 @@ class LLMLayerContext:
                    decoder layer (declared in ``llm_attention_layers()``) from the last real token
                    (``"last"``) or the mean over the instruction tokens after the image
                    (``"instruction"``) to the current visual tokens (softmax over all allowed keys).
-    extras["layer_rows"](queries="last"): the same for layer ``layer`` itself, computed from its input
-                   with its own norm, q/k projections and RoPE (TransPrune's instruction-guided attention).
-    extras["captures"]: sub-layer inputs/outputs of the layers in ``llm_capture_layers()``.
+    layer_rows(queries="last"): the same for layer ``layer`` itself, computed from its input with its
+                   own norm, q/k projections and RoPE (TransPrune's instruction-guided attention).
+    captures:      {layer: {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D]}: sub-layer
+                   inputs/outputs of the layers in ``llm_capture_layers()``.
     state:         dict that lives for one forward pass, shared by every stage of the pruner.
-    extras["token_scores"]: [B, Nv] scores the pre-LLM stage attached to the current visual tokens, if any.
+    token_scores:  [B, Nv] scores the pre-LLM stage attached to the current visual tokens, or None.
     """
 
     layer: int
@@ -334,4 +335,6 @@ class LLMLayerContext:
     state: dict[str, Any]
     attention_rows: Callable[..., torch.Tensor]
     generators: list[torch.Generator]
-    extras: dict[str, Any] = field(default_factory=dict)
+    layer_rows: Callable[..., torch.Tensor] | None = None
+    captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
+    token_scores: torch.Tensor | None = None

@@ -8,7 +8,7 @@ What it scores, per visual token j, at each pruning layer K:
   the layers of the window. Computed by the fused op ``pruners.ops.transition_variation``.
 - IGA: attention of the instruction tokens after the image to the visual tokens, from layer K's own
   q/k projections (with RoPE) applied to its input, head mean and mean over those queries
-  (``ctx.extras["layer_rows"]("instruction")``: only these rows are computed).
+  (``ctx.layer_rows("instruction")``: only these rows are computed).
 - score = TTV / sum(TTV) + IGA / sum(IGA) (sums over the current visual tokens); ``use_iga=False`` is
   the paper's "TTV alone" variant. The top tokens are kept, in original order. No merging.
 
@@ -161,7 +161,7 @@ class TransPrune(ProgressiveSchedule, Pruner):
         self._ttv_start = start
 
     def llm_attention_layers(self) -> list[int]:
-        return []  # IGA uses layer K's own rows (ctx.extras["layer_rows"])
+        return []  # IGA uses layer K's own rows (ctx.layer_rows)
 
     def llm_capture_layers(self) -> list[int]:
         if not self._schedule or self.keeps_all:
@@ -173,7 +173,7 @@ class TransPrune(ProgressiveSchedule, Pruner):
         stage = layers.index(ctx.layer)
         k = self._schedule["counts"][stage]
         lo = self._ttv_start if stage == 0 else layers[stage - 1]
-        caps = ctx.extras["captures"]
+        caps = ctx.captures
         vis = ctx.visual_pos  # [B, Nv]
         ttv = ctx.state.get("ttv")  # [B, Nv] sums carried from earlier windows
         if ttv is None:
@@ -182,7 +182,7 @@ class TransPrune(ProgressiveSchedule, Pruner):
             ttv = ttv + layer_ttv(caps.pop(j), ctx.key_mask).gather(1, vis)  # [B, Nv]; frees the capture
         score = ttv / ttv.sum(1, keepdim=True).clamp(min=1e-12)  # [B, Nv]
         if self.params["use_iga"]:
-            iga = ctx.extras["layer_rows"]("instruction").float()  # [B, Nv]
+            iga = ctx.layer_rows("instruction").float()  # [B, Nv]
             score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
         keep = score.topk(k, dim=1).indices.sort(dim=1).values  # [B, k], original order
         ctx.state["ttv"] = ttv.gather(1, keep)

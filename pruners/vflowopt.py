@@ -17,7 +17,7 @@ pre-LLM pruning with spatial recycling, progressive drops inside the LLM. Spec: 
    into the LLM. If even k = 0 leaves more cells than n_v, the n_v cells with the most important
    anchors are recycled and the rest discarded.
 3. Inside the LLM: at layers k_1 < k_2 (authors: 9 and 18 of 28, scaled to the model's depth) keep the
-   tokens with the highest pre-LLM importance (``ctx.extras["token_scores"]``), original positions.
+   tokens with the highest pre-LLM importance (``ctx.token_scores``), original positions.
 
 Counts. ``budget`` = tokens after k_2. With ``r_v`` set: n_v = round(r_v N), n_1 = round(n_v r_1),
 and the last ratio is solved as r_2 = budget / n_1 (the tuner therefore solves r_2 by choosing the
@@ -256,5 +256,5 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
         k = self.count_at(ctx.layer)
-        scores = ctx.extras["token_scores"]  # [B, Nv] pre-LLM importance of the current visual tokens
+        scores = ctx.token_scores  # [B, Nv] pre-LLM importance of the current visual tokens
         return scores.topk(k, dim=1).indices
