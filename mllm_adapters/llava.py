@@ -88,19 +88,22 @@ class LlavaAdapter:
     family = "llava"
     model_classes = ("LlavaForConditionalGeneration",)
 
+    #: `mllm_adapters.tiny` functions building this family's tiny model and its config (no download)
+    tiny_builders = ("build_tiny_llava", "tiny_llava_config")
+
     @classmethod
     def build_tiny(cls, **kwargs: Any) -> tuple[Any, Any]:
-        """A tiny random LLaVA-1.5 built from config, and its processor (`mllm_adapters.tiny`)."""
-        from mllm_adapters.tiny import build_tiny_llava
+        """A tiny random model of this family built from config, and its processor (`mllm_adapters.tiny`)."""
+        from mllm_adapters import tiny
 
-        return build_tiny_llava(**kwargs)
+        return getattr(tiny, cls.tiny_builders[0])(**kwargs)
 
     @classmethod
     def tiny_config(cls, **kwargs: Any) -> Any:
         """The config `build_tiny` builds (same keyword arguments but seed/attention), without weights."""
-        from mllm_adapters.tiny import TINY_VOCAB, tiny_llava_config
+        from mllm_adapters import tiny
 
-        return tiny_llava_config(TINY_VOCAB, **kwargs)
+        return getattr(tiny, cls.tiny_builders[1])(tiny.TINY_VOCAB, **kwargs)
 
     def __init__(self, model: nn.Module, pruner: Pruner, handle: PruningHandle) -> None:
         self.model = model

@@ -232,20 +232,7 @@ class LlavaNextAdapter(LlavaAdapter):
 
     family = "llava_next"
     model_classes = ("LlavaNextForConditionalGeneration",)
-
-    @classmethod
-    def build_tiny(cls, **kwargs: Any) -> tuple[Any, Any]:
-        """A tiny random LLaVA-NeXT (anyres tiles) built from config, and its processor."""
-        from mllm_adapters.tiny import build_tiny_llava_next
-
-        return build_tiny_llava_next(**kwargs)
-
-    @classmethod
-    def tiny_config(cls, **kwargs: Any) -> Any:
-        """The config `build_tiny` builds (same keyword arguments but seed/attention), without weights."""
-        from mllm_adapters.tiny import TINY_VOCAB, tiny_llava_next_config
-
-        return tiny_llava_next_config(TINY_VOCAB, **kwargs)
+    tiny_builders = ("build_tiny_llava_next", "tiny_llava_next_config")
 
     def __init__(self, model: nn.Module, pruner: Pruner, handle: PruningHandle) -> None:
         if "vision" in pruner.stages and len(pruner.stages) > 1:
