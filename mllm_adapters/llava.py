@@ -168,6 +168,8 @@ class LlavaAdapter:
             vision_num_heads=vcfg.num_attention_heads,
             llm_num_layers=tcfg.num_hidden_layers,
             llm_hidden_size=tcfg.hidden_size,
+            checkpoint_dir=(getattr(self.model, "name_or_path", None)
+                            or getattr(self.config, "_name_or_path", None) or None),
         )
 
     def _install(self) -> None:
@@ -418,7 +420,7 @@ class LlavaAdapter:
                 question_texts=lambda: self._question_texts(input_ids, attention_mask, image_start),
                 generators=self._fw.generators,
                 state=self._fw.pruner_state,
-                model=self.model,
+                vision_post_norm=getattr(self.vision_tower, "post_layernorm", None),
             )
             decision = self._call_pruner(pruner.prune_pre_llm, ctx)
             keep, order = decision.keep.sort(dim=1)

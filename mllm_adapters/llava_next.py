@@ -686,7 +686,7 @@ class LlavaNextAdapter(LlavaAdapter):
             question_texts=lambda: self._view_question(view_ids, view_mask, start + m),
             generators=[gen],
             state={},
-            model=self.model,
+            vision_post_norm=getattr(self.vision_tower, "post_layernorm", None),
         )
 
     def _view_question(self, ids: torch.Tensor, mask: torch.Tensor, after: int) -> list[str] | None:

@@ -42,6 +42,9 @@ class ModelInfo:
     vision_num_heads: int
     llm_num_layers: int
     llm_hidden_size: int
+    #: the folder (or hub id) the model was loaded from, for methods that ship an extra tower beside
+    #: the checkpoint (recoverable's CLIP text tower in ``<checkpoint_dir>/text_tower``); None if unknown
+    checkpoint_dir: str | None = None
 
 
 @dataclass
@@ -300,7 +303,9 @@ class PreLLMContext:
     question_texts: Callable[[], list[str] | None]
     generators: list[torch.Generator]
     state: dict[str, Any] = field(default_factory=dict)
-    model: Any = None  # the HF model, read-only: for pruners that need an extra tower (e.g. CLIP text)
+    #: the vision encoder's final norm (CLIP's post_layernorm) as a function of features, or None when
+    #: it has none: what projects patch features into the CLIP joint space with the text tower
+    vision_post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass

@@ -308,7 +308,7 @@ class RecoverableCompression(Pruner):
             if not os.path.isfile(os.path.join(tt, "config.json")):
                 raise ValueError(f"text_tower={tt!r} is not a folder with a CLIPTextModelWithProjection (config.json)")
             return tt
-        base = getattr(ctx.model, "name_or_path", None) or getattr(getattr(ctx.model, "config", None), "_name_or_path", "")
+        base = self.info.checkpoint_dir
         cand = os.path.join(base, "text_tower") if base else ""
         return cand if cand and os.path.isfile(os.path.join(cand, "config.json")) else None
 
@@ -319,9 +319,7 @@ class RecoverableCompression(Pruner):
         if folder is not None and texts is not None:
             if self._tower is None or self._tower_key != folder:
                 self._tower, self._tower_key = ClipTextSimilarity(folder), folder
-            vt = getattr(getattr(ctx.model, "model", None), "vision_tower", None)
-            post_ln = getattr(vt, "post_layernorm", None)
-            sim = self._tower.similarity(ctx.features, post_ln, [question_first_line(t) for t in texts])
+            sim = self._tower.similarity(ctx.features, ctx.vision_post_norm, [question_first_line(t) for t in texts])
             return sim, {"text_similarity": "clip_text_tower", "text_tower": folder}
         info: dict[str, Any] = {"text_similarity": FALLBACK}
         if folder is not None:
