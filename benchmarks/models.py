@@ -317,13 +317,24 @@ def weights_fingerprint(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
-    """Build the model described by ``model_cfg`` (a conf/model mapping) on ``device``, in eval mode."""
-    cfg = dict(model_cfg)
+def check_model_fields(cfg: dict[str, Any]) -> None:
+    """``model.source`` and ``model.dtype`` are supported, and a hub model has a ``model.path``:
+    checked by `load_model` and, before anything loads, by the runner's settings check."""
     name = str(cfg.get("name", "?"))
     source = cfg.get("source")
     if source not in SOURCES:
         raise ValueError(f"model.source={source!r} for model {name!r} is not supported; accepted: {', '.join(SOURCES)}")
+    resolve_dtype(cfg.get("dtype", "auto"), "cpu")
+    if source == "hub" and not cfg.get("path"):
+        raise ValueError(f"model {name!r}: model.path (hub id or local folder) is required for source=hub")
+
+
+def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
+    """Build the model described by ``model_cfg`` (a conf/model mapping) on ``device``, in eval mode."""
+    cfg = dict(model_cfg)
+    check_model_fields(cfg)
+    name = str(cfg.get("name", "?"))
+    source = cfg.get("source")
     dtype = resolve_dtype(cfg.get("dtype", "auto"), device)
     attn = cfg.get("attn_implementation")
     template = cfg.get("prompt_template")
@@ -352,8 +363,6 @@ def load_model(model_cfg: Any, device: str = "cpu") -> LoadedModel:
         weights = weights_fingerprint(folder)
     else:
         path = cfg.get("path")
-        if not path:
-            raise ValueError(f"model {name!r}: model.path (hub id or local folder) is required for source=hub")
         model, processor = _load_pretrained(
             str(path),
             cfg.get("model_class") or "LlavaForConditionalGeneration",

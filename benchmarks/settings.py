@@ -17,7 +17,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from benchmarks.models import DTYPES, SOURCES
+from benchmarks.models import check_model_fields
 
 DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+)$")
 
@@ -71,23 +71,16 @@ def check_seeds(seeds: Any) -> list[int] | None:
 
 
 def check_model_config(model_cfg: Any) -> None:
-    """``model.source``, ``model.model_class`` and ``model.dtype`` are ones prunebench can run."""
+    """``model.source``, ``model.dtype`` and ``model.path`` (`benchmarks.models.check_model_fields`) and
+    ``model.model_class`` are ones prunebench can run."""
     from mllm_adapters import SUPPORTED_MODEL_CLASSES
 
     m = dict(_plain(model_cfg) or {})
-    name = m.get("name", "?")
-    if m.get("source") not in SOURCES:
-        raise ValueError(f"model.source={m.get('source')!r} for model {name!r} is not supported; accepted: "
-                         f"{', '.join(SOURCES)}")
+    check_model_fields(m)
     model_class = m.get("model_class")
     if model_class is not None and model_class not in SUPPORTED_MODEL_CLASSES:
-        raise ValueError(f"model.model_class={model_class!r} for model {name!r} is not supported; accepted: "
-                         f"{', '.join(SUPPORTED_MODEL_CLASSES)} (or null for LlavaForConditionalGeneration)")
-    dtype = m.get("dtype", "auto")
-    if dtype not in (None, "auto", *DTYPES):
-        raise ValueError(f"model.dtype={dtype!r} is not supported; accepted: auto, {', '.join(DTYPES)}")
-    if m.get("source") == "hub" and not m.get("path"):
-        raise ValueError(f"model {name!r}: model.path (hub id or local folder) is required for source=hub")
+        raise ValueError(f"model.model_class={model_class!r} for model {m.get('name', '?')!r} is not supported; "
+                         f"accepted: {', '.join(SUPPORTED_MODEL_CLASSES)} (or null for LlavaForConditionalGeneration)")
 
 
 def check_settings(cfg: Any) -> RunSettings:
