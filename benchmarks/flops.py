@@ -13,7 +13,7 @@ layer. The counts below cover every matmul that FlopCounterMode sees in an eager
   values and the two MLP matrices; layers that an in-ViT pruner shrinks count their actual tokens.
 - Projector: two linear layers on the visual tokens that reach the LLM.
 
-Anyres models (LLaVA-NeXT, ``mllm_adapters/llava_next.py``) run the ViT once per tile (base tile plus
+Anyres models (LLaVA-NeXT, ``mllm_adapters/families/llava_next.py``) run the ViT once per tile (base tile plus
 crops) and their visual-token count depends on the image's size, so their counts are per sample
 (`sample_counts` picks one sample's out of a batch handle's ``token_counts``): the vision part is
 ``vision_tiles`` times one tile's encoder (with a vision-stage pruner such as FlowCut, the sum over
@@ -93,16 +93,26 @@ def fastv_convention_tflops(text_config: Any, n_visual: int, convention: str = "
     return llm_prefill_flops(text_config, [n_visual] * n_layers, convention=convention) / 1e12
 
 
-def vision_flops(vision_config: Any, layer_tokens: Sequence[int] | None = None) -> int:
+def view_patches(config: Any) -> int:
+    """Patches of one view (ViT input) of the model ``config`` describes, asked of its family spec."""
+    from benchmarks.models import family_spec
+
+    h, w = family_spec(config).view_grid(config)
+    return int(h) * int(w)
+
+
+def vision_flops(vision_config: Any, layer_tokens: Sequence[int] | None = None, n_patches: int | None = None) -> int:
     """FLOPs of a CLIP-style vision encoder: patch embedding plus each layer run on its token count.
 
     ``layer_tokens`` lists the tokens (CLS included) entering each layer that actually ran; ``None``
-    means every layer on the full sequence (the unhooked model runs all layers).
+    means every layer on the full sequence (the unhooked model runs all layers). ``n_patches``: patches
+    of one view (`view_patches`; default from a CLIP config's image and patch sizes).
     """
     dv = int(vision_config.hidden_size)
     mv = int(vision_config.intermediate_size)
     p = int(vision_config.patch_size)
-    n_patches = (int(vision_config.image_size) // p) ** 2
+    if n_patches is None:
+        n_patches = (int(vision_config.image_size) // p) ** 2
     channels = int(getattr(vision_config, "num_channels", 3))
     if layer_tokens is None:
         layer_tokens = [n_patches + 1] * int(vision_config.num_hidden_layers)
@@ -154,8 +164,7 @@ def prefill_flops(
     ``overhead`` is the pruner's own FLOPs for this sample.
     """
     n_layers = int(config.text_config.num_hidden_layers)
-    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
-    n_vis_all = side * side
+    n_vis_all = view_patches(config)
     counts = token_counts or {}
     vision_layers = counts.get("vision")
     llm_visual = counts.get("llm_visual") or [n_vis_all] * n_layers
@@ -163,9 +172,9 @@ def prefill_flops(
     tiles = int(counts.get("vision_tiles") or 1)
     per_tile = counts.get("vision_per_tile")
     if per_tile is not None:  # tiles pruned inside the ViT: each tile that ran on its own counts
-        vision = sum(vision_flops(config.vision_config, layers) for layers in per_tile)
+        vision = sum(vision_flops(config.vision_config, layers, n_vis_all) for layers in per_tile)
     else:
-        vision = tiles * vision_flops(config.vision_config, vision_layers)
+        vision = tiles * vision_flops(config.vision_config, vision_layers, n_vis_all)
     n_proj = counts.get("projector")
     return PrefillFlops(
         vision=vision,
@@ -215,9 +224,8 @@ def reference_counts(config: Any, counts: dict[str, Any]) -> dict[str, Any] | No
         vision = counts.get("vision")
         return {"vision": [vision[0]] * len(vision)} if vision else None
     tiles = int(counts["vision_tiles"])
-    side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
     n_layers = int(config.text_config.num_hidden_layers)
-    return {"vision_tiles": tiles, "projector": tiles * side * side,
+    return {"vision_tiles": tiles, "projector": tiles * view_patches(config),
             "llm_visual": [int(counts["visual_in"])] * n_layers}
 
 
@@ -247,8 +255,7 @@ def sample_cost(
     one tile's patch grid (LLaVA-1.5's fixed count)."""
     counts = sample_counts(token_counts, b)
     if n_visual is None:
-        side = int(config.vision_config.image_size) // int(config.vision_config.patch_size)
-        n_visual = side * side
+        n_visual = view_patches(config)
     n_in = int(counts.get("visual_in") or n_visual)
     n_layers = int(config.text_config.num_hidden_layers)
     return SampleCost(

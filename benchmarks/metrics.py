@@ -13,7 +13,6 @@ positions back to image regions.
 
 from __future__ import annotations
 
-import math
 import statistics
 import threading
 import time
@@ -241,58 +240,3 @@ def relevant_recall(
         return sum(1 for p in relevant if p in kept_set) / len(relevant)
     rows = cover[torch.as_tensor(list(relevant), dtype=torch.long)].tolist()  # [R, c]
     return sum(1 for toks in rows if any(t in kept_set for t in toks if t >= 0)) / len(relevant)
-
-
-def anyres_cover(
-    image_size: tuple[int, int], pinpoints: Sequence[Sequence[int]], tile_px: int, patch_px: int
-) -> tuple[tuple[int, int], torch.Tensor]:
-    """Recall grid of one LLaVA-NeXT image and, per grid cell, the packed-run positions covering it.
-
-    image_size: (height, width) in pixels, as the processor reports it (``image_sizes``).
-    Returns ``(grid_hw, cover)`` with ``cover`` [gh * gw, 2]: column 0 the base-tile token, column 1
-    the crop-canvas token (-1 when unpadding cut the canvas cell), positions in the image's unpruned
-    packed run (``handle.kept_indices`` numbering; newline slots cover no region).
-
-    The rule: ``grid_hw`` is, per dimension, the finer of the image's unpadded crop canvas (h' rows x
-    w' columns of crop tokens) and one tile's side x side grid, so that every token of either grid
-    holds at least one cell centre; it is the base grid alone when the image gets no crops or
-    unpadding leaves an empty canvas (extreme aspect ratios). A cell is covered by the base-tile token
-    and by the canvas token whose image regions contain the cell's centre. Regions follow LlavaNextImageProcessor: the base tile is the
-    whole image resized to the tile (aspect not kept), the crops tile the image resized to fit the
-    best pinpoint (aspect kept, ceil-rounded) and centred in it with padding.
-    """
-    from transformers.image_processing_utils import select_best_resolution
-
-    from mllm_adapters.llava_next import image_layout
-
-    H, W = int(image_size[0]), int(image_size[1])
-    side = tile_px // patch_px
-    pins = [list(p) for p in pinpoints]
-    layout = image_layout((H, W), pins, tile_px, side)
-    best_h, best_w = select_best_resolution([H, W], pins)
-    n_cols_t = best_w // tile_px  # crop tiles per canvas row
-    h_rows = int((layout.src < 0).sum())  # one newline per unpadded canvas row
-    w_cols = (layout.n_packed - side * side) // h_rows - 1 if h_rows else 0
-    # No crops, or an aspect ratio so extreme that unpadding leaves no canvas cell: the base tile only.
-    has_crops = (best_h // tile_px) * n_cols_t > 0 and h_rows > 0 and w_cols > 0
-    grid = (max(h_rows, side), max(w_cols, side)) if has_crops else (side, side)
-    gh, gw = grid
-    fy = (torch.arange(gh, dtype=torch.float64) + 0.5) / gh  # [gh] cell centres, fraction of the image height
-    fx = (torch.arange(gw, dtype=torch.float64) + 0.5) / gw  # [gw]
-    r = (fy * side).floor().long().clamp(max=side - 1)[:, None]
-    c = (fx * side).floor().long().clamp(max=side - 1)[None, :]
-    base = (r * side + c).reshape(-1)  # [G] base tile: raster, packed positions 0 .. side**2 - 1
-    if not has_crops:
-        return grid, torch.stack([base, torch.full_like(base, -1)], dim=1)
-    # The processor's crop canvas: image resized to (new_h, new_w) inside (best_h, best_w), centred.
-    if best_w / W < best_h / H:
-        new_w, new_h = best_w, min(math.ceil(H * best_w / W), best_h)
-    else:
-        new_h, new_w = best_h, min(math.ceil(W * best_h / H), best_w)
-    pad_y, pad_x = (best_h - new_h) // 2, (best_w - new_w) // 2
-    R = ((pad_y + fy * new_h) / patch_px).floor().long().clamp(0, best_h // patch_px - 1)[:, None]  # canvas row
-    C = ((pad_x + fx * new_w) / patch_px).floor().long().clamp(0, best_w // patch_px - 1)[None, :]  # canvas col
-    tile = 1 + (R // side) * n_cols_t + C // side
-    src = (tile * side * side + (R % side) * side + C % side).reshape(-1)  # [G] (tile, patch) flat source
-    canvas = layout.packed_index()[src]  # -1 where unpadding dropped the cell
-    return grid, torch.stack([base, canvas], dim=1)

@@ -8,9 +8,10 @@ Sources:
 - ``tiny``: a randomly initialised tiny LLaVA built from config (tests, smoke runs);
   ``model_class: LlavaNextForConditionalGeneration`` builds a tiny LLaVA-NeXT instead (anyres tiles).
 
-LLaVA-NeXT (``config.model_type == "llava_next"``) is *anyres*: an image's visual-token count depends
-on its size (`LoadedModel.image_tokens`), `LoadedModel.num_visual_tokens` is the longest run any image
-can have, and answer-relevant recall maps kept positions back to image regions (`LoadedModel.recall_cover`).
+Everything family-dependent is asked of the model's family spec (`family_spec`): for LLaVA-NeXT
+(anyres) an image's visual-token count depends on its size (`LoadedModel.image_tokens`),
+`LoadedModel.num_visual_tokens` is the longest run any image can have, and answer-relevant recall maps
+kept positions back to image regions (`LoadedModel.recall_cover`).
 """
 
 from __future__ import annotations
@@ -30,25 +31,24 @@ DEFAULT_TEMPLATE = "USER: <image>\n{question} ASSISTANT:"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def is_anyres(config: Any) -> bool:
-    """True for LLaVA-NeXT configs: tiles per image and a visual-token count that depends on the image size."""
-    return getattr(config, "model_type", None) == "llava_next"
+def family_spec(config: Any) -> Any:
+    """The `FamilySpec` class of a model config (`mllm_adapters.registry.family_of_config`): what every
+    family-dependent question (visual-token counts, layouts, recall cover, FLOPs geometry) is asked of."""
+    from mllm_adapters.registry import family_of_config
+
+    return family_of_config(config)
+
+
+def size_dependent(config: Any) -> bool:
+    """True when an image's visual-token count depends on its size (LLaVA-NeXT's anyres tiles)."""
+    return bool(family_spec(config).size_dependent)
 
 
 def visual_tokens_of(config: Any) -> int:
-    """Visual tokens per image reaching the LLM unpruned (LLaVA 'default' strategy: patches, no CLS).
-
-    LLaVA-NeXT: the longest packed run any image can have (base tile + the largest unpadded canvas
-    with its newline tokens; 2,928 on the 7B), what budgets are validated against; an image's own
-    count is `LoadedModel.image_tokens`.
-    """
-    v = config.vision_config
-    side = int(v.image_size) // int(v.patch_size)
-    if not is_anyres(config):
-        return side * side
-    from mllm_adapters.llava_next import max_packed_tokens
-
-    return max_packed_tokens([list(p) for p in config.image_grid_pinpoints], int(v.image_size), side)
+    """Visual tokens per image reaching the LLM unpruned; for size-dependent families the longest run
+    any image can have (LLaVA-NeXT-7B: 2,928), what budgets are validated against; an image's own
+    count is `LoadedModel.image_tokens`."""
+    return int(family_spec(config).max_visual_tokens(config))
 
 
 #: conf/model keys of a ``source: tiny`` model passed to its family's ``build_tiny`` / ``tiny_config``.
@@ -105,62 +105,52 @@ class LoadedModel:
     #: retrained or swapped weights under the same model name never reuse stale cells.
     weights: str | None = None
 
-    _cover_cache: dict[tuple[int, int], tuple[tuple[int, int], Any]] = field(default_factory=dict, repr=False)
+    _cover_cache: dict[tuple[int, int] | None, tuple[tuple[int, int], Any]] = field(default_factory=dict, repr=False)
 
     @property
     def config(self) -> Any:
         return self.model.config
 
     @property
-    def anyres(self) -> bool:
-        """True for LLaVA-NeXT: tiles per image and a visual-token count that depends on the image size."""
-        return is_anyres(self.model.config)
+    def spec(self) -> Any:
+        """The model's `FamilySpec` class (`family_spec`)."""
+        return family_spec(self.model.config)
+
+    @property
+    def size_dependent(self) -> bool:
+        """True when an image's visual-token count depends on its size (LLaVA-NeXT)."""
+        return bool(self.spec.size_dependent)
 
     @property
     def grid_hw(self) -> tuple[int, int]:
         """The patch grid of one ViT input (LLaVA-1.5: the image; LLaVA-NeXT: one tile)."""
-        v = self.model.config.vision_config
-        side = int(v.image_size) // int(v.patch_size)
-        return side, side
+        return tuple(self.spec.view_grid(self.config))
 
     @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per image reaching the LLM unpruned; see `visual_tokens_of`."""
         return visual_tokens_of(self.model.config)
 
-    def _pinpoints(self) -> list[list[int]]:
-        return [list(p) for p in self.config.image_grid_pinpoints]
+    def image_layout(self, image_size: tuple[int, int] | None) -> Any:
+        """The `mllm_adapters.engine.ImageLayout` (views, packed run) of an image of ``image_size`` =
+        (height, width) px."""
+        return self.spec.layout_for(self.config, image_size)
 
-    def image_layout(self, image_size: tuple[int, int]) -> Any:
-        """LLaVA-NeXT: the packed run (`mllm_adapters.llava_next.ImageLayout`: tiles, unpadded views) of an
-        image of ``image_size`` = (height, width) px."""
-        if not self.anyres:
-            raise ValueError(f"model {self.name!r} is not anyres: every image is one {self.grid_hw} grid")
-        from mllm_adapters.llava_next import image_layout
-
-        side = self.grid_hw[0]
-        return image_layout(tuple(image_size), self._pinpoints(), int(self.config.vision_config.image_size), side)
-
-    def image_tokens(self, image_size: tuple[int, int]) -> int:
+    def image_tokens(self, image_size: tuple[int, int] | None) -> int:
         """Visual tokens of an image of ``image_size`` = (height, width) px reaching the LLM unpruned."""
-        if not self.anyres:
+        if not self.size_dependent:
             return self.num_visual_tokens
         return self.image_layout(image_size).n_packed
 
     def recall_cover(self, image_size: tuple[int, int] | None) -> tuple[tuple[int, int], Any]:
         """(grid over the whole image to ask the task's relevant patches on, token cover of its cells or
-        None); see `benchmarks.metrics.relevant_recall`. LLaVA-1.5: the model's patch grid, cell i =
-        token i. LLaVA-NeXT: `benchmarks.metrics.anyres_cover` of the image, cached per image size."""
-        if not self.anyres:
-            return self.grid_hw, None
-        if image_size is None:
-            raise ValueError(f"model {self.name!r} is anyres (LLaVA-NeXT): recall needs each image's size")
-        key = (int(image_size[0]), int(image_size[1]))
+        None); see `benchmarks.metrics.relevant_recall` and `FamilySpec.recall_cover`, cached per size."""
+        key = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         if key not in self._cover_cache:
-            from benchmarks.metrics import anyres_cover
-
-            v = self.config.vision_config
-            self._cover_cache[key] = anyres_cover(key, self._pinpoints(), int(v.image_size), int(v.patch_size))
+            if key is None and self.size_dependent:
+                raise ValueError(f"model {self.name!r}: an image's tokens depend on its size; recall needs each "
+                                 "image's size")
+            self._cover_cache[key] = self.spec.recall_cover(self.config, key)
         return self._cover_cache[key]
 
     @property

@@ -40,7 +40,7 @@ from benchmarks.intervals import paired_bootstrap, paired_scores, ratio_of_means
 from benchmarks.launch import watch_sweep_parent
 from benchmarks.method_configs import register_method_configs
 from benchmarks.metrics import measure_runtime, relevant_recall
-from benchmarks.models import LoadedModel, is_anyres, load_model, peek_config, visual_tokens_of
+from benchmarks.models import LoadedModel, load_model, peek_config, size_dependent, visual_tokens_of
 from benchmarks.settings import check_settings
 
 log = logging.getLogger("prunebench.run")
@@ -64,12 +64,12 @@ def method_params(method_cfg: Any) -> dict[str, Any]:
 AUTO = "auto"
 
 
-def validate_budgets(budgets: Any, n_visual: int, model_name: str, anyres: bool = False) -> list[int | str | None]:
+def validate_budgets(budgets: Any, n_visual: int, model_name: str, size_dependent: bool = False) -> list[int | str | None]:
     """Budgets as a de-duplicated list with ``None`` (the reference) first, then ``"auto"``, then the
     token counts; clear errors otherwise.
 
-    ``n_visual`` is the model's visual tokens per image; with ``anyres`` (LLaVA-NeXT) the longest run any
-    image can have: a budget up to it is accepted, and an image with fewer tokens reaches the LLM whole.
+    ``n_visual`` is the model's visual tokens per image; with ``size_dependent`` (the family's count
+    depends on the image's size, LLaVA-NeXT) the longest run any image can have: a budget up to it is accepted, and an image with fewer tokens reaches the LLM whole.
     """
     if budgets is None:
         budgets = [None]
@@ -86,10 +86,10 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str, anyres: bool 
                 f"budgets: {b!r} is not a positive int, null or {AUTO!r}; accepted: null (unpruned), "
                 f"{AUTO!r} (the method chooses its token count) or 1..{n_visual}"
             )
-        elif b > n_visual and anyres:
+        elif b > n_visual and size_dependent:
             raise ValueError(
                 f"budgets: {b} is above the {n_visual} visual tokens of the longest image run model "
-                f"{model_name!r} can have (anyres: an image's count depends on its size, and an image with "
+                f"{model_name!r} can have (an image's count depends on its size, and an image with "
                 f"no more tokens than the budget reaches the LLM whole); accepted: null (unpruned) or 1..{n_visual}"
             )
         elif b > n_visual:
@@ -394,7 +394,7 @@ def run(cfg: DictConfig) -> list[Path]:
     # Budgets against the model's config (config.json only): before the weights load.
     model_config = peek_config(cfg.model)
     budgets = validate_budgets(settings.budgets, visual_tokens_of(model_config), str(cfg.model.name),
-                               anyres=is_anyres(model_config))
+                               size_dependent=size_dependent(model_config))
     counts = [b for b in budgets if b not in (None, AUTO)]
     if AUTO in budgets and not probe.chooses_budget:
         raise ValueError(f"budgets: {AUTO!r} is for methods that choose their own token count (e.g. recoverable "

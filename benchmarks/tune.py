@@ -159,10 +159,10 @@ def build_calibration(model: Any, processor: Any, images: Sequence[Any], prompts
 
 def count_probes(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tuple[dict[str, torch.Tensor], float]]:
     """Samples to measure token counts on, with weights summing to 1 (see `Calibration.probes`)."""
-    from benchmarks.models import is_anyres
+    from benchmarks.models import size_dependent
 
     one = [{k: v[i : i + 1] for k, v in enc.items()} for enc in batches for i in range(len(enc["input_ids"]))]
-    if not is_anyres(model.config):
+    if not size_dependent(model.config):
         return [(one[0], 1.0)]
     by_size: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
     for enc in one:
@@ -203,7 +203,9 @@ def token_counts(calib: Calibration, method: str, budget: int, params: dict[str,
         pruner.attach(calib.info)
     except ValueError:
         return None
-    if isinstance(pruner, ProgressiveSchedule) and calib.info.family != "llava_next":
+    from benchmarks.models import size_dependent
+
+    if isinstance(pruner, ProgressiveSchedule) and not size_dependent(calib.model.config):
         return [{"vision": reference_vision_counts(calib.info), "llm_visual": pruner.token_schedule()}] * len(calib.probes)
     out = []
     try:
@@ -641,7 +643,7 @@ def run(cfg: Any) -> dict[str, Any]:
     budget = None
     if mode == "evaluate":  # checked like the runner's budgets, before the calibration set is encoded
         raw = cfg.get("budget") if cfg.get("budget") is not None else tuned.get("budget")
-        (budget,) = validate_budgets([raw], lm.num_visual_tokens, lm.name, anyres=lm.anyres)
+        (budget,) = validate_budgets([raw], lm.num_visual_tokens, lm.name, size_dependent=lm.size_dependent)
         if budget == AUTO:
             raise ValueError(f"mode=evaluate needs budget=<tokens> or null, got {AUTO!r}")
     task = get_task(str(cfg.task.name))

@@ -1,4 +1,8 @@
-"""Adapters that plug pruners into Hugging Face multimodal models (one module per model family)."""
+"""Adapters that plug pruners into unmodified Hugging Face multimodal models.
+
+One engine (`mllm_adapters.engine`) and one short spec per model family (`mllm_adapters.families`);
+see docs/engine.md.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ from mllm_adapters.handle import PruningHandle
 #: Behaviour version of the adapters (hooks, prompt surgery, LLM-stage slicing): bump it whenever the
 #: same pruner on the same inputs can give a different result. Part of every result cell's identity.
 ENGINE_VERSION = 1
-
 
 
 def __getattr__(name: str) -> Any:
@@ -39,17 +42,18 @@ def apply_pruner(model: Any, method: str, budget: int | None = None, **params: A
 
 def attach(model: Any, method: str, budget: int | None = None, tokenizer: Any = None, **params: Any) -> PruningHandle:
     """Build pruner `method` and hook it into `model`; see `apply_pruner`."""
+    from mllm_adapters.engine import Engine
     from mllm_adapters.registry import family_for
     from pruners.registry import get_pruner_class
 
     cls = get_pruner_class(method)
     pruner = cls(budget=budget, **params)
-    adapter_cls = family_for(model)
+    spec_cls = family_for(model)
     existing = getattr(model, "_prunebench_handle", None)
     if existing is not None and not existing.removed:
         raise ValueError("this model already has a pruner attached; call handle.remove() first")
     handle = PruningHandle(pruner=pruner)
-    adapter = adapter_cls(model, pruner, handle)
+    adapter = Engine(spec_cls(model), pruner, handle)
     adapter.tokenizer = tokenizer
     handle.adapter = adapter
     model._prunebench_handle = handle

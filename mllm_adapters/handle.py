@@ -39,7 +39,7 @@ class PruningHandle:
 
     kept_indices:  after each prefill, per sample a LongTensor of kept visual-token indices into the
                    ORIGINAL patch grid (raster order; LLaVA-NeXT: positions in the image's unpruned
-                   packed run, see mllm_adapters/llava_next.py). Merged tokens have no grid index and
+                   packed run, see mllm_adapters/engine/views.py). Merged tokens have no grid index and
                    are not listed.
     kept_by_layer: after each prefill of an in-LLM method, {decoder layer K: per sample the kept
                    indices (as in kept_indices) of the visual tokens entering layer K}, one entry per

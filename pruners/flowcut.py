@@ -3,7 +3,7 @@ information flow, so the vision encoder itself gets cheaper.
 
 Spec: shared/specs/flowcut.md (LLaVA-1.5 path). On LLaVA-NeXT the adapter runs it per anyres tile,
 each tile with its share of the image budget on the patches that survive unpadding
-(`mllm_adapters/llava_next.py`); the authors' anyres second prune inside the LLM is not implemented
+(`mllm_adapters/engine/views.py`); the authors' anyres second prune inside the LLM is not implemented
 (the budget is met in the ViT). After every ViT layer i before the feature layer F (the one LLaVA
 feeds the LLM, 22 of 24 for CLIP-L):
 1. signals over the current patches (CLS excluded): relation r = head-mean CLS attention;

@@ -1,4 +1,4 @@
-"""Answer-relevant patch recall on LLaVA-NeXT packed runs (benchmarks.metrics.anyres_cover / relevant_recall).
+"""Answer-relevant patch recall on LLaVA-NeXT packed runs (mllm_adapters.families.llava_next.anyres_cover / relevant_recall).
 
 The rule under test: the task's relevant patches are asked on a grid over the whole image, per dimension
 the finer of the unpadded crop canvas (h' x w') and one tile's grid; a relevant cell counts as kept when
@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.metrics import anyres_cover, relevant_recall
-from mllm_adapters.llava_next import image_layout
+from benchmarks.metrics import relevant_recall
+from mllm_adapters.families.llava_next import anyres_cover, image_layout
 
 PINS = [[32, 64], [64, 32], [64, 64]]
 PINS_7B = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
@@ -110,10 +110,10 @@ def test_loaded_model_recall_cover():
     from benchmarks.models import load_model
 
     tiny = load_model({"name": "tiny", "source": "tiny"})
-    assert not tiny.anyres and tiny.recall_cover(None) == ((6, 6), None) and tiny.num_visual_tokens == 36
+    assert not tiny.size_dependent and tiny.recall_cover(None) == ((6, 6), None) and tiny.num_visual_tokens == 36
     nxt = load_model({"name": "tiny-next", "source": "tiny", "model_class": "LlavaNextForConditionalGeneration",
                       "image_size": 32, "patch_size": 8})
-    assert nxt.anyres and nxt.num_visual_tokens == 16 + 8 * 9 and nxt.grid_hw == (4, 4)
+    assert nxt.size_dependent and nxt.num_visual_tokens == 16 + 8 * 9 and nxt.grid_hw == (4, 4)
     assert nxt.image_tokens((40, 60)) == 70 and nxt.image_tokens((30, 80)) == 52
     grid, cover = nxt.recall_cover((40, 60))
     assert grid == (6, 8) and torch.equal(cover, anyres_cover((40, 60), PINS, 32, 8)[1])

@@ -23,7 +23,7 @@ from benchmarks.flops import (
     vision_flops,
 )
 from mllm_adapters import apply_pruner
-from mllm_adapters.llava_next import image_layout
+from mllm_adapters.families.llava_next import image_layout
 from mllm_adapters.tiny import build_tiny_llava_next
 from pruners import available_pruners, get_pruner_class
 from tests.conftest import PROMPTS, make_images

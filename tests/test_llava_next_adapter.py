@@ -24,7 +24,8 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters import apply_pruner
-from mllm_adapters.llava_next import image_layout, max_packed_tokens, split_budget
+from mllm_adapters.engine.layout import split_budget
+from mllm_adapters.families.llava_next import image_layout, max_packed_tokens
 from mllm_adapters.tiny import build_tiny_llava, build_tiny_llava_next
 from pruners import register_pruner
 from pruners.base import Pruner
@@ -465,12 +466,12 @@ def test_remove_restores_and_attach_lists_classes(nxt, batch):
 
 
 def test_llava_adapter_unchanged_by_subclass_hooks():
-    """The LLaVA-1.5 adapter has no inert columns: its _advancing() stays None."""
-    from mllm_adapters.llava import LlavaAdapter
+    """The LLaVA-1.5 family has no inert columns: its _advancing() stays None."""
+    from mllm_adapters.families.llava import LlavaSpec
 
     model, _ = build_tiny_llava(seed=0)
     with apply_pruner(model, "fastv", budget=5) as h:
-        assert type(h.adapter) is LlavaAdapter and h.adapter._advancing() is None
+        assert type(h.adapter.spec) is LlavaSpec and h.adapter._advancing() is None
 
 
 @pytest.mark.parametrize("method,budget", [("none", None), ("random", 30), ("fastv", 30), ("fastv", 60),

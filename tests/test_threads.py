@@ -2,7 +2,7 @@
 
 Before, the adapter kept its per-forward state on itself: two threads gave silently different
 generations (random 13 of 40, fastv 6 of 18 in a probe) or crashed inside the LLM stage. The state
-now lives per thread (`mllm_adapters.llava.LlavaAdapter._fw`, `mllm_adapters.handle._PerThread`).
+now lives per thread (`mllm_adapters.engine.Engine._fw`, `mllm_adapters.handle._PerThread`).
 """
 
 from __future__ import annotations

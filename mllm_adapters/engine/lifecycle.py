@@ -1,0 +1,200 @@
+"""The engine: one pruner attached to one model through a family spec (hooks, handle, per-call state).
+
+Three stages (`pruners.base`):
+- ``vision`` and ``pre_llm``: a forward pre-hook on the top-level model runs the vision tower itself
+  block by block (`VisionLoop`, `MultiView`), lets the pruner shrink the ViT sequence between blocks
+  and/or pick the features that reach the LLM, projects them and rewrites the prompt to the kept
+  tokens (`PromptSurgery`); the model's own forward then runs on that prompt with those features.
+- ``llm``: forward pre-hooks on decoder layers >= K slice the sequence (`LLMStage`).
+
+Per-call state lives in a per-thread `Forward`, so concurrent forwards and generates on one pruned
+model give exactly their single-threaded results. Everything family-specific is asked of
+``self.spec`` (`FamilySpec`).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllm_adapters.engine.llm import LLMStage
+from mllm_adapters.engine.prompt import PromptSurgery
+from mllm_adapters.engine.spec import FamilySpec
+from mllm_adapters.engine.state import Forward
+from mllm_adapters.engine.views import MultiView
+from mllm_adapters.engine.vision import VisionLoop
+from mllm_adapters.handle import PruningHandle
+from pruners.base import Pruner, sample_generators
+
+
+class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
+    """Attach one pruner to a model of any registered family (see the module docstring)."""
+
+    def __init__(self, spec: FamilySpec, pruner: Pruner, handle: PruningHandle) -> None:
+        self.spec = spec
+        self.model = spec.model
+        self.pruner = pruner
+        self.handle = handle
+        self._hooks: list[Any] = []
+        self._local = threading.local()  # per-call state: one forward state per thread (`_fw`)
+        self._tile_pruners: dict[tuple, Pruner] = {}
+        self.tokenizer = None
+        spec.check_pruner(pruner)
+        self.info = spec.model_info()
+        pruner.attach(self.info)
+        self.positions = pruner.params.get("positions", "original")
+        if self.positions not in ("original", "compact"):
+            raise ValueError(f"positions must be 'original' or 'compact', got {self.positions!r}")
+        self._llm_layers = sorted(set(pruner.llm_layers())) if "llm" in pruner.stages else []
+        for k in self._llm_layers:
+            if not 1 <= k < self.info.llm_num_layers:
+                raise ValueError(
+                    f"layer K={k} for method {pruner.name!r} is outside this model's decoder layers; "
+                    f"accepted: 1..{self.info.llm_num_layers - 1} (layers before K see every token)"
+                )
+        self._vision_layers = sorted(set(pruner.vision_layers())) if "vision" in pruner.stages else []
+        for k in self._vision_layers:
+            if not 0 <= k <= self.info.vision_feature_layer:
+                raise ValueError(
+                    f"vision layer {k} for method {pruner.name!r} is outside 0..{self.info.vision_feature_layer} "
+                    "(the ViT layers up to the one the model feeds to the LLM)"
+                )
+        self._install()
+
+    @property
+    def family(self) -> str:
+        return self.spec.name
+
+    # ---- hook life cycle ------------------------------------------------------------------------
+    def _install(self) -> None:
+        self._hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
+        self.spec.prepare()
+        if self._llm_layers:
+            first = self._llm_layers[0]
+            for i, layer in enumerate(self.spec.decoder_layers()):
+                if i >= first:
+                    self._hooks.append(layer.register_forward_pre_hook(self._make_layer_hook(i), with_kwargs=True))
+            for i in set(self.pruner.llm_attention_layers()):
+                attn = self.spec.text_attention(i)
+                self._hooks.append(attn.module.register_forward_pre_hook(self._make_attn_capture(i), with_kwargs=True))
+                self._hooks.append(attn.k.register_forward_hook(self._make_key_capture(i)))
+            for i in set(self.pruner.llm_capture_layers()):
+                self._install_sublayer_capture(i)
+
+    def remove(self) -> None:
+        self.spec.restore()
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+        self._fw = Forward()
+
+    # ---- pruner calls (optionally FLOP-counted) -----------------------------------------------
+    def _call_pruner(self, fn, *args):
+        if not self.handle.count_overhead_flops:
+            return fn(*args)
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            out = fn(*args)
+        self.handle.overhead_flops += counter.get_total_flops()
+        return out
+
+    # ---- per-call state -------------------------------------------------------------------------
+    @property
+    def _fw(self) -> Forward:
+        """This thread's forward state (prefill bookkeeping, then decode steps of its generate()).
+
+        Kept per thread so two threads sharing one pruned model never see each other's positions,
+        masks or kept tokens: each gets exactly its single-threaded result."""
+        fw = getattr(self._local, "fw", None)
+        if fw is None:
+            fw = self._local.fw = Forward()
+        return fw
+
+    @_fw.setter
+    def _fw(self, value: Forward) -> None:
+        self._local.fw = value
+
+    def _start_forward(self, args: tuple, kwargs: dict) -> bool:
+        """Common start of the top-level hook: positional ``args`` moved into ``kwargs``; in cached
+        decoding the decode bookkeeping is done and False returned; on prefill a fresh forward state
+        and cleared handle info, and True."""
+        for name, value in zip(self.spec.forward_args, args):
+            kwargs[name] = value
+        past = kwargs.get("past_key_values")
+        if past is not None and past.get_seq_length() > 0:
+            if kwargs.get("pixel_values") is not None:
+                raise NotImplementedError("pruning an image into a non-empty KV cache is not supported")
+            self._fw.phase = "decode"
+            self._decode_step_inputs(kwargs)
+            return False
+        self._fw = Forward()
+        self.handle.overhead_flops = 0
+        self.handle.kept_by_layer = {}
+        self.handle.info = {}
+        return True
+
+    # ---- top-level hook: vision / pre-LLM stages and decode bookkeeping ------------------------
+    def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        args, prefill = (), self._start_forward(args, kwargs)
+        if not prefill:
+            return args, kwargs
+        fw = self._fw
+        pixel_values = kwargs.get("pixel_values")
+        input_ids = kwargs.get("input_ids")
+        if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
+            self.handle.kept_indices = []
+            fw.prompt_len = input_ids.shape[1] if input_ids is not None else 0
+            return args, kwargs
+        if input_ids is None:
+            raise ValueError("pruning needs input_ids (with image placeholder tokens), not inputs_embeds")
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        layouts = self.spec.image_layouts(kwargs, input_ids.shape[0])
+        starts = self._image_runs(input_ids, layouts)
+        if all(lay.is_single_view for lay in layouts):
+            self._uniform_prefill(kwargs, pixel_values, input_ids, attention_mask, starts)
+        else:
+            self._ragged_prefill(kwargs, pixel_values, input_ids, attention_mask, starts, layouts)
+        return args, kwargs
+
+    def _uniform_prefill(self, kwargs, pixel_values, input_ids, attention_mask, image_start) -> None:
+        """Every image is one full view of the same size: the batch goes through the ViT and the
+        pruner together, and every run keeps the same number of tokens."""
+        self._fw.generators = sample_generators(self.pruner.seed, pixel_values)
+        features, patch_index, merged, anchor, scores = self._vision_and_pre_llm(
+            pixel_values, input_ids, attention_mask, image_start
+        )
+        # [B, n, Dv] tokens for the LLM, in raster order (merged tokens interleaved by anchor or appended)
+        tokens, token_index, token_scores = self._assemble(features, patch_index, merged, anchor, scores)
+        self._shrink_uniform(kwargs, input_ids, attention_mask, image_start, tokens, token_index, token_scores)
+
+    def _ragged_prefill(self, kwargs, pixel_values, input_ids, attention_mask, starts, layouts) -> None:
+        """Images of several views, extra slots or different sizes: per-view pruning (`MultiView`),
+        then each run rewritten to a common width with inert slots (`PromptSurgery._rewrite_prompt`)."""
+        n_packed = [lay.n_packed for lay in layouts]
+        n_layers = self.info.llm_num_layers
+        if self.pruner.keeps_all:  # the model runs untouched
+            self.handle.kept_indices = [torch.arange(n, device=input_ids.device) for n in n_packed]
+            self.handle.token_counts = {
+                "visual_in": max(n_packed), "visual_in_per_sample": n_packed, "merged": 0,
+                "vision_tiles": [lay.n_tiles for lay in layouts],
+                # the untouched model projects every patch of every view (before unpadding)
+                "projector_per_sample": [lay.n_tiles * self._n2 for lay in layouts],
+                "llm_visual": [max(n_packed)] * n_layers, "llm_visual_per_sample": [[n] * n_layers for n in n_packed],
+            }
+            self._fw.prompt_len = input_ids.shape[1]
+            return
+        tiles = self.spec.views(pixel_values, layouts)  # [T, 3, S, S]
+        first_tile = [0]
+        for lay in layouts[:-1]:
+            first_tile.append(first_tile[-1] + lay.n_tiles)
+        if "vision" in self.pruner.stages:
+            per_image = self._views_vision_stage(tiles, first_tile, layouts)
+        else:
+            per_image = self._views_vision_and_pre_llm(tiles, first_tile, layouts, input_ids, attention_mask, starts)
+        self._rewrite_prompt(kwargs, input_ids, attention_mask, starts, layouts, per_image)

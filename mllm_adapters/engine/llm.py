@@ -1,0 +1,263 @@
+"""The LLM stage: pre-hooks on decoder layers >= K slice hidden states, position ids, RoPE cos/sin
+and the 4D mask (query and key dims) to the visual tokens an in-LLM pruner keeps, so the KV cache
+of those layers holds only kept tokens; in decoding the key dim of the mask is gathered to match each
+layer's cache. Attention rows for pruners are computed from the layer's own q/k projections.
+
+Kept tokens keep their original positions by default (``positions="original"``, as FastV does) or are
+renumbered contiguously (``positions="compact"``). Part of `Engine` (a mixin).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from mllm_adapters.engine.state import INERT, gather_seq
+from pruners.base import LLMLayerContext
+from pruners.ops import attention_rows
+
+
+class LLMStage:
+    """Decoder-layer hooks and attention rows."""
+
+    # ---- LLM stage --------------------------------------------------------------------------
+    def _make_attn_capture(self, i: int):
+        def hook(module, args, kwargs):
+            if self._fw.phase == "prefill":
+                hs = kwargs.get("hidden_states", args[0] if args else None)
+                self._fw.attn_inputs[i] = (hs, kwargs["position_embeddings"])
+
+        return hook
+
+    def _make_key_capture(self, i: int):
+        """Keep layer i's own key projection [B, L, Hkv*hd] (pre-RoPE) so scoring does not recompute it."""
+
+        def hook(module, args, output):
+            if self._fw.phase == "prefill":
+                self._fw.attn_keys[i] = output
+
+        return hook
+
+    def _install_sublayer_capture(self, i: int) -> None:
+        """Capture (input, output) of layer i's attention and MLP sub-layers at prefill (for TTV)."""
+        attn_module, mlp = self.spec.text_attention(i).module, self.spec.text_mlp(i)
+
+        def attn_hook(module, args, kwargs, output):
+            if self._fw.phase == "prefill":
+                cap = self._fw.captures.setdefault(i, {})
+                cap["attn_in"] = kwargs.get("hidden_states", args[0] if args else None)
+                cap["attn_out"] = output[0]
+
+        def mlp_hook(module, args, output):
+            if self._fw.phase == "prefill":
+                cap = self._fw.captures.setdefault(i, {})
+                cap["mlp_in"], cap["mlp_out"] = args[0], output
+
+        self._hooks.append(attn_module.register_forward_hook(attn_hook, with_kwargs=True))
+        self._hooks.append(mlp.register_forward_hook(mlp_hook))
+
+    def _llm_attention_rows(self, layer_idx: int, queries: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, Nv] head-mean attention of layer ``layer_idx`` from the chosen query rows to the visual tokens."""
+        fw = self._fw
+        if layer_idx in fw.attn_inputs:
+            x, (cos, sin) = fw.attn_inputs[layer_idx]
+            if x.shape[1] != hidden_states.shape[1]:
+                raise ValueError(f"attention inputs of layer {layer_idx} are from a different sequence length")
+        else:
+            raise ValueError(
+                f"method {self.pruner.name!r} asked for the attention of LLM layer {layer_idx} but declared "
+                f"llm_attention_layers()={sorted(self.pruner.llm_attention_layers())}"
+            )
+        return self._rows_from(layer_idx, x, cos, sin, queries, fw.attn_keys.get(layer_idx))
+
+    def _rows_from(self, layer_idx: int, x, cos, sin, queries: str, k_raw: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Nv] head-mean attention rows from layer input ``x`` (after its norm); ``k_raw`` is the
+        layer's own key projection of ``x`` when it was captured (else recomputed)."""
+        fw = self._fw
+        attn = self.spec.text_attention(layer_idx)
+        B, Lc, _ = x.shape
+        key_mask = self._current(fw.key_mask)
+        if queries == "last":
+            qpos = (torch.arange(Lc, device=x.device) * key_mask).argmax(1, keepdim=True)  # [B, 1]
+            qvalid = torch.ones_like(qpos, dtype=torch.bool)
+        elif queries == "instruction":
+            qpos = self._current_positions(fw.instruction_pos)
+            qvalid = qpos >= 0
+            qpos = qpos.clamp(min=0)
+        else:
+            raise ValueError(f"queries must be 'last' or 'instruction', got {queries!r}")
+        hd = attn.head_dim
+        xq = gather_seq(x, qpos)  # [B, Nq, D]
+        q = attn.q(xq).view(B, qpos.shape[1], -1, hd).transpose(1, 2)  # [B, Hq, Nq, hd]
+        if k_raw is None or k_raw.shape[:2] != x.shape[:2]:
+            k_raw = attn.k(x)
+        k = k_raw.view(B, Lc, -1, hd).transpose(1, 2)  # [B, Hkv, Lc, hd]
+        cos_b, sin_b = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
+        q, _ = self.spec.apply_rope(q, q, gather_seq(cos_b, qpos), gather_seq(sin_b, qpos))
+        k, _ = self.spec.apply_rope(k, k, cos_b, sin_b)
+        vis = fw.visual_pos
+        rows = attention_rows(
+            q, k, key_mask=key_mask, query_pos=qpos, key_start=vis[:, 0], key_len=vis.shape[1], scale=attn.scale
+        )  # [B, Nq, Nv]
+        w = qvalid.float()
+        return (rows * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
+
+    def _current(self, t: torch.Tensor) -> torch.Tensor:
+        """Restrict a [B, L] prompt tensor to the current (pruned) sequence."""
+        cols = self._fw.cur_cols
+        return t if cols is None else t.gather(1, cols)
+
+    def _current_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        """Map prompt positions [B, n] (-1 = none) to positions in the current sequence."""
+        cols = self._fw.cur_cols
+        if cols is None:
+            return pos
+        B, L = self._fw.key_mask.shape
+        inv = torch.full((B, L), -1, dtype=torch.long, device=pos.device)
+        inv.scatter_(1, cols, torch.arange(cols.shape[1], device=pos.device).expand(B, -1))
+        return torch.where(pos >= 0, inv.gather(1, pos.clamp(min=0)), pos)
+
+    def _make_layer_hook(self, i: int):
+        def hook(module, args, kwargs):
+            fw = self._fw
+            if fw.visual_pos is None or fw.visual_pos.shape[1] == 0:
+                return None
+            hs = args[0] if args else kwargs.pop("hidden_states")
+            rest = args[1:] if args else ()
+            if fw.phase == "prefill":
+                hs = self._prefill_layer(i, hs, kwargs)
+            else:
+                self._decode_layer(i, kwargs)
+            return (hs, *rest), kwargs
+
+        return hook
+
+    def _prefill_layer(self, i: int, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        fw, pruner = self._fw, self.pruner
+        if fw.key_mask is None:  # no image went through the top-level hook
+            return hs
+        if i == self._llm_layers[0] and not fw.full_kwargs:
+            fw.full_kwargs = {"attention_mask": kwargs.get("attention_mask"),
+                         "position_ids": kwargs.get("position_ids"),
+                         "position_embeddings": kwargs.get("position_embeddings")}
+        if i in self._llm_layers and not pruner.keeps_all:
+            ctx = LLMLayerContext(
+                layer=i,
+                hidden_states=hs,
+                visual_pos=fw.visual_pos,
+                visual_index=fw.visual_index,
+                key_mask=self._current(fw.key_mask),
+                instruction_pos=self._current_positions(fw.instruction_pos),
+                info=self.info,
+                state=fw.pruner_state,
+                attention_rows=lambda layer, queries="last", h=hs: self._llm_attention_rows(layer, queries, h),
+                generators=fw.generators,
+                layer_rows=lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries),
+                captures=fw.captures,
+                token_scores=fw.visual_scores,
+            )
+            keep = self._call_pruner(pruner.prune_llm, ctx).sort(dim=1).values  # [B, k] into visual tokens
+            B, Lc = hs.shape[:2]
+            vis = fw.visual_pos
+            nv, k = vis.shape[1], keep.shape[1]
+            ar = torch.arange(Lc, device=hs.device).expand(B, Lc)
+            drop = torch.ones(B, nv, dtype=torch.bool, device=hs.device)
+            drop.scatter_(1, keep, False)
+            drop_full = torch.zeros(B, Lc, dtype=torch.bool, device=hs.device)
+            drop_full.scatter_(1, vis, drop)
+            local = ar[~drop_full].view(B, Lc - (nv - k))  # [B, Lc'] positions kept in the current sequence
+            hs = gather_seq(hs, local)
+            base = fw.cur_cols if fw.cur_cols is not None else torch.arange(fw.prompt_len, device=hs.device).expand(B, -1)
+            fw.cur_cols = base.gather(1, local)
+            fw.visual_index = fw.visual_index.gather(1, keep)
+            if fw.visual_scores is not None:
+                fw.visual_scores = fw.visual_scores.gather(1, keep)
+            fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
+            fw.cur_kwargs = None
+            idx = fw.visual_index
+            self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in range(B)]
+            self.handle.kept_by_layer[i] = list(self.handle.kept_indices)
+            counts = self.handle.token_counts
+            llm_visual = counts.setdefault("llm_visual", [nv] * self.info.llm_num_layers)
+            ragged = fw.src_cols is not None  # inert slots are not tokens: count each sample's real ones
+            real = [int((row != INERT).sum()) for row in idx] if ragged else None
+            for j in range(i, self.info.llm_num_layers):
+                llm_visual[j] = max(real) if ragged else k
+                if ragged:
+                    counts["llm_visual_width"][j] = k
+                    for b, n in enumerate(real):
+                        counts["llm_visual_per_sample"][b][j] = n
+        if fw.cur_cols is not None:
+            fw.layer_cols[i] = fw.cur_cols
+            if fw.cur_kwargs is None:
+                fw.cur_kwargs = self._slice_prefill_kwargs()
+            kwargs.update(fw.cur_kwargs)
+        return hs
+
+    def _rows_next(self, i: int, hs: torch.Tensor, queries: str) -> torch.Tensor:
+        """Attention rows of layer i itself, computed from its input (its norm, q/k projections, RoPE)."""
+        x = self.spec.text_attention(i).norm(hs)
+        fw = self._fw
+        # cur_kwargs is always computed by the time a later layer runs with cur_cols set
+        current = fw.cur_kwargs if fw.cur_cols is not None else fw.full_kwargs
+        cos, sin = current["position_embeddings"]
+        return self._rows_from(i, x, cos, sin, queries)
+
+    def _compact_positions(self, cols: torch.Tensor, orig_pos: torch.Tensor) -> torch.Tensor:
+        """Renumber kept prompt columns contiguously: original position minus dropped columns before it."""
+        B, L = self._fw.key_mask.shape
+        kept = torch.zeros(B, L, dtype=torch.long, device=cols.device)
+        kept.scatter_(1, cols, 1)
+        dropped = 1 - kept  # [B, L]
+        adv = self._advancing()
+        if adv is not None:
+            dropped = dropped * adv.long()
+        dropped_before = dropped.cumsum(1)
+        return orig_pos.expand(B, -1).gather(1, cols) - dropped_before.gather(1, cols)
+
+    def _slice_prefill_kwargs(self) -> dict:
+        fw, cols = self._fw, self._fw.cur_cols
+        src = fw.full_kwargs
+        out: dict[str, Any] = {}
+        mask = src.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            out["attention_mask"] = gather_seq(gather_seq(mask, cols, dim=2), cols, dim=3)
+        pos = src.get("position_ids")
+        if pos is None:
+            pos = torch.arange(fw.prompt_len, device=cols.device)[None, :]
+        if self.positions == "compact":
+            new_pos = self._compact_positions(cols, pos)
+            out["position_ids"] = new_pos
+            hs_dummy = src["position_embeddings"][0]
+            out["position_embeddings"] = self.spec.rotary(hs_dummy, new_pos)
+        else:
+            out["position_ids"] = gather_seq(pos, cols)
+            cos, sin = src["position_embeddings"]
+            out["position_embeddings"] = (gather_seq(cos, cols), gather_seq(sin, cols))
+        return out
+
+    def _decode_layer(self, i: int, kwargs: dict) -> None:
+        fw = self._fw
+        cols = fw.layer_cols.get(i)
+        if cols is None:
+            return
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            total = mask.shape[-1]
+            B = cols.shape[0]
+            new = torch.arange(fw.prompt_len, total, device=mask.device).expand(B, -1)
+            key_cols = torch.cat([cols, new], dim=1)
+            kwargs["attention_mask"] = gather_seq(mask, key_cols, dim=3)
+        if self.positions == "compact":
+            adv = self._advancing()
+            if adv is None:
+                shift = fw.prompt_len - cols.shape[1]
+            else:  # [B, 1] dropped columns that advanced the position count
+                shift = (adv.sum(1) - adv.gather(1, cols).sum(1))[:, None]
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                raise ValueError("positions='compact' needs position_ids during decoding")
+            new_pos = pos - shift
+            kwargs["position_ids"] = new_pos
+            kwargs["position_embeddings"] = self.spec.rotary(kwargs["position_embeddings"][0], new_pos)

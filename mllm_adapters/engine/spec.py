@@ -1,0 +1,187 @@
+"""What a model family tells the engine: `FamilySpec`, the only code that knows Hugging Face internals.
+
+The engine (`mllm_adapters.engine`) owns every hook, the vision-block loop, prompt surgery and the
+LLM stage; it reaches the model only through a spec instance bound to that model. A family is one
+module in `mllm_adapters/families/` with one ``@register_family`` subclass of `FamilySpec` answering
+the questions below (module paths of vision blocks and their q/k/v, projector, decoder layers, final
+norm; how an image's views map to the prompt; how queries and keys get their positions).
+
+Config-level questions (``max_visual_tokens``, ``layout_for``, ...) are classmethods taking the
+model config, so `benchmarks/` can ask them before any weights load.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from mllm_adapters.engine.layout import ImageLayout
+from pruners.base import ModelInfo, Pruner
+
+
+@dataclass(frozen=True)
+class AttentionParts:
+    """The pieces of one attention block the engine recomputes scores from (q/k/v projections).
+
+    norm:     the norm applied to the block input before the projections.
+    q, k, v:  the projection modules (v may be None where only scores are needed); each maps
+              [B, T, D] to [B, T, heads * head_dim].
+    head_dim: per-head width; scale: the softmax scale the block uses.
+    module:   the attention module itself (its forward hooks capture inputs during prefill).
+    """
+
+    norm: Callable[[torch.Tensor], torch.Tensor]
+    q: nn.Module
+    k: nn.Module
+    v: nn.Module | None
+    head_dim: int
+    scale: float
+    module: nn.Module
+
+
+class FamilySpec:
+    """One model family, bound to one model instance (subclass per family, ``@register_family``)."""
+
+    name: ClassVar[str] = ""
+    #: transformers model classes this family serves
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    #: `mllm_adapters.tiny` functions building this family's tiny model and its config (no download)
+    tiny_builders: ClassVar[tuple[str, str]] = ("", "")
+    #: positional order of the model class's ``forward`` (a pre-hook receiving args maps them by it)
+    forward_args: ClassVar[tuple[str, ...]] = ("input_ids", "pixel_values", "attention_mask", "position_ids",
+                                               "past_key_values")
+    #: True when an image may have several views (tiles): per-view pruning, ragged runs
+    multi_view: ClassVar[bool] = False
+    #: True when an image's token count depends on its size (budgets are checked against the maximum)
+    size_dependent: ClassVar[bool] = False
+    #: ``config.model_type`` values of this family's configs (how `benchmarks/` finds the spec of a config)
+    model_types: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.config = model.config
+
+    # ---- tiny models (what the conformance suite runs every pruner on) --------------------------
+    @classmethod
+    def build_tiny(cls, **kwargs: Any) -> tuple[Any, Any]:
+        """A tiny random model of this family built from config, and its processor (`mllm_adapters.tiny`)."""
+        from mllm_adapters import tiny
+
+        return getattr(tiny, cls.tiny_builders[0])(**kwargs)
+
+    @classmethod
+    def tiny_config(cls, **kwargs: Any) -> Any:
+        """The config `build_tiny` builds (same keyword arguments but seed/attention), without weights."""
+        from mllm_adapters import tiny
+
+        return getattr(tiny, cls.tiny_builders[1])(tiny.TINY_VOCAB, **kwargs)
+
+    # ---- config-level facts (no weights needed) ---------------------------------------------------
+    @classmethod
+    def max_visual_tokens(cls, config: Any) -> int:
+        """Largest number of visual tokens one image reaches the LLM with, unpruned."""
+        raise NotImplementedError
+
+    @classmethod
+    def layout_for(cls, config: Any, image_size: tuple[int, int] | None) -> ImageLayout:
+        """The `ImageLayout` of an image of ``image_size`` = (height, width) px as the processor reports it."""
+        raise NotImplementedError
+
+    @classmethod
+    def view_grid(cls, config: Any) -> tuple[int, int]:
+        """The patch grid (rows, cols) of one view, one ViT input."""
+        raise NotImplementedError
+
+    @classmethod
+    def recall_cover(cls, config: Any, image_size: tuple[int, int] | None) -> tuple[tuple[int, int], torch.Tensor | None]:
+        """(grid over the whole image to ask a task's relevant patches on, and per grid cell the run
+        positions covering it [G, c] (-1 = none), or None when cell i is token i); see
+        `benchmarks.metrics.relevant_recall`. Default: one view's grid, cell i = token i."""
+        return cls.view_grid(config), None
+
+    # ---- model facts --------------------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        """What pruners may know about the model (validates that the model is one the spec handles)."""
+        raise NotImplementedError
+
+    def check_pruner(self, pruner: Pruner) -> None:
+        """Refuse, with a ValueError naming what is supported, a method this family cannot run."""
+
+    # ---- vision side -----------------------------------------------------------------------------------
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[V, n_cls + side**2, Dv] ViT input sequences of views [V, 3, S, S] (embeddings, pre-norm)."""
+        raise NotImplementedError
+
+    def run_vision_block(self, i: int, hs: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """ViT block ``i`` on ``hs`` [V, T, Dv] with an additive key mask [V, 1, 1, T] (or None)."""
+        raise NotImplementedError
+
+    def vision_attention(self, i: int) -> AttentionParts:
+        raise NotImplementedError
+
+    def vision_post_norm(self) -> nn.Module | None:
+        """The norm the tower applies after its last block (CLIP's post_layernorm), or None."""
+        return None
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[.., n, Dt] LLM-space tokens of vision features [.., n, Dv] (the projector)."""
+        raise NotImplementedError
+
+    # ---- prompt ------------------------------------------------------------------------------------------
+    @property
+    def image_token_id(self) -> int:
+        return int(self.config.image_token_id)
+
+    def pad_token_id(self) -> int:
+        """A token id for inert slots and added padding (masked out; never the image placeholder)."""
+        pad_id = getattr(self.config.text_config, "pad_token_id", None)
+        if pad_id is None or pad_id == self.image_token_id:
+            pad_id = 0 if self.image_token_id != 0 else 1
+        return int(pad_id)
+
+    def image_layouts(self, kwargs: dict[str, Any], batch: int) -> list[ImageLayout]:
+        """Per sample of the forward's ``kwargs``, its image's layout."""
+        raise NotImplementedError
+
+    def views(self, pixel_values: torch.Tensor, layouts: Sequence[ImageLayout]) -> torch.Tensor:
+        """[V, 3, S, S] every view of the batch, image by image, in layout order."""
+        return pixel_values
+
+    def extra_slot_embedding(self) -> torch.Tensor | None:
+        """[Dt] the LLM-space vector of a layout's extra slots (LLaVA-NeXT's image_newline), or None."""
+        return None
+
+    def feed_features(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
+        """Hand the (pruned) visual tokens, one [n_b, Dt] tensor per image, to the model's forward."""
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Called once when attached (e.g. make generate() let the pixels reach the forward pass)."""
+
+    def restore(self) -> None:
+        """Undo `prepare` exactly."""
+
+    # ---- LLM side -------------------------------------------------------------------------------------------
+    def decoder_layers(self) -> Sequence[nn.Module]:
+        raise NotImplementedError
+
+    def text_attention(self, i: int) -> AttentionParts:
+        raise NotImplementedError
+
+    def text_mlp(self, i: int) -> nn.Module:
+        raise NotImplementedError
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(cos, sin) RoPE tables for ``position_ids`` (as the decoder layers receive them)."""
+        raise NotImplementedError
+
+    def apply_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Model families: one module each, one ``@register_family`` `FamilySpec` subclass per module."""
