@@ -13,14 +13,13 @@ layer. The counts below cover every matmul that FlopCounterMode sees in an eager
   values and the two MLP matrices; layers that an in-ViT pruner shrinks count their actual tokens.
 - Projector: two linear layers on the visual tokens that reach the LLM.
 
-Anyres models (LLaVA-NeXT, ``mllm_adapters/families/llava_next.py``) run the ViT once per tile (base tile plus
-crops) and their visual-token count depends on the image's size, so their counts are per sample
-(`sample_counts` picks one sample's out of a batch handle's ``token_counts``): the vision part is
-``vision_tiles`` times one tile's encoder (with a vision-stage pruner such as FlowCut, the sum over
-the tiles that ran of each tile's own encoder counts, ``vision_per_tile``), the projector runs on
-``projector`` tokens (the untouched model projects every patch of every tile, before unpadding), and
-the LLM on the sample's own visual tokens. Inert slots the adapter adds to align ragged runs in a
-batch, and the padding of shorter tiles in the ViT, are not counted, like batch padding.
+Counts are per sample (`mllm_adapters.handle.TokenCounts`, ``handle.token_counts[b]``): images of
+several views (LLaVA-NeXT's anyres tiles, ``mllm_adapters/families/llava_next.py``) run the ViT once
+per view that ran, each on its own counts (``vision``; the untouched model runs ``views`` full views),
+the projector runs on ``projector`` tokens (the untouched model projects every patch of every view,
+before unpadding), and the LLM on the sample's own visual tokens. Inert slots the engine adds to align
+ragged runs in a batch, and the padding of shorter views in the ViT, are not counted, like batch
+padding. One view's patch count comes from the family spec (`view_patches`).
 
 Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
 ``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
@@ -33,6 +32,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from mllm_adapters.handle import TokenCounts
 
 CONVENTIONS = ("real", "fastv", "sparsevlm")
 
@@ -149,33 +150,25 @@ class PrefillFlops:
         return {**asdict(self), "total": self.total}
 
 
-def prefill_flops(
-    config: Any, n_text: int, token_counts: dict[str, Any] | None = None, overhead: int = 0
-) -> PrefillFlops:
+def prefill_flops(config: Any, n_text: int, counts: TokenCounts | None = None, overhead: int = 0) -> PrefillFlops:
     """Prefill FLOPs of one sample with ``n_text`` non-image prompt tokens.
 
-    ``token_counts`` holds this sample's counts (a LLaVA-1.5 handle's ``token_counts`` as they are, or
-    `sample_counts` of a batch): ``"vision"``: tokens entering each ViT layer that ran (``None``: every
-    layer on the full tile), ``"llm_visual"``: visual tokens entering each decoder layer,
-    ``"vision_tiles"``: ViT passes (tiles) of the image (default 1), ``"vision_per_tile"``: per tile that
-    ran, the tokens entering each of its ViT layers (LLaVA-NeXT with a vision-stage pruner; replaces
-    ``vision`` and ``vision_tiles`` for the vision part), ``"projector"``: tokens entering the projector
-    (default ``llm_visual[0]``). ``None`` means the unpruned, unhooked LLaVA-1.5 model.
+    ``counts`` is this sample's `TokenCounts` (``handle.token_counts[b]``): ``vision``: per view that
+    ran, the tokens entering each of its ViT layers (``None``: every layer on each of ``views`` full
+    views), ``llm_visual``: visual tokens entering each decoder layer, ``projector``: tokens entering
+    the projector (default ``llm_visual[0]``). ``None`` means the unpruned, unhooked single-view model.
     ``overhead`` is the pruner's own FLOPs for this sample.
     """
     n_layers = int(config.text_config.num_hidden_layers)
     n_vis_all = view_patches(config)
-    counts = token_counts or {}
-    vision_layers = counts.get("vision")
-    llm_visual = counts.get("llm_visual") or [n_vis_all] * n_layers
+    counts = counts or TokenCounts()
+    llm_visual = counts.llm_visual or [n_vis_all] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
-    tiles = int(counts.get("vision_tiles") or 1)
-    per_tile = counts.get("vision_per_tile")
-    if per_tile is not None:  # tiles pruned inside the ViT: each tile that ran on its own counts
-        vision = sum(vision_flops(config.vision_config, layers, n_vis_all) for layers in per_tile)
+    if counts.vision is not None:  # the views that ran, each on its own counts
+        vision = sum(vision_flops(config.vision_config, layers, n_vis_all) for layers in counts.vision)
     else:
-        vision = tiles * vision_flops(config.vision_config, vision_layers, n_vis_all)
-    n_proj = counts.get("projector")
+        vision = int(counts.views) * vision_flops(config.vision_config, None, n_vis_all)
+    n_proj = counts.projector
     return PrefillFlops(
         vision=vision,
         projector=projector_flops(config, int(llm_visual[0] if n_proj is None else n_proj)),
@@ -184,54 +177,20 @@ def prefill_flops(
     )
 
 
-#: ``token_counts`` entries holding one value per sample of the batch, and the per-sample key each becomes.
-PER_SAMPLE_KEYS = {
-    "vision_per_sample": "vision",
-    "llm_visual_per_sample": "llm_visual",
-    "visual_in_per_sample": "visual_in",
-    "projector_per_sample": "projector",
-    "vision_per_tile_per_sample": "vision_per_tile",
-}
-
-
-def sample_counts(token_counts: dict[str, Any] | None, b: int) -> dict[str, Any]:
-    """Sample ``b``'s own counts out of a batch handle's ``token_counts``.
-
-    Every ``<key>_per_sample`` list (`PER_SAMPLE_KEYS`) replaces ``<key>`` by its entry ``b`` (the batch
-    entries are maxima or padded widths), and ``vision_tiles`` (LLaVA-NeXT: one tile count per image)
-    becomes this image's count. Counts of a batch whose samples all share them come back unchanged.
-    """
-    counts = dict(token_counts or {})
-    for many, one in PER_SAMPLE_KEYS.items():
-        if counts.get(many) is not None:
-            counts[one] = counts.pop(many)[b]
-    tiles = counts.get("vision_tiles")
-    if isinstance(tiles, (list, tuple)):
-        counts["vision_tiles"] = int(tiles[b])
-    return counts
-
-
-def reference_counts(config: Any, counts: dict[str, Any]) -> dict[str, Any] | None:
-    """Counts of the same sample through the unpruned model, from its pruned ``counts`` (one sample's).
-
-    LLaVA-1.5 (no ``vision_tiles``): the ViT layers that ran, each on the full sequence (the adapter
-    runs the tower up to the feature layer whether it prunes or not); ``None`` without vision counts.
-    Anyres (``vision_tiles`` present): what the untouched LLaVA-NeXT model runs, which is also what its
-    ``budget=None`` cell counts: every ViT layer on every tile, the projector on every tile's patches,
-    the LLM on the image's whole packed run (``visual_in``: base tile + unpadded canvas + newlines).
-    """
-    if counts.get("vision_tiles") is None:
-        vision = counts.get("vision")
-        return {"vision": [vision[0]] * len(vision)} if vision else None
-    tiles = int(counts["vision_tiles"])
+def reference_counts(config: Any, counts: TokenCounts) -> TokenCounts:
+    """Counts of the same sample through the unpruned model, from its pruned ``counts``: what its
+    keep-all (``budget=None``) cell counts. The ViT as the keep-all run ran it (``reference_vision``;
+    None: every layer on every view, the untouched model), the projector on every patch of every view,
+    the LLM on the image's whole run (``visual_in``)."""
     n_layers = int(config.text_config.num_hidden_layers)
-    return {"vision_tiles": tiles, "projector": tiles * view_patches(config),
-            "llm_visual": [int(counts["visual_in"])] * n_layers}
+    n_in = int(counts.visual_in if counts.visual_in is not None else view_patches(config))
+    return TokenCounts(visual_in=n_in, llm_visual=[n_in] * n_layers, vision=counts.reference_vision,
+                       views=counts.views, projector=counts.views * view_patches(config))
 
 
-def equiv_tokens(token_counts: dict[str, Any] | None, n_layers: int, n_visual: int) -> float:
+def equiv_tokens(counts: TokenCounts | None, n_layers: int, n_visual: int) -> float:
     """Visual tokens averaged over the LLM's layers: sum_l n_vis(l) / L."""
-    llm_visual = (token_counts or {}).get("llm_visual") or [n_visual] * n_layers
+    llm_visual = (counts.llm_visual if counts is not None else None) or [n_visual] * n_layers
     return sum(llm_visual) / len(llm_visual)
 
 
@@ -239,7 +198,7 @@ def equiv_tokens(token_counts: dict[str, Any] | None, n_layers: int, n_visual: i
 class SampleCost:
     """One sample's compute figures, from its own token counts (what the runner reports per row)."""
 
-    counts: dict[str, Any]  # the sample's own counts (`sample_counts`)
+    counts: TokenCounts  # the sample's own counts
     flops: PrefillFlops  # its prefill FLOPs as pruned (plus the given pruner overhead)
     reference: int  # total prefill FLOPs of the same sample through the unpruned model (`reference_counts`)
     visual_in: int  # its visual tokens reaching the LLM unpruned
@@ -247,16 +206,15 @@ class SampleCost:
 
 
 def sample_cost(
-    config: Any, n_text: int, token_counts: dict[str, Any] | None, b: int = 0, n_visual: int | None = None,
-    overhead: int = 0,
+    config: Any, n_text: int, counts: TokenCounts | None, n_visual: int | None = None, overhead: int = 0,
 ) -> SampleCost:
-    """Sample ``b``'s figures out of a (batch) handle's ``token_counts``, with ``n_text`` non-image prompt
-    tokens. ``n_visual``: its unpruned visual tokens when the counts do not say (``visual_in``); default
-    one tile's patch grid (LLaVA-1.5's fixed count)."""
-    counts = sample_counts(token_counts, b)
+    """One sample's figures from its `TokenCounts` (``handle.token_counts[b]``), with ``n_text`` non-image
+    prompt tokens. ``n_visual``: its unpruned visual tokens when the counts do not say (``visual_in``);
+    default one view's patch grid."""
+    counts = counts or TokenCounts()
     if n_visual is None:
         n_visual = view_patches(config)
-    n_in = int(counts.get("visual_in") or n_visual)
+    n_in = int(counts.visual_in or n_visual)
     n_layers = int(config.text_config.num_hidden_layers)
     return SampleCost(
         counts=counts,

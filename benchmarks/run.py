@@ -276,7 +276,7 @@ def run_cell(
                 out = model.generate(**enc, max_new_tokens=int(task.max_new_tokens), do_sample=False)
             new = out[:, enc["input_ids"].shape[1] :]
             preds = tok.batch_decode(new, skip_special_tokens=True)
-            counts = dict(handle.token_counts)
+            counts = list(handle.token_counts)  # [B] TokenCounts
             kept = list(handle.kept_indices)
             kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
             overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
@@ -284,7 +284,8 @@ def run_cell(
             for b, (s, pred) in enumerate(zip(batch, preds)):
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
                 # This sample's own counts (ragged in-ViT pruning, LLaVA-NeXT's image-dependent runs).
-                c = sample_cost(cfg_model, n_text, counts, b, lm.num_visual_tokens, overhead=overhead)
+                c = sample_cost(cfg_model, n_text, counts[b] if b < len(counts) else None, lm.num_visual_tokens,
+                                overhead=overhead)
                 f, n_in, e = c.flops, c.visual_in, c.equiv_tokens
                 for k, v in f.as_dict().items():
                     flops_parts[k] += v
@@ -295,7 +296,7 @@ def run_cell(
                 rec = relevant_recall(k_b, list(s.relevant_patches(grid_b)), cover_b)
                 visual_in.append(n_in)
                 equiv.append(e)
-                for i, v in enumerate(c.counts.get("llm_visual") or [n_in] * n_layers):
+                for i, v in enumerate(c.counts.llm_visual or [n_in] * n_layers):
                     layer_sum[i] += v
                 row = {
                     "id": s.id, "family": s.family, "question": s.question, "answer": s.answer,

@@ -75,6 +75,7 @@ from typing import Any
 import torch
 
 from benchmarks.method_configs import register_method_configs
+from mllm_adapters.handle import TokenCounts
 
 log = logging.getLogger("prunebench.tune")
 
@@ -183,16 +184,15 @@ def objective(calib: Calibration, method: str, budget: int | None, params: dict[
 
 
 def reference_vision_counts(info: Any) -> list[int]:
-    """Tokens entering each ViT layer the adapter runs when the vision stage does not prune."""
+    """Tokens entering each ViT layer the engine runs when the vision stage does not prune."""
     return [info.num_visual_tokens + int(info.has_cls)] * (info.vision_feature_layer + 1)
 
 
 def token_counts(calib: Calibration, method: str, budget: int, params: dict[str, Any], seed: int = 0
-                 ) -> list[dict[str, Any]] | None:
-    """Per-layer token counts of ``method`` at ``budget`` ({"vision", "llm_visual", ...}), one sample's
+                 ) -> list[TokenCounts] | None:
+    """Per-layer token counts of ``method`` at ``budget`` (`TokenCounts`), one sample's
     per `Calibration.probes` entry, or None if the pruner rejects the combination (ValueError). Pure
     when the pruner is a ``ProgressiveSchedule`` and the model is not anyres."""
-    from benchmarks.flops import sample_counts
     from mllm_adapters import apply_pruner
     from pruners import get_pruner_class
     from pruners._schedule import ProgressiveSchedule
@@ -206,19 +206,21 @@ def token_counts(calib: Calibration, method: str, budget: int, params: dict[str,
     from benchmarks.models import size_dependent
 
     if isinstance(pruner, ProgressiveSchedule) and not size_dependent(calib.model.config):
-        return [{"vision": reference_vision_counts(calib.info), "llm_visual": pruner.token_schedule()}] * len(calib.probes)
+        vision = reference_vision_counts(calib.info)
+        return [TokenCounts(visual_in=calib.info.num_visual_tokens, vision=[vision], reference_vision=[vision],
+                            llm_visual=list(pruner.token_schedule()))] * len(calib.probes)
     out = []
     try:
         with apply_pruner(calib.model, method, budget=budget, seed=seed, **params) as h, torch.inference_mode():
             for enc, _ in calib.probes:
                 calib.model(**enc, use_cache=False, logits_to_keep=1)
-                out.append(sample_counts(h.token_counts, 0))
+                out.append(h.token_counts[0])
     except ValueError:
         return None
     return out
 
 
-def cost(calib: Calibration, counts: dict[str, Any] | list[dict[str, Any]], kind: str) -> float:
+def cost(calib: Calibration, counts: TokenCounts | list[TokenCounts], kind: str) -> float:
     """``equiv_tokens`` or ``flops_rel`` (vision + projector + LLM prefill vs the same samples unpruned)
     of ``counts``: one sample's (or a handle's, read for its sample 0), or a list aligned with
     `Calibration.probes` (their weighted mean; FLOPs as a ratio of the weighted sums, as the runner's
@@ -227,7 +229,7 @@ def cost(calib: Calibration, counts: dict[str, Any] | list[dict[str, Any]], kind
 
     many = isinstance(counts, (list, tuple))
     weights = [w for _, w in calib.probes] if many else [1.0]
-    per = [sample_cost(calib.model.config, round(calib.n_text), c, 0, calib.info.num_visual_tokens)
+    per = [sample_cost(calib.model.config, round(calib.n_text), c, calib.info.num_visual_tokens)
            for c in (counts if many else [counts])]
     if len(per) != len(weights):
         raise ValueError(f"{len(per)} token counts for {len(weights)} calibration probes")

@@ -4,9 +4,63 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from pruners.base import Pruner
+
+
+@dataclass
+class TokenCounts:
+    """One sample's token counts in the last prefill: what its FLOPs and the runner's figures are computed from.
+
+    visual_in:  visual tokens its image reaches the LLM with unpruned (its whole run, extra slots included).
+    llm_visual: its visual tokens entering each decoder layer (inert slots excluded); None: ``visual_in``
+                in every layer.
+    vision:     per view (ViT pass) that ran, the tokens entering each of its ViT layers, CLS included;
+                None when the tower ran untouched (every layer on every one of ``views`` views).
+    views:      ViT passes the unpruned model runs for the image (LLaVA-1.5: 1; LLaVA-NeXT: its tiles).
+    projector:  tokens entering the projector (None: ``llm_visual[0]``).
+    merged:     merged tokens (no grid index) among those reaching the LLM.
+    reference_vision: ``vision`` of the same sample in the keep-all run (what its unpruned cost counts);
+                None when that run leaves the tower untouched.
+    """
+
+    visual_in: int | None = None
+    llm_visual: list[int] | None = None
+    vision: list[list[int]] | None = None
+    views: int = 1
+    projector: int | None = None
+    merged: int = 0
+    reference_vision: list[list[int]] | None = None
+
+    @classmethod
+    def total(cls, images: list[TokenCounts], n_layers: int) -> TokenCounts:
+        """A sample's counts from those of its images (one image: its counts unchanged; none: zeros)."""
+        if len(images) == 1:
+            return images[0]
+
+        def views(field: str) -> list[list[int]] | None:
+            parts = [getattr(c, field) for c in images]
+            return None if any(p is None for p in parts) else [v for p in parts for v in p]
+
+        return cls(
+            visual_in=sum(int(c.visual_in or 0) for c in images),
+            llm_visual=[sum(c.llm_visual[i] for c in images) for i in range(n_layers)],
+            vision=views("vision"), views=sum(c.views for c in images),
+            projector=sum(int(c.projector or 0) for c in images), merged=sum(c.merged for c in images),
+            reference_vision=views("reference_vision"),
+        )
+
+
+@dataclass
+class BatchCounts:
+    """What the whole batch computed in the last prefill, padding included (ragged samples are padded
+    to a common width): tokens per ViT row entering each ViT layer, and the visual width entering
+    each decoder layer. None where the model ran untouched."""
+
+    vision_width: list[int] | None = None
+    llm_visual_width: list[int] | None = None
 
 
 class _PerThread:
@@ -44,20 +98,20 @@ class PruningHandle:
     kept_by_layer: after each prefill of an in-LLM method, {decoder layer K: per sample the kept
                    indices (as in kept_indices) of the visual tokens entering layer K}, one entry per
                    pruning layer; empty for methods that prune only before the LLM.
-    token_counts:  {"visual_in": N, "vision": [tokens entering each ViT layer run, CLS included],
-                    "llm_visual": [visual tokens entering each LLM decoder layer],
-                    "merged": number of merged (non-grid) tokens reaching the LLM}.
+    token_counts:  per sample a `TokenCounts` (batch order): its own ViT, projector and decoder-layer counts.
+    batch_counts:  a `BatchCounts`: the padded widths the batch actually computed.
     overhead_flops: FLOPs spent inside the pruner's own code (scoring, selection, merging) in the last
                    prefill, counted by torch.utils.flop_counter when ``count_overhead_flops`` is True.
     info:          facts the pruner reported (e.g. which text encoder a text-guided method used).
 
-    These five describe the calling thread's last prefill (one value per thread, `_PerThread`), so
+    These six describe the calling thread's last prefill (one value per thread, `_PerThread`), so
     concurrent forwards on one pruned model each see their own.
     """
 
     kept_indices = _PerThread(list)
     kept_by_layer = _PerThread(dict)
-    token_counts = _PerThread(dict)
+    token_counts = _PerThread(list)
+    batch_counts = _PerThread(BatchCounts)
     overhead_flops = _PerThread(int)
     info = _PerThread(dict)
 

@@ -45,6 +45,10 @@ class ModelInfo:
     #: the folder (or hub id) the model was loaded from, for methods that ship an extra tower beside
     #: the checkpoint (recoverable's CLIP text tower in ``<checkpoint_dir>/text_tower``); None if unknown
     checkpoint_dir: str | None = None
+    #: the per-channel mean/std the model's image processor normalised ``pixel_values`` with
+    #: ((x - mean) / std, x in [0, 1]; R, G, B); None if unknown
+    pixel_mean: tuple[float, ...] | None = None
+    pixel_std: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -271,6 +275,20 @@ class VisionLayerContext:
     patch_mask: torch.Tensor | None = None
 
 
+@dataclass(frozen=True)
+class TextPatchSimilarity:
+    """What ``PreLLMContext.text_patch_similarity`` returns when it found a CLIP text tower.
+
+    folder:     the text tower folder used.
+    similarity: [B, N] cosine between each patch feature (vision post-norm, CLIP visual projection)
+                and its sample's question text (text tower embedding), or None when the question text
+                was unavailable (no tokenizer given to the adapter).
+    """
+
+    folder: str
+    similarity: torch.Tensor | None
+
+
 @dataclass
 class PreLLMContext:
     """Handed to ``prune_pre_llm``.
@@ -286,6 +304,13 @@ class PreLLMContext:
     text_embeddings(): [B, L, Dt] the LLM's input embeddings of the prompt.
     question_texts(): list of the prompt text after the image per sample (needs a tokenizer), or None.
     state:        dict that lives for one forward pass, shared by every stage of the pruner.
+    text_patch_similarity(folder, prepare=None): a CLIP text tower's similarity between ``features`` and
+                  each sample's question (`TextPatchSimilarity`: the folder used and the [B, N] cosine,
+                  None without question text), or None when there is no tower. ``folder`` is the
+                  method's text-tower parameter: a folder (ValueError unless it holds the tower's
+                  ``config.json`` and ``visual_projection.safetensors``) or None (auto: the
+                  checkpoint's ``text_tower/`` if present); ``prepare`` maps each question text to the
+                  text embedded (e.g. its first line). None on contexts without the service.
     """
 
     features: torch.Tensor
@@ -306,6 +331,8 @@ class PreLLMContext:
     #: the vision encoder's final norm (CLIP's post_layernorm) as a function of features, or None when
     #: it has none: what projects patch features into the CLIP joint space with the text tower
     vision_post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: the CLIP text tower service (see the docstring); None when the engine offers none
+    text_patch_similarity: Callable[..., TextPatchSimilarity | None] | None = None
 
 
 @dataclass

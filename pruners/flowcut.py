@@ -17,14 +17,14 @@ feeds the LLM, 22 of 24 for CLIP-L):
    cut = round((N - budget) / sqrt(rpl) * (1 - (H / log N)^2)), H the entropy of r / sum r (peaked
    CLS attention cuts more), and straight to ``budget`` at rpl == 0; keep the top (N - cut) by cum
    (``select_and_gather``), CLS always kept.
-The LLM receives the ``budget`` surviving patch features. ``handle.token_counts["vision"]`` lists the
+The LLM receives the ``budget`` surviving patch features. ``handle.token_counts[b].vision`` lists the
 tokens entering each ViT layer, from which the ViT FLOPs saving follows.
 
 Batches: each image follows its own schedule (its own entropies), as with the authors' batch size
 1. Where images of a batch keep different counts, the shorter rows are padded (-1) and the adapter
 masks the padding as keys, so a batch gives the same result as the images alone; the ViT then
-computes the padded length (``token_counts["vision"]``), per-image counts are in
-``token_counts["vision_per_sample"]``. (The authors' code instead applies the largest cut of the
+computes the padded length (``handle.batch_counts.vision_width``), per-image counts are in
+``handle.token_counts[b].vision``. (The authors' code instead applies the largest cut of the
 batch to every image, which makes results depend on batch composition.)
 """
 

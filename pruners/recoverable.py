@@ -35,7 +35,6 @@ fixed mode are our reading of the paper, which gives no exact constants.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -170,56 +169,6 @@ def question_first_line(text: str) -> str:
     return lines[0] if lines else ""
 
 
-# ---------------------------------------------------------------------------------------------
-# CLIP text tower
-# ---------------------------------------------------------------------------------------------
-class ClipTextSimilarity:
-    """A CLIP text tower (CLIPTextModelWithProjection + its tokenizer) and the matching visual
-    projection ([proj_dim, Dv] in ``visual_projection.safetensors``, key ``weight``) from one folder."""
-
-    def __init__(self, folder: str) -> None:
-        from safetensors.torch import load_file
-        from transformers import AutoTokenizer, CLIPTextModelWithProjection
-
-        self.folder = folder
-        self.model = CLIPTextModelWithProjection.from_pretrained(folder, dtype=torch.float32).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        proj_path = os.path.join(folder, "visual_projection.safetensors")
-        if not os.path.exists(proj_path):
-            raise ValueError(f"text_tower folder {folder!r} has no visual_projection.safetensors (the CLIP visual projection)")
-        self.visual_projection = load_file(proj_path)["weight"].float()  # [P, Dv]
-
-    def text_embeds(self, texts: list[str], device: torch.device | None = None) -> torch.Tensor:
-        """[B, P] normalised text embeddings (EOT token through the text projection), on ``device``
-        (the tower moves there on first use)."""
-        tok = self.tokenizer
-        max_len = self.model.config.max_position_embeddings
-        eos = tok.eos_token_id
-        rows = []
-        for t in texts:
-            ids = tok(t, add_special_tokens=True)["input_ids"][: max_len - 1]
-            if eos is not None and (not ids or ids[-1] != eos):
-                ids = ids + [eos]
-            rows.append(ids)
-        L = max(len(r) for r in rows)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        if device is not None and self.model.device != torch.device(device):
-            self.model.to(device)
-        input_ids = torch.tensor([r + [pad] * (L - len(r)) for r in rows], device=self.model.device)
-        mask = torch.tensor([[1] * len(r) + [0] * (L - len(r)) for r in rows], device=self.model.device)
-        with torch.no_grad():
-            out = self.model(input_ids=input_ids, attention_mask=mask).text_embeds  # [B, P]
-        return F.normalize(out.float(), dim=-1)
-
-    def similarity(self, features: torch.Tensor, post_layernorm: Any, texts: list[str]) -> torch.Tensor:
-        """[B, N] cosine between each patch feature (post-LN, visual projection) and its question."""
-        with torch.no_grad():
-            x = post_layernorm(features) if post_layernorm is not None else features  # [B, N, Dv]
-            img = F.normalize(x.float() @ self.visual_projection.T.to(x.device), dim=-1)  # [B, N, P]
-        txt = self.text_embeds(texts, img.device)  # [B, P]
-        return (img * txt[:, None]).sum(-1)
-
-
 def llm_embedding_similarity(ctx: PreLLMContext, num_visual: int) -> torch.Tensor:
     """[B, N] cosine between the projected visual tokens and the mean normalised LLM input embedding
     of the real tokens after the image (the question)."""
@@ -260,11 +209,6 @@ class RecoverableCompression(Pruner):
     def chooses_budget(self) -> bool:
         return self.params["mode"] == "adaptive"
 
-    def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
-        super().__init__(budget=budget, seed=seed, **params)
-        self._tower: ClipTextSimilarity | None = None
-        self._tower_key: str | None = None
-
     def check_params(self) -> None:
         p = self.params
         if p["mode"] == "adaptive" and self.budget is not None:
@@ -300,29 +244,20 @@ class RecoverableCompression(Pruner):
         rows = ops.attention_rows(q1, k1, scale=(H * Dh) ** -0.5)  # [B, 1, T]
         return rows[:, 0, n_cls:], keys
 
-    def _text_tower_folder(self, ctx: PreLLMContext) -> str | None:
-        tt = self.params["text_tower"]
-        if tt == FALLBACK:
-            return None
-        if tt is not None:
-            if not os.path.isfile(os.path.join(tt, "config.json")):
-                raise ValueError(f"text_tower={tt!r} is not a folder with a CLIPTextModelWithProjection (config.json)")
-            return tt
-        base = self.info.checkpoint_dir
-        cand = os.path.join(base, "text_tower") if base else ""
-        return cand if cand and os.path.isfile(os.path.join(cand, "config.json")) else None
-
     def text_similarity(self, ctx: PreLLMContext) -> tuple[torch.Tensor, dict[str, Any]]:
         """([B, N] question-patch similarity, info about which encoder produced it)."""
-        folder = self._text_tower_folder(ctx)
-        texts = ctx.question_texts() if folder is not None else None
-        if folder is not None and texts is not None:
-            if self._tower is None or self._tower_key != folder:
-                self._tower, self._tower_key = ClipTextSimilarity(folder), folder
-            sim = self._tower.similarity(ctx.features, ctx.vision_post_norm, [question_first_line(t) for t in texts])
-            return sim, {"text_similarity": "clip_text_tower", "text_tower": folder}
+        tt = self.params["text_tower"]
+        found = None
+        if tt != FALLBACK:
+            if ctx.text_patch_similarity is not None:  # the engine's CLIP text tower service
+                found = ctx.text_patch_similarity(tt, question_first_line)
+            elif tt is not None:
+                raise ValueError(f"recoverable: text_tower={tt!r} was given, but this adapter offers no text tower "
+                                 f"service (PreLLMContext.text_patch_similarity); use text_tower={FALLBACK!r}")
+        if found is not None and found.similarity is not None:
+            return found.similarity, {"text_similarity": "clip_text_tower", "text_tower": found.folder}
         info: dict[str, Any] = {"text_similarity": FALLBACK}
-        if folder is not None:
+        if found is not None:
             info["text_similarity_note"] = "no tokenizer given to apply_pruner, so the question text was unavailable"
         return llm_embedding_similarity(ctx, self.info.num_visual_tokens), info
 

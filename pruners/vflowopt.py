@@ -46,8 +46,6 @@ from pruners.registry import register_pruner
 
 REF_LLM_LAYERS, REF_DEPTH = (9, 18), 28
 REF_M, REF_GRID = 17.39, 27  # authors' 10% setting: cell side 17.39 patches on SigLIP's 27 x 27 grid
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 WEIGHT_FLOOR = 1e-12
 
 
@@ -159,10 +157,12 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
         "vision_layer": Param(int, None, doc="ViT layer of the importance map; null: the one before the feature layer"),
         "llm_layers": Param(list, None, item=int, length=2,
                             doc="[k_1, k_2]; null: 9 and 18 of 28 scaled to the model's depth"),
-        "pixel_mean": Param(list, list(CLIP_MEAN), item=float, length=3,
-                            doc="processor normalisation (R, G, B), to recover grey levels for the entropy"),
-        "pixel_std": Param(list, list(CLIP_STD), item=float, length=3, low=0, low_inclusive=False,
-                           doc="processor normalisation (R, G, B), to recover grey levels for the entropy"),
+        "pixel_mean": Param(list, None, item=float, length=3,
+                            doc="processor normalisation (R, G, B), to recover grey levels for the entropy; "
+                                "null: the model's (ModelInfo.pixel_mean)"),
+        "pixel_std": Param(list, None, item=float, length=3, low=0, low_inclusive=False,
+                           doc="processor normalisation (R, G, B), to recover grey levels for the entropy; "
+                               "null: the model's (ModelInfo.pixel_std)"),
         "positions": Param(str, "original", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
     }
 
@@ -183,6 +183,21 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
             "vflowopt", "vision_layer", p["vision_layer"], info.vision_num_layers, feat, max(feat - 1, 0)
         )
         self._m = float(p["m"]) if p["m"] is not None else REF_M / REF_GRID * info.grid_hw[1]
+        self._pixel_mean = self._pixel_stat("pixel_mean", info.pixel_mean)
+        self._pixel_std = self._pixel_stat("pixel_std", info.pixel_std)
+
+    def _pixel_stat(self, name: str, from_model: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        """Parameter ``name`` if given, else the model's value; a ValueError when neither is known and
+        the entropy term needs it (alpha != 0)."""
+        given = self.params[name]
+        value = tuple(float(v) for v in given) if given is not None else from_model
+        if value is None and float(self.params["alpha"]) != 0.0:
+            raise ValueError(
+                f"vflowopt: parameter {name}=null means the model's image normalisation, but this model's "
+                f"ModelInfo.{name} is unknown; pass {name}=[R, G, B] (the processor's {name.split('_')[1]}) "
+                f"or alpha=0 (no patch-entropy term)"
+            )
+        return value
 
     def vision_probe_layers(self) -> list[int]:
         return [self._vision_layer] if self._schedule and not self.keeps_all else []
@@ -201,7 +216,7 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
         c = c[:, n_cls:]  # [B, N] patch columns
         alpha = float(self.params["alpha"])
         if alpha != 0.0:
-            e = patch_entropy(ctx.pixel_values, ctx.info.grid_hw, self.params["pixel_mean"], self.params["pixel_std"])
+            e = patch_entropy(ctx.pixel_values, ctx.info.grid_hw, self._pixel_mean, self._pixel_std)
             e = e.gather(1, ctx.patch_index)  # [B, N]
             c = c + alpha * torch.softmax(e, dim=1)
         return c

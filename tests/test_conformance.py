@@ -26,6 +26,11 @@ such a case is skipped with that reason, nothing else is ever skipped):
   must be the model's own visual tokens at ``handle.kept_indices`` (LLaVA-NeXT: positions in the packed
   run), merged ones (pooling, visionzip, recoverable) are taken as the adapter fed them;
 - batch_of_two_equals_two_batches_of_one: last-token logits (1e-4), kept indices and 3 greedy tokens;
+- several_images_and_none: a batch of a sample with two images, one with none and one with one image
+  gives each sample's last-token logits alone (1e-4) and ``handle.kept_indices`` one entry per image in
+  batch order, equal to the samples' alone; per-sample token counts (the image-less one counts 0
+  visual tokens). A method pruning inside the LLM needs one visual run per sample: it must refuse the
+  two-image sample with a ValueError, and pass the same check on the batch without it;
 - same_seed_same_result: two fresh attachments with the same seed give bitwise the same logits and kept
   sets; another seed changes the kept set iff the class declares ``uses_seed``;
 - cached_generate_equals_recompute: generate() with the pruned KV cache equals greedy decoding by full
@@ -88,6 +93,7 @@ INVARIANTS = (
     "keep_all_equals_unpruned",
     "pre_llm_equals_kept_tokens",
     "batch_of_two_equals_two_batches_of_one",
+    "several_images_and_none",
     "same_seed_same_result",
     "cached_generate_equals_recompute",
     "remove_restores",
@@ -354,6 +360,52 @@ def test_batch_of_two_equals_two_batches_of_one(families, pruner, family):
             assert (one[0] - both[i]).abs().max() <= 1e-4, f"sample {i}: logits differ alone and in a batch"
             assert torch.equal(h.kept_indices[0], kept_both[i]), f"sample {i}: kept set differs alone and in a batch"
             assert torch.equal(generate(model, fam.singles[i])[0], gen_both[i]), f"sample {i}: generate() differs"
+
+
+# ---- 3b. several images per sample, and none ---------------------------------------------------------
+MULTI_PROMPTS = [
+    "USER: <image> <image> what is the colour of the circle ? ASSISTANT:",
+    "USER: how many ? ASSISTANT:",
+    "USER: <image> how many ? ASSISTANT:",
+]
+
+
+@pytest.mark.parametrize("pruner,family", cases())
+def test_several_images_and_none(families, pruner, family):
+    check_opt_out(pruner, family, "several_images_and_none")
+    fam = families[family]
+    model, processor = fam.model, fam.processor
+    per_sample = [[0, 1], [], [1]]  # images of each sample (indices into fam.images)
+
+    def inputs(samples):
+        imgs = [fam.images[i] for s in samples for i in per_sample[s]]
+        texts = [MULTI_PROMPTS[s] for s in samples]
+        return processor(images=imgs or None, text=texts, return_tensors="pt", padding=True)
+
+    with apply_pruner(model, pruner, budget=fam.budget) as h:
+        samples = [0, 1, 2]
+        if "llm" in h.pruner.stages and not h.pruner.keeps_all:
+            with pytest.raises(ValueError, match="one image per sample"):
+                logits_of(model, inputs(samples))
+            samples = [1, 2]
+        batch = inputs(samples)
+        both = logits_of(model, batch)[:, -1]
+        kept_both = [k.clone() for k in h.kept_indices]
+        counts_both = list(h.token_counts)
+        assert len(kept_both) == sum(len(per_sample[s]) for s in samples), "one kept entry per image"
+        assert len(counts_both) == len(samples)
+        j = 0
+        for i, s in enumerate(samples):
+            one = logits_of(model, inputs([s]))[:, -1]
+            assert (one[0] - both[i]).abs().max() <= 1e-4, f"sample {s}: logits differ alone and in a batch"
+            alone = list(h.kept_indices)
+            n = len(per_sample[s])
+            assert len(alone) == n and all(torch.equal(a, b) for a, b in zip(alone, kept_both[j : j + n])), (
+                f"sample {s}: kept sets differ alone and in a batch")
+            j += n
+            if n == 0:
+                c = counts_both[i]
+                assert not c.visual_in and not any(c.llm_visual or [0]), "an image-less sample has no visual tokens"
 
 
 # ---- 4. same seed, same result -----------------------------------------------------------------------

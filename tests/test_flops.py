@@ -6,6 +6,8 @@ LLaVA-1.5 on `tiny` (conftest), LLaVA-NeXT on `build_tiny_llava_next` (32 px til
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -19,11 +21,11 @@ from benchmarks.flops import (
     llm_prefill_flops,
     prefill_flops,
     reference_counts,
-    sample_counts,
     vision_flops,
 )
 from mllm_adapters import apply_pruner
 from mllm_adapters.families.llava_next import image_layout
+from mllm_adapters.handle import TokenCounts
 from mllm_adapters.tiny import build_tiny_llava_next
 from pruners import available_pruners, get_pruner_class
 from tests.conftest import PROMPTS, make_images
@@ -95,7 +97,7 @@ def test_pruned_tiny_model_matches_flop_counter(tiny, method):
     try:
         handle.count_overhead_flops = True
         measured = _counted(model, inputs)
-        counts = dict(handle.token_counts)
+        (counts,) = handle.token_counts
         f = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id), counts,
                           overhead=handle.overhead_flops)
     finally:
@@ -103,9 +105,10 @@ def test_pruned_tiny_model_matches_flop_counter(tiny, method):
     assert abs(f.total - measured) / measured < 0.01, (f.as_dict(), measured)
     if budget is not None:
         unpruned = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id),
-                                 {"vision": [counts["vision"][0]] * len(counts["vision"])}).total
+                                 TokenCounts(vision=counts.reference_vision)).total
+        assert counts.reference_vision == [[counts.vision[0][0]] * len(counts.vision[0])]
         assert f.total - f.overhead < unpruned  # pruning must show up in the count
-        assert min(counts["llm_visual"]) <= budget
+        assert min(counts.llm_visual) <= budget
         e = equiv_tokens(counts, model.config.text_config.num_hidden_layers, N_VIS)
         assert budget <= e < N_VIS
 
@@ -150,23 +153,23 @@ def test_unhooked_tiny_next_matches_flop_counter(nxt, next_images, i):
     lay = image_layout(NEXT_SIZES[i], model.config.image_grid_pinpoints, 32, 4)
     assert (lay.n_tiles, lay.n_packed) == (NEXT_TILES[i], NEXT_PACKED[i])
     measured = _counted(model, inputs)
-    counts = reference_counts(model.config, {"vision_tiles": lay.n_tiles, "visual_in": lay.n_packed})
+    counts = reference_counts(model.config, TokenCounts(views=lay.n_tiles, visual_in=lay.n_packed))
     f = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id), counts)
     assert abs(f.total - measured) / measured < 0.01, (f.as_dict(), measured)
     assert f.vision == NEXT_TILES[i] * vision_flops(model.config.vision_config)  # one tower pass per tile
     # A single-tile count (the LLaVA-1.5 shape the runner used to assume) misses most of the work.
     one_tile = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id),
-                             {"llm_visual": [16] * 4})
+                             TokenCounts(llm_visual=[16] * 4))
     assert one_tile.total < 0.8 * measured
 
 
 @pytest.mark.parametrize("method", NEXT_METHODS)
 @pytest.mark.parametrize(("i", "budget"), [(0, 30), (1, 60)])  # below the image's run / above it
 def test_pruned_tiny_next_matches_flop_counter(nxt, next_images, method, i, budget):
-    """Every method the NeXT adapter runs: the handle's counts for this sample (`sample_counts`) plus the
+    """Every method the NeXT adapter runs: the handle's counts for this sample (`TokenCounts`) plus the
     pruner's overhead equal FlopCounterMode, once the inert slots the adapter computes to pad a run to
-    the method's largest kept count are added (``llm_visual_width``), and for FlowCut the padding of its
-    tiles to the widest one in the ViT (``vision``, tokens per tile row). Neither is counted in the
+    the method's largest kept count are added (``batch_counts.llm_visual_width``), and for FlowCut the
+    padding of its tiles to the widest one in the ViT (``batch_counts.vision_width``, tokens per tile row). Neither is counted in the
     reported figure (they are artifacts of the padding, like batch padding)."""
     model, processor = nxt
     budget = None if method == "none" else budget
@@ -176,17 +179,17 @@ def test_pruned_tiny_next_matches_flop_counter(nxt, next_images, method, i, budg
     try:
         handle.count_overhead_flops = True
         measured = _counted(model, inputs)
-        counts = dict(handle.token_counts)
+        (c,) = handle.token_counts
+        batch = handle.batch_counts
         overhead = handle.overhead_flops
     finally:
         handle.remove()
-    c = sample_counts(counts, 0)
-    assert c["vision_tiles"] == NEXT_TILES[i] and c["visual_in"] == NEXT_PACKED[i]
-    computed = {**c, "llm_visual": counts.get("llm_visual_width") or c["llm_visual"]}
-    if "vision_per_tile" in c:  # each tile that ran, at the padded width the batch computed
-        computed["vision_per_tile"] = [counts["vision"]] * len(c["vision_per_tile"])
+    assert c.views == NEXT_TILES[i] and c.visual_in == NEXT_PACKED[i]
+    computed = dataclasses.replace(c, llm_visual=batch.llm_visual_width or c.llm_visual)
+    if c.vision is not None:  # each tile that ran, at the padded width the batch computed
+        computed = dataclasses.replace(computed, vision=[batch.vision_width] * len(c.vision))
     f_computed = prefill_flops(model.config, n_text, computed, overhead=overhead)
-    assert abs(f_computed.total - measured) / measured < 0.01, (f_computed.as_dict(), measured, counts)
+    assert abs(f_computed.total - measured) / measured < 0.01, (f_computed.as_dict(), measured, c)
     f = prefill_flops(model.config, n_text, c, overhead=overhead)
     assert (f.projector, f.overhead) == (f_computed.projector, f_computed.overhead)
     assert f.vision <= f_computed.vision and f.llm <= f_computed.llm
@@ -195,12 +198,12 @@ def test_pruned_tiny_next_matches_flop_counter(nxt, next_images, method, i, budg
     if budget is None:
         assert f.as_dict() == ref.as_dict()  # the untouched model is its own reference
         return
-    assert max(c["llm_visual"]) <= NEXT_PACKED[i]  # real tokens only, never more than the image has
+    assert max(c.llm_visual) <= NEXT_PACKED[i]  # real tokens only, never more than the image has
     if budget < NEXT_PACKED[i]:
-        assert min(c["llm_visual"]) <= budget
+        assert min(c.llm_visual) <= budget
         assert f.total - f.overhead < ref.total  # pruning must show up in the count
     elif "llm" not in get_pruner_class(method).stages:
-        assert c["llm_visual"] == [NEXT_PACKED[i]] * 4  # within budget: the image reaches the LLM whole
+        assert c.llm_visual == [NEXT_PACKED[i]] * 4  # within budget: the image reaches the LLM whole
 
 
 def test_sample_counts_of_a_ragged_next_batch(nxt, next_images):
@@ -210,15 +213,12 @@ def test_sample_counts_of_a_ragged_next_batch(nxt, next_images):
     batch = _next_inputs(processor, next_images)
     with apply_pruner(model, "random", budget=30, seed=0) as handle, torch.inference_mode():
         model(**batch, logits_to_keep=1)
-        counts = dict(handle.token_counts)
-    per = [sample_counts(counts, b) for b in range(2)]
-    assert [c["vision_tiles"] for c in per] == NEXT_TILES and [c["visual_in"] for c in per] == NEXT_PACKED
-    assert [c["llm_visual"] for c in per] == [[30] * 4, [30] * 4] and [c["projector"] for c in per] == [30, 30]
+        per = list(handle.token_counts)
+    assert [c.views for c in per] == NEXT_TILES and [c.visual_in for c in per] == NEXT_PACKED
+    assert [c.llm_visual for c in per] == [[30] * 4, [30] * 4] and [c.projector for c in per] == [30, 30]
     for b, c in enumerate(per):
         with apply_pruner(model, "random", budget=30, seed=0) as handle, torch.inference_mode():
             model(**_next_inputs(processor, next_images, b), logits_to_keep=1)
-            alone = sample_counts(handle.token_counts, 0)
+            (alone,) = handle.token_counts
+        assert c == alone
         assert prefill_flops(model.config, 10, c).as_dict() == prefill_flops(model.config, 10, alone).as_dict()
-    # LLaVA-1.5 counts without per-sample entries come back unchanged.
-    plain = {"visual_in": 36, "vision": [37] * 3, "llm_visual": [9] * 4}
-    assert sample_counts(plain, 1) == plain

@@ -164,7 +164,7 @@ def test_budget_of_every_token_reproduces_unpruned(nxt, batch, method):
     with apply_pruner(model, method, budget=max(N_PACKED)) as h:
         out = logits_of(model, batch)[:, -1]
         assert [k.tolist() for k in h.kept_indices] == [list(range(n)) for n in N_PACKED]
-        assert h.token_counts["llm_visual_per_sample"] == [[n] * 4 for n in N_PACKED]
+        assert [c.llm_visual for c in h.token_counts] == [[n] * 4 for n in N_PACKED]
     assert (out - ref).abs().max() <= 1e-5
 
 
@@ -196,7 +196,7 @@ def test_merging_pre_llm_equals_model_on_its_tokens(nxt, batch, method, budget):
     model, processor = nxt
     with apply_pruner(model, method, budget=budget) as h, ProjectorInputs(model) as rec:
         out = logits_of(model, batch)[:, -1]
-        assert h.token_counts["merged"] > 0
+        assert max(c.merged for c in h.token_counts) > 0
     toks = [t[0] for t in rec.calls[-2:]]  # [n_b, Dv] per image
     for t in toks:
         assert t.shape[0] <= budget and (method == "pooling" or t.shape[0] == budget)
@@ -257,7 +257,7 @@ def test_flowcut_per_tile_share_view_and_signals(nxt, batch, budget):
     with apply_pruner(model, "flowcut", budget=budget) as h, ProjectorInputs(model) as rec:
         logits_of(model, batch)
         kept = [k.clone() for k in h.kept_indices]
-        per_tile = h.token_counts["vision_per_tile_per_sample"]
+        per_tile = [c.vision for c in h.token_counts]
     toks = [t[0] for t in rec.calls[-2:]]  # [n_b, Dv] per image, as fed to the projector
     pixels = batch["pixel_values"]
     for b, size in enumerate(SIZES):
@@ -286,7 +286,7 @@ def test_flowcut_tile_without_a_share_is_not_run(nxt, batch):
     with apply_pruner(model, "flowcut", budget=3) as h:
         logits_of(model, batch)
         assert [len(k) for k in h.kept_indices] == [3, 3]
-        assert h.token_counts["vision_per_tile_per_sample"] == [[[17, 17, 2]] * 3] * 2
+        assert [c.vision for c in h.token_counts] == [[[17, 17, 2]] * 3] * 2
 
 
 # ---- in-LLM ------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def test_fastv_keeps_the_most_attended_packed_tokens(nxt, batch):
     with apply_pruner(model, "fastv", budget=25, layer=2) as h:
         logits_of(model, batch)
         kept = h.kept_indices
-        assert h.token_counts["llm_visual_per_sample"] == [[n, n, 25, 25] for n in N_PACKED]
+        assert [c.llm_visual for c in h.token_counts] == [[n, n, 25, 25] for n in N_PACKED]
     for b in range(2):
         row = att[b, :, -1, start[b] : start[b] + N_PACKED[b]].mean(0)
         assert set(kept[b].tolist()) == set(row.topk(25).indices.tolist())
@@ -312,8 +312,8 @@ def test_llm_stage_small_image_keeps_all_its_tokens(nxt, batch):
     with apply_pruner(model, "fastv", budget=60) as h:
         logits_of(model, batch)
         assert [len(k) for k in h.kept_indices] == [60, 52]
-        assert h.token_counts["llm_visual_per_sample"][1] == [52] * 4
-        assert h.token_counts["llm_visual_width"] == [70, 70, 60, 60]
+        assert h.token_counts[1].llm_visual == [52] * 4
+        assert h.batch_counts.llm_visual_width == [70, 70, 60, 60]
 
 
 # ---- batch of two = two batches of one ---------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_same_seed_same_result(tiny, batch, method, params):
     for _ in range(2):
         with apply_pruner(model, method, budget=6, seed=0, **params) as h:
             out = logits_of(model, batch)
-            runs.append((out, [k.tolist() for k in h.kept_indices], dict(h.token_counts)))
+            runs.append((out, [k.tolist() for k in h.kept_indices], list(h.token_counts)))
     assert torch.equal(runs[0][0], runs[1][0])
     assert runs[0][1:] == runs[1][1:]
 
@@ -130,13 +130,13 @@ def test_token_counts_follow_the_schedule(tiny, batch):
     model, _ = tiny
     with apply_pruner(model, "transprune", budget=6) as h:
         logits_of(model, batch)
-        assert h.token_counts["llm_visual"] == transprune_schedule(N_VIS, 4, 6)["per_layer"] == [36, 32, 22, 6]
+        assert h.token_counts[0].llm_visual == transprune_schedule(N_VIS, 4, 6)["per_layer"] == [36, 32, 22, 6]
     with apply_pruner(model, "pdrop", budget=6) as h:
         logits_of(model, batch)
-        assert h.token_counts["llm_visual"] == pdrop_schedule(N_VIS, 4, 6)["per_layer"]
+        assert h.token_counts[0].llm_visual == pdrop_schedule(N_VIS, 4, 6)["per_layer"]
     with apply_pruner(model, "vflowopt", budget=6, r_v=0.5, r_1=0.5) as h:
         logits_of(model, batch)
-        assert h.token_counts["llm_visual"] == vflowopt_schedule(N_VIS, 4, 6, 0.5, 0.5)["per_layer"] == [18, 9, 9, 6]
+        assert h.token_counts[0].llm_visual == vflowopt_schedule(N_VIS, 4, 6, 0.5, 0.5)["per_layer"] == [18, 9, 9, 6]
 
 
 # ---- TransPrune definitions ----------------------------------------------------------------------
@@ -349,7 +349,8 @@ def test_embedded_layout_schedule_and_batch_of_two(embedded_layout, method, para
     budget = n_vis // 8
     with apply_pruner(model, method, budget=budget, **params) as h:
         both = logits_of(model, inputs)[:, -1]
-        counts = h.token_counts["llm_visual"]
+        counts = h.token_counts[0].llm_visual
+        assert all(c.llm_visual == counts for c in h.token_counts)
         assert len(counts) == 8 and counts[-1] == budget
         assert counts == h.pruner.token_schedule()
         for i in range(2):
@@ -382,9 +383,9 @@ def test_llava15_shaped_counts_through_the_adapter():
     inputs = processor(images=make_images(1, size=336), text=PROMPTS[:1], return_tensors="pt")
     with apply_pruner(model, "transprune", budget=72) as h:
         logits_of(model, inputs)
-        counts = h.token_counts["llm_visual"]
+        counts = h.token_counts[0].llm_visual
     assert counts == [576] * 7 + [504] * 2 + [360] * 3 + [72] * 20
-    assert equiv_tokens(h.token_counts, 32, 576) == 236.25
+    assert equiv_tokens(h.token_counts[0], 32, 576) == 236.25
     with apply_pruner(model, "pdrop", budget=72) as h:
         logits_of(model, inputs)
-        assert h.token_counts["llm_visual"] == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+        assert h.token_counts[0].llm_visual == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8

@@ -88,7 +88,7 @@ def _run_with_features(model, processor, prompts, tokens) -> torch.Tensor:
 def _pruned(model, inputs, method, budget=BUDGET, **params):
     with ProjectorInputs(model) as cap, apply_pruner(model, method, budget=budget, **params) as h:
         out = logits_of(model, inputs)
-        return out, cap.calls[-1].detach(), [k.clone() for k in h.kept_indices], dict(h.token_counts), dict(h.info)
+        return out, cap.calls[-1].detach(), [k.clone() for k in h.kept_indices], list(h.token_counts), dict(h.info)
 
 
 # ---- registry and shared invariants ---------------------------------------------------------------
@@ -112,7 +112,7 @@ def test_pre_llm_equals_model_on_exact_tokens(tiny, batch, method):
     model, processor = tiny
     out, tokens, kept, counts, info = _pruned(model, batch, method)
     assert tokens.shape[1] == (BUDGET if method != "pooling" else 9)
-    assert counts["llm_visual"] == [tokens.shape[1]] * 4
+    assert all(c.llm_visual == [tokens.shape[1]] * 4 for c in counts)
     feats = _vision_features(model, batch["pixel_values"])
     for b in range(2):
         k = kept[b]
@@ -133,7 +133,7 @@ def test_flowcut_equals_hand_shrunk_vit(tiny, batch):
     """4-layer ViT, feature layer 2: FlowCut cuts straight to the budget after layer 1 (rpl = 0)."""
     model, processor = tiny
     out, tokens, kept, counts, _ = _pruned(model, batch, "flowcut")
-    assert counts["vision"] == [1 + N_VIS, 1 + N_VIS, 1 + BUDGET]
+    assert all(c.vision == [[1 + N_VIS, 1 + N_VIS, 1 + BUDGET]] for c in counts)
     vt = model.model.vision_tower
     with torch.no_grad():
         hs = vt.pre_layrnorm(vt.embeddings(batch["pixel_values"]))
@@ -150,18 +150,18 @@ def _batch_vs_single(model, processor, inputs, method, **params):
     with apply_pruner(model, method, budget=BUDGET, **params) as h:
         both = logits_of(model, inputs)[:, -1]
         kept_both = [k.clone() for k in h.kept_indices]
-        counts_both = dict(h.token_counts)
+        counts_both = list(h.token_counts)
+        width_both = h.batch_counts.vision_width
         for i in range(2):
             one = logits_of(model, single(processor, i))[:, -1]
             assert (one[0] - both[i]).abs().max() <= 1e-4
             assert torch.equal(h.kept_indices[0], kept_both[i])
-            if "vision_per_sample" in counts_both:
-                assert counts_both["vision_per_sample"][i] == h.token_counts["vision"]
+            assert counts_both[i].vision == h.token_counts[0].vision
         gen_both = model.generate(**inputs, max_new_tokens=3, do_sample=False)[:, -3:]
         for i in range(2):
             gen_one = model.generate(**single(processor, i), max_new_tokens=3, do_sample=False)[:, -3:]
             assert torch.equal(gen_one[0], gen_both[i])
-    return counts_both
+    return counts_both, width_both
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -176,10 +176,10 @@ def test_flowcut_ragged_batch_equals_singles(tiny8, attn):
     (the padded keys are masked in the ViT's eager and SDPA attention alike)."""
     model, processor = tiny8 if attn == "eager" else build_tiny_llava(seed=0, vision_layers=8, attn_implementation=attn)
     inputs = processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
-    counts = _batch_vs_single(model, processor, inputs, "flowcut")
-    per = counts["vision_per_sample"]
+    counts, width = _batch_vs_single(model, processor, inputs, "flowcut")
+    per = [c.vision[0] for c in counts]
     assert per[0] != per[1]  # the ragged path was exercised
-    assert counts["vision"] == [max(a, b) for a, b in zip(*per)]
+    assert width == [max(a, b) for a, b in zip(*per)]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -330,7 +330,7 @@ def test_flowcut_model_follows_its_schedule(monkeypatch):
     monkeypatch.setattr(fc, "entropy_ratio", spy)
     _, _, _, counts, _ = _pruned(model, inputs, "flowcut", budget=64)
     assert len(seen) == 11  # one entropy per pruning layer
-    per = counts.get("vision_per_sample", [counts["vision"]] * 2)
+    per = [c.vision[0] for c in counts]
     for b in range(2):
         expected = flowcut_schedule(576, 64, 22, lambda i, n, b=b: seen[(i - 1) // 2][b] if i % 2 else 1.0)
         assert per[b] == [1 + c for c in expected]
@@ -356,14 +356,14 @@ def test_flowcut_reports_vit_flops_reduction(tiny8):
     model, processor = tiny8
     inputs = processor(images=make_images(2), text=PROMPTS, return_tensors="pt", padding=True)
     _, _, _, counts, _ = _pruned(model, inputs, "flowcut", budget=4)
-    vis = counts["vision"]
+    vis = [max(n) for n in zip(*(c.vision[0] for c in counts))]  # the padded widths the batch computed
     assert len(vis) == 7 and vis[0] == 1 + N_VIS and vis[-1] == 1 + 4
     assert all(a >= b for a, b in zip(vis, vis[1:]))
     vcfg = model.config.vision_config
     full = vision_flops(vcfg, [1 + N_VIS] * 7)
     assert vision_flops(vcfg, vis) < full
     _, _, _, counts_vtc, _ = _pruned(model, inputs, "vtc_cls", budget=4)  # pre-LLM: the ViT runs in full
-    assert vision_flops(vcfg, counts_vtc["vision"]) == full
+    assert all(vision_flops(vcfg, c.vision[0]) == full for c in counts_vtc)
 
 
 def test_flowcut_overhead_is_small(tiny8):
@@ -374,7 +374,7 @@ def test_flowcut_overhead_is_small(tiny8):
     with apply_pruner(model, "flowcut", budget=BUDGET) as h:
         h.count_overhead_flops = True
         logits_of(model, inputs)
-        vit = 2 * vision_flops(model.config.vision_config, h.token_counts["vision"])  # batch of 2
+        vit = 2 * vision_flops(model.config.vision_config, h.batch_counts.vision_width)  # batch of 2
         assert 0 < h.overhead_flops < 0.02 * vit
 
 
@@ -499,7 +499,7 @@ def test_recoverable_adaptive_mode(tiny, batch):
     with apply_pruner(model, "recoverable", budget=None, mode="adaptive") as h:
         out = logits_of(model, batch)
         counts = h.info["adaptive_counts"]
-        n = h.token_counts["llm_visual"][0]
+        n = h.token_counts[0].llm_visual[0]
     assert len(counts) == 2 and all(len(c) == 3 for c in counts)
     assert n < N_VIS and n == sum(h.info["recoverable_split"])
     assert out.shape[1] == batch["input_ids"].shape[1] - (N_VIS - n)
@@ -541,11 +541,11 @@ def test_embedded_layout_batch_of_two(embedded_like, method):
     budget = 36
     with apply_pruner(model, method, budget=budget, tokenizer=processor.tokenizer) as h:
         both = logits_of(model, inputs)[:, -1]
-        assert h.token_counts["llm_visual"][0] == budget
+        assert all(c.llm_visual[0] == budget for c in h.token_counts)
         if method == "recoverable":
             assert h.info["text_similarity"] == "clip_text_tower"
         if method == "flowcut":
-            assert h.token_counts["vision"][-1] == 1 + budget
+            assert all(c.vision[0][-1] == 1 + budget for c in h.token_counts)
         kept = [k.clone() for k in h.kept_indices]
         for i in range(2):
             one_inputs = {k: v[i : i + 1] for k, v in inputs.items()}

@@ -336,6 +336,7 @@ def test_tiny_next_sweep_counts_each_image(tmp_path, next_shapes):
     """none / random / fastv on 3 samples of the tiny LLaVA-NeXT: per-sample visual tokens, kept counts,
     FLOPs (every tile through the ViT) and recall, the leaderboard rows, and clear budget errors."""
     from benchmarks.flops import prefill_flops, reference_counts
+    from mllm_adapters.handle import TokenCounts
     from mllm_adapters.tiny import build_tiny_llava_next
 
     cells = {}
@@ -357,8 +358,7 @@ def test_tiny_next_sweep_counts_each_image(tmp_path, next_shapes):
     for r, s, tiles, n_in in zip(ref_rows, samples, [5, 3, 5], NEXT_IN):
         enc = processor(images=[s.image], text=[f"USER: <image>\n{s.question} ASSISTANT:"], return_tensors="pt")
         n_text = int(enc["attention_mask"].sum()) - n_in
-        want = prefill_flops(model.config, n_text, reference_counts(model.config, {"vision_tiles": tiles,
-                                                                                 "visual_in": n_in}))
+        want = prefill_flops(model.config, n_text, reference_counts(model.config, TokenCounts(views=tiles, visual_in=n_in)))
         assert r["tflops_prefill"] == pytest.approx(want.total / 1e12)
     for method, budget in ((m, b) for m in ("random", "fastv") for b in (40, 60)):
         m = store.read_metrics(cells[(method, budget)])

@@ -33,6 +33,7 @@ from benchmarks.tune import (
     write_tuned_config,
 )
 from mllm_adapters import apply_pruner
+from mllm_adapters.handle import TokenCounts
 from pruners import get_pruner_class
 from tests.conftest import make_images
 
@@ -54,7 +55,7 @@ def _measured_counts(calib, method, budget, params):
     """Token counts the adapter actually produced on the first calibration batch."""
     with apply_pruner(calib.model, method, budget=budget, **params) as h, torch.no_grad():
         calib.model(**calib.batches[0])
-        return dict(h.token_counts)
+        return h.token_counts[0]
 
 
 def test_objective_is_one_when_keeping_everything(calib):
@@ -77,7 +78,7 @@ def test_tuner_respects_a_flops_constraint(calib):
     n_text = round(calib.n_text)
     cfg = calib.model.config
     measured = (prefill_flops(cfg, n_text, counts).total
-                / prefill_flops(cfg, n_text, {"vision": reference_vision_counts(calib.info)}).total)
+                / prefill_flops(cfg, n_text, TokenCounts(vision=[reference_vision_counts(calib.info)])).total)
     assert measured == pytest.approx(r.cost) and measured <= 0.8
     # the solved budget is the largest that fits: one more token breaks the constraint
     bigger = _measured_counts(calib, "transprune", r.budget + 1, r.params)
@@ -299,7 +300,7 @@ def _runner_cost(calib, method, budget, params, kind):
     with apply_pruner(calib.model, method, budget=budget, **params) as h, torch.no_grad():
         for enc in calib.batches:
             calib.model(**enc)
-            per += [sample_cost(calib.model.config, round(calib.n_text), h.token_counts, b)
+            per += [sample_cost(calib.model.config, round(calib.n_text), h.token_counts[b])
                     for b in range(len(enc["input_ids"]))]
     assert [c.visual_in for c in per] == [70, 52, 70]
     if kind == "equiv_tokens":
@@ -327,7 +328,7 @@ def test_next_tuner_meets_the_runners_per_image_constraint(next_calib, method, k
     if method == "pdrop":  # the schedule of an 88-token image is not what these images get
         p = get_pruner_class("pdrop")(budget=r.budget, **r.params)
         p.attach(next_calib.info)
-        assert equiv_tokens({"llm_visual": p.token_schedule()}, 4, 88) != pytest.approx(r.cost)
+        assert equiv_tokens(TokenCounts(llm_visual=p.token_schedule()), 4, 88) != pytest.approx(r.cost)
 
 
 def test_next_evaluate_validates_the_budget_like_the_runner():

@@ -60,6 +60,19 @@ class ImageLayout:
         return out
 
 
+@dataclass(frozen=True)
+class ImageRun:
+    """One image of a batch: the sample it belongs to, where its placeholder run starts, its layout."""
+
+    sample: int
+    start: int
+    layout: ImageLayout
+
+    @property
+    def n_packed(self) -> int:
+        return self.layout.n_packed
+
+
 def split_budget(budget: int, sizes: list[int]) -> list[int]:
     """Split ``budget`` over parts of ``sizes`` tokens in proportion to size (largest remainder; ties go
     to the earlier part). Each share is at most its part's size; the shares sum to min(budget, sum)."""

@@ -20,14 +20,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllm_adapters.engine.layout import ImageRun
 from mllm_adapters.engine.llm import LLMStage
 from mllm_adapters.engine.prompt import PromptSurgery
 from mllm_adapters.engine.spec import FamilySpec
 from mllm_adapters.engine.state import Forward
+from mllm_adapters.engine.text_tower import TextTowers
 from mllm_adapters.engine.views import MultiView
 from mllm_adapters.engine.vision import VisionLoop
-from mllm_adapters.handle import PruningHandle
+from mllm_adapters.handle import BatchCounts, PruningHandle, TokenCounts
 from pruners.base import Pruner, sample_generators
+
+#: guards the lazy creation of an engine's text-tower cache (`Engine._text_patch_similarity`)
+_TOWERS_LOCK = threading.Lock()
 
 
 class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
@@ -132,6 +137,8 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
             self._decode_step_inputs(kwargs)
             return False
         self._fw = Forward()
+        self.handle.token_counts = []
+        self.handle.batch_counts = BatchCounts()
         self.handle.overhead_flops = 0
         self.handle.kept_by_layer = {}
         self.handle.info = {}
@@ -154,12 +161,14 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         attention_mask = kwargs.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        layouts = self.spec.image_layouts(kwargs, input_ids.shape[0])
-        starts = self._image_runs(input_ids, layouts)
-        if all(lay.is_single_view for lay in layouts):
+        layouts = self.spec.image_layouts(kwargs)
+        runs = self._image_runs(input_ids, layouts)
+        one_each = [r.sample for r in runs] == list(range(input_ids.shape[0]))
+        if one_each and all(r.layout.is_single_view for r in runs):
+            starts = torch.tensor([r.start for r in runs], device=input_ids.device)
             self._uniform_prefill(kwargs, pixel_values, input_ids, attention_mask, starts)
         else:
-            self._ragged_prefill(kwargs, pixel_values, input_ids, attention_mask, starts, layouts)
+            self._ragged_prefill(kwargs, pixel_values, input_ids, attention_mask, runs)
         return args, kwargs
 
     def _uniform_prefill(self, kwargs, pixel_values, input_ids, attention_mask, image_start) -> None:
@@ -173,22 +182,30 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         tokens, token_index, token_scores = self._assemble(features, patch_index, merged, anchor, scores)
         self._shrink_uniform(kwargs, input_ids, attention_mask, image_start, tokens, token_index, token_scores)
 
-    def _ragged_prefill(self, kwargs, pixel_values, input_ids, attention_mask, starts, layouts) -> None:
-        """Images of several views, extra slots or different sizes: per-view pruning (`MultiView`),
-        then each run rewritten to a common width with inert slots (`PromptSurgery._rewrite_prompt`)."""
+    def _ragged_prefill(self, kwargs, pixel_values, input_ids, attention_mask, runs: list[ImageRun]) -> None:
+        """Images of several views, extra slots or different sizes, or samples with several images or
+        none: per-view pruning (`MultiView`), then each run rewritten to a common width with inert slots
+        (`PromptSurgery._rewrite_prompt`). Counts are made per image, then summed per sample."""
+        layouts = [r.layout for r in runs]
         n_packed = [lay.n_packed for lay in layouts]
         n_layers = self.info.llm_num_layers
         if self.pruner.keeps_all:  # the model runs untouched
             self.handle.kept_indices = [torch.arange(n, device=input_ids.device) for n in n_packed]
-            self.handle.token_counts = {
-                "visual_in": max(n_packed), "visual_in_per_sample": n_packed, "merged": 0,
-                "vision_tiles": [lay.n_tiles for lay in layouts],
-                # the untouched model projects every patch of every view (before unpadding)
-                "projector_per_sample": [lay.n_tiles * self._n2 for lay in layouts],
-                "llm_visual": [max(n_packed)] * n_layers, "llm_visual_per_sample": [[n] * n_layers for n in n_packed],
-            }
+            # the untouched model projects every patch of every view (before unpadding)
+            self.handle.token_counts = [
+                TokenCounts(visual_in=lay.n_packed, views=lay.n_tiles, projector=lay.n_tiles * self._n2,
+                            llm_visual=[lay.n_packed] * n_layers)
+                for lay in layouts
+            ]
+            self.handle.batch_counts = BatchCounts(llm_visual_width=[max(n_packed, default=0)] * n_layers)
+            self._per_sample_counts(runs, input_ids.shape[0])
             self._fw.prompt_len = input_ids.shape[1]
             return
+        if "vision" in self.pruner.stages and len(self.pruner.stages) > 1:
+            raise ValueError(
+                f"method {self.pruner.name!r} combines vision-stage pruning with {list(self.pruner.stages)}: "
+                "supported only for batches of one single-view image per sample"
+            )
         tiles = self.spec.views(pixel_values, layouts)  # [T, 3, S, S]
         first_tile = [0]
         for lay in layouts[:-1]:
@@ -196,5 +213,27 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         if "vision" in self.pruner.stages:
             per_image = self._views_vision_stage(tiles, first_tile, layouts)
         else:
-            per_image = self._views_vision_and_pre_llm(tiles, first_tile, layouts, input_ids, attention_mask, starts)
-        self._rewrite_prompt(kwargs, input_ids, attention_mask, starts, layouts, per_image)
+            per_image = self._views_vision_and_pre_llm(tiles, first_tile, runs, input_ids, attention_mask)
+        self._rewrite_prompt(kwargs, input_ids, attention_mask, runs, per_image)
+        self._per_sample_counts(runs, input_ids.shape[0])
+
+    def _per_sample_counts(self, runs: list[ImageRun], batch: int) -> None:
+        """Turn the per-image ``handle.token_counts`` into per-sample ones (`TokenCounts.total`)."""
+        per_image = self.handle.token_counts
+        n_layers = self.info.llm_num_layers
+        self.handle.token_counts = [
+            TokenCounts.total([c for c, r in zip(per_image, runs) if r.sample == b], n_layers) for b in range(batch)
+        ]
+
+    # ---- services offered to pruners through their contexts ------------------------------------
+    def _text_patch_similarity(self, folder, features, texts_fn, prepare=None):
+        """`PreLLMContext.text_patch_similarity`: ``features`` against the question texts through a CLIP
+        text tower (``folder``, or the checkpoint's ``text_tower/``), the towers cached on this engine."""
+        towers = getattr(self, "_text_towers", None)
+        if towers is None:
+            with _TOWERS_LOCK:
+                towers = getattr(self, "_text_towers", None)
+                if towers is None:
+                    towers = self._text_towers = TextTowers()
+        return towers.similarity(folder, self.info.checkpoint_dir, features, self.spec.vision_post_norm(),
+                                 texts_fn, prepare)

@@ -176,18 +176,17 @@ class LLMStage:
             fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
             fw.cur_kwargs = None
             idx = fw.visual_index
-            self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in range(B)]
+            rows = range(B) if fw.image_rows is None else fw.image_rows  # one entry per image
+            self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in rows]
             self.handle.kept_by_layer[i] = list(self.handle.kept_indices)
-            counts = self.handle.token_counts
-            llm_visual = counts.setdefault("llm_visual", [nv] * self.info.llm_num_layers)
-            ragged = fw.src_cols is not None  # inert slots are not tokens: count each sample's real ones
-            real = [int((row != INERT).sum()) for row in idx] if ragged else None
+            # inert slots are not tokens: each sample counts its real ones
+            real = [int((row != INERT).sum()) for row in idx]
+            width = self.handle.batch_counts.llm_visual_width
+            for c, n in zip(self.handle.token_counts, real):
+                for j in range(i, self.info.llm_num_layers):
+                    c.llm_visual[j] = n
             for j in range(i, self.info.llm_num_layers):
-                llm_visual[j] = max(real) if ragged else k
-                if ragged:
-                    counts["llm_visual_width"][j] = k
-                    for b, n in enumerate(real):
-                        counts["llm_visual_per_sample"][b][j] = n
+                width[j] = k
         if fw.cur_cols is not None:
             fw.layer_cols[i] = fw.cur_cols
             if fw.cur_kwargs is None:

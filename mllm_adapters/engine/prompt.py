@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from mllm_adapters.engine.layout import ImageLayout
+from mllm_adapters.engine.layout import ImageLayout, ImageRun
 from mllm_adapters.engine.state import INERT
 from pruners._schedule import ProgressiveSchedule
 
@@ -30,22 +30,38 @@ from pruners._schedule import ProgressiveSchedule
 class PromptSurgery:
     """Placeholder runs, positions and decode bookkeeping."""
 
-    def _image_runs(self, input_ids: torch.Tensor, layouts: list[ImageLayout]) -> torch.Tensor:
-        """[B] start of each sample's image run; checks one contiguous run of its layout's length per sample."""
-        is_img = input_ids == self.spec.image_token_id
+    def _image_runs(self, input_ids: torch.Tensor, layouts: list[ImageLayout]) -> list[ImageRun]:
+        """Every image of the batch in order, with its sample and the start of its placeholder run.
+
+        Images are assigned to samples in batch order (as the model scatters features): each sample's
+        placeholders must be exactly the runs of its images, each run contiguous and as long as its
+        layout's packed run. A sample may hold several images or none."""
+        is_img = input_ids == self.spec.image_token_id  # [B, L]
         counts = is_img.sum(1).tolist()
+        runs: list[ImageRun] = []
+        j = 0
+        for b, c in enumerate(counts):
+            cols = is_img[b].nonzero()[:, 0].tolist()
+            used = 0
+            while used < c and j < len(layouts):
+                n = layouts[j].n_packed
+                span = cols[used : used + n]
+                if len(span) < n or span[-1] - span[0] != n - 1:
+                    raise ValueError(
+                        f"sample {b}: image {j}'s {n} placeholder tokens are not one contiguous run "
+                        f"(placeholders per sample {counts}, tokens per image {[lay.n_packed for lay in layouts]})"
+                    )
+                runs.append(ImageRun(b, span[0], layouts[j]))
+                used, j = used + n, j + 1
+            if used != c:
+                break
         expected = [lay.n_packed for lay in layouts]
-        if len(expected) != input_ids.shape[0] or counts != expected:
+        if j != len(layouts) or sum(counts) != sum(expected) or sum(r.n_packed for r in runs) != sum(counts):
             raise ValueError(
-                f"each sample must hold exactly one image whose run of placeholder tokens matches its visual-token "
-                f"count: expected {expected}, got {counts}"
+                f"the prompts' image placeholder tokens do not match the images: placeholders per sample {counts}, "
+                f"tokens per image (in batch order) {expected}"
             )
-        starts = is_img.float().argmax(1)
-        for b, n in enumerate(expected):
-            s = int(starts[b])
-            if not bool(is_img[b, s : s + n].all()):
-                raise ValueError(f"sample {b}: the {n} image placeholders are not one contiguous run")
-        return starts
+        return runs
 
     @staticmethod
     def _instruction_positions(vis_pos: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
@@ -103,14 +119,17 @@ class PromptSurgery:
         fw.keep_cols_pre = keep_cols if n_keep < n_all else None
         fw.prompt_len = keep_cols.shape[1]
         self.handle.kept_indices = [token_index[b][token_index[b] >= 0] for b in range(B)]
-        self.handle.token_counts["merged"] = int((token_index[0] < 0).sum())
         vis_pos = (image_start[:, None] + torch.arange(n_keep, device=input_ids.device)[None, :])  # [B, n]
         fw.visual_pos = vis_pos
         fw.visual_index = token_index
         fw.visual_scores = token_scores
         fw.key_mask = kwargs["attention_mask"].bool()
         fw.instruction_pos = self._instruction_positions(vis_pos, fw.key_mask)
-        self.handle.token_counts["llm_visual"] = [n_keep] * self.info.llm_num_layers
+        n_layers = self.info.llm_num_layers
+        for b, c in enumerate(self.handle.token_counts):
+            c.merged = int((token_index[b] < 0).sum())
+            c.llm_visual = [n_keep] * n_layers
+        self.handle.batch_counts.llm_visual_width = [n_keep] * n_layers
 
     # ---- ragged runs ---------------------------------------------------------------------------
     def _llm_width_floor(self) -> int:
@@ -127,29 +146,53 @@ class PromptSurgery:
         kwargs: dict[str, Any],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        starts: torch.Tensor,
-        layouts: list[ImageLayout],
+        runs: list[ImageRun],
         per_image: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]],
     ) -> None:
         """Feed the assembled visual runs: shrink/pad each image run to a common width W (inert slots
         after the real tokens), re-pad the samples on the left, and set positions so that every real
-        token keeps the position it has in its own unpruned prompt minus the image tokens dropped."""
+        token keeps the position it has in its own unpruned prompt minus the image tokens dropped.
+
+        A sample may hold several images, or none. The LLM stage needs one contiguous visual run per
+        sample: with an in-LLM method a sample without an image gets a run of W inert slots (after its
+        padding), and a sample with several images is refused."""
         fw = self._fw
         dev = input_ids.device
         B, L = input_ids.shape
         n_real = [int(t[0].shape[0]) for t in per_image]
-        W = max(max(n_real), self._llm_width_floor())
-        lens = [L - lay.n_packed + W for lay in layouts]
-        Lp = max(lens)
-        src_rows = []
-        for b, lay in enumerate(layouts):
-            s, N, n = int(starts[b]), lay.n_packed, n_real[b]
-            if n > N:
-                raise ValueError(f"method {self.pruner.name!r} produced {n} tokens for an image of {N}")
-            row = ([-1] * (Lp - lens[b]) + list(range(s)) + list(range(s, s + n)) + [-1] * (W - n)
-                   + list(range(s + N, L)))
-            src_rows.append(row)
-        src = torch.tensor(src_rows, dtype=torch.long, device=dev)  # [B, L']
+        for run, n in zip(runs, n_real):
+            if n > run.n_packed:
+                raise ValueError(f"method {self.pruner.name!r} produced {n} tokens for an image of {run.n_packed}")
+        of_sample = [[j for j, r in enumerate(runs) if r.sample == b] for b in range(B)]
+        llm_stage = "llm" in self.pruner.stages and not self.pruner.keeps_all and bool(self._llm_layers)
+        if llm_stage and any(len(js) > 1 for js in of_sample):
+            raise ValueError(
+                f"method {self.pruner.name!r} prunes inside the LLM, which needs one image per sample; got "
+                f"{[len(js) for js in of_sample]} images per sample (pre-LLM and vision-stage methods take several)"
+            )
+        W = max(max(n_real, default=0), self._llm_width_floor())
+        rows, run_at = [], []  # per sample: source columns (-1 = inert/pad), where its visual run starts
+        for b in range(B):
+            row: list[int] = []
+            at = None
+            cur = 0
+            for j in of_sample[b]:
+                r, n = runs[j], n_real[j]
+                row += range(cur, r.start)
+                at = len(row)
+                row += range(r.start, r.start + n)
+                row += [-1] * (W - n)
+                cur = r.start + r.n_packed
+            row += range(cur, L)
+            if at is None and llm_stage:  # no image: an inert run after the sample's padding
+                first = int(attention_mask[b].nonzero()[0]) if bool(attention_mask[b].any()) else 0
+                at = first
+                row = row[:first] + [-1] * W + row[first:]
+            rows.append(row)
+            run_at.append(at)
+        Lp = max(len(row) for row in rows)
+        pad = [Lp - len(row) for row in rows]
+        src = torch.tensor([[-1] * p + row for p, row in zip(pad, rows)], dtype=torch.long, device=dev)  # [B, L']
         real = src >= 0
         g = src.clamp(min=0)
         pad_id = self.spec.pad_token_id()
@@ -159,16 +202,18 @@ class PromptSurgery:
         if pos is not None and pos.dim() != 2:
             raise ValueError(f"position_ids must be [B, L] for pruning, got shape {tuple(pos.shape)}")
         base = pos.expand(B, L) if pos is not None else torch.arange(L, device=dev).expand(B, L)
-        s_t = starts.to(dev)[:, None]
-        n_t = torch.tensor(n_real, device=dev)[:, None]
-        N_t = torch.tensor([lay.n_packed for lay in layouts], device=dev)[:, None]
-        dropped_before = (g - (s_t + n_t)).clamp(min=0).minimum(N_t - n_t)  # dropped image columns before each
+        dropped_before = torch.zeros_like(g)  # dropped image columns before each column
+        removed = torch.zeros(B, dtype=torch.long, device=dev)
+        for j, r in enumerate(runs):
+            n, N = n_real[j], r.n_packed
+            dropped_before[r.sample] += (g[r.sample] - (r.start + n)).clamp(min=0).clamp(max=N - n)
+            removed[r.sample] += N - n
         new_pos = torch.where(real, base.gather(1, g) - dropped_before, torch.zeros_like(g))
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
         kwargs["position_ids"] = new_pos
 
-        # Project and place newlines; one [n_b, Dt] tensor per image for the model's own scatter.
+        # Project and place extra slots; one [n_j, Dt] tensor per image for the model's own scatter.
         feats_out, vis_index, vis_scores = [], [], []
         # A method with both stages may read the pre-LLM scores in the LLM (VFlowOpt): an image that
         # reached the LLM whole carries zeros (it keeps every token there: each count >= budget >= its run).
@@ -190,22 +235,26 @@ class PromptSurgery:
         fw.prompt_len = Lp
         fw.src_cols = src
         fw.advancing = real
-        fw.removed = (N_t - n_t)[:, 0]
-        run_start = torch.tensor([Lp - lens[b] + int(starts[b]) for b in range(B)], device=dev)
-        fw.visual_pos = run_start[:, None] + torch.arange(W, device=dev)[None]  # [B, W]
-        fw.visual_index = torch.stack(vis_index)
-        fw.visual_scores = torch.stack(vis_scores) if has_scores else None
-        fw.key_mask = new_mask.bool()
-        fw.instruction_pos = self._instruction_positions(fw.visual_pos, fw.key_mask)
-        self.handle.kept_indices = [i[i >= 0] for i in fw.visual_index]
+        fw.removed = removed
+        self.handle.kept_indices = [i[i >= 0] for i in vis_index]  # one entry per image
         n_layers = self.info.llm_num_layers
-        counts = self.handle.token_counts
-        counts["merged"] = max(int((i == -1).sum()) for i in fw.visual_index)
-        counts["llm_visual"] = [max(n_real)] * n_layers
-        counts["llm_visual_per_sample"] = [[n] * n_layers for n in n_real]
-        counts["llm_visual_width"] = [W] * n_layers
-        counts["projector_per_sample"] = list(n_real)  # newline slots of a whole run are projected too
-
+        for c, index, n in zip(self.handle.token_counts, vis_index, n_real):  # per image here
+            c.merged = int((index == -1).sum())
+            c.llm_visual = [n] * n_layers
+            c.projector = n  # the extra slots of a whole run are projected too
+        self.handle.batch_counts.llm_visual_width = [W] * n_layers
+        fw.key_mask = new_mask.bool()
+        if all(at is not None for at in run_at):  # one visual run per sample: the LLM stage's view
+            row_of = {runs[js[0]].sample: js[0] for js in of_sample if js}
+            fw.image_rows = sorted(row_of)
+            run_start = torch.tensor([pad[b] + run_at[b] for b in range(B)], device=dev)
+            fw.visual_pos = run_start[:, None] + torch.arange(W, device=dev)[None]  # [B, W]
+            inert_row = torch.full((W,), INERT, dtype=torch.long, device=dev)
+            fw.visual_index = torch.stack([vis_index[row_of[b]] if b in row_of else inert_row for b in range(B)])
+            if has_scores:
+                no_scores = torch.full((W,), float("-inf"), device=dev)
+                fw.visual_scores = torch.stack([vis_scores[row_of[b]] if b in row_of else no_scores for b in range(B)])
+            fw.instruction_pos = self._instruction_positions(fw.visual_pos, fw.key_mask)
 
     # ---- decode steps ----------------------------------------------------------------------------
     def _decode_step_inputs(self, kwargs: dict[str, Any]) -> None:

@@ -143,8 +143,9 @@ class FamilySpec:
             pad_id = 0 if self.image_token_id != 0 else 1
         return int(pad_id)
 
-    def image_layouts(self, kwargs: dict[str, Any], batch: int) -> list[ImageLayout]:
-        """Per sample of the forward's ``kwargs``, its image's layout."""
+    def image_layouts(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
+        """The layout of every image of the forward's ``kwargs`` (``pixel_values`` and the processor's
+        extras), in batch order."""
         raise NotImplementedError
 
     def views(self, pixel_values: torch.Tensor, layouts: Sequence[ImageLayout]) -> torch.Tensor:

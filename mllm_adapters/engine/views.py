@@ -37,8 +37,9 @@ from typing import Any
 
 import torch
 
-from mllm_adapters.engine.layout import ImageLayout, split_budget
+from mllm_adapters.engine.layout import ImageLayout, ImageRun, split_budget
 from mllm_adapters.engine.state import gather_seq
+from mllm_adapters.handle import BatchCounts, TokenCounts
 from pruners.base import PreLLMContext, Pruner, VisionLayerContext, sample_generators
 
 #: per image: (vision-space tokens [n, Dv], extra-slot flags [n], packed index [n] (-1 merged), scores [n] | None)
@@ -87,10 +88,9 @@ class MultiView:
         self,
         tiles: torch.Tensor,
         first_tile: list[int],
-        layouts: list[ImageLayout],
+        runs: list[ImageRun],
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
-        starts: torch.Tensor,
     ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Per image: (vision-space tokens [n, Dv], newline flags [n], packed index [n] (-1 merged), scores [n] | None)."""
         pruner, info = self.pruner, self.info
@@ -98,16 +98,18 @@ class MultiView:
         probe = set(pruner.vision_probe_layers()) if run_pre else set()
         feats, layer_in, layer_out = self._run_vit(tiles, probe)
         n2 = self._n2
-        self.handle.token_counts = {
-            "visual_in": max(lay.n_packed for lay in layouts),
-            "visual_in_per_sample": [lay.n_packed for lay in layouts],
-            "vision": [feats.shape[1] + (1 if info.has_cls else 0)] * (info.vision_feature_layer + 1),
-            "vision_tiles": [lay.n_tiles for lay in layouts],
-        }
+        layouts = [r.layout for r in runs]
+        per_layer = [feats.shape[1] + (1 if info.has_cls else 0)] * (info.vision_feature_layer + 1)
+        self.handle.token_counts = [
+            TokenCounts(visual_in=lay.n_packed, vision=[list(per_layer) for _ in range(lay.n_tiles)], views=lay.n_tiles)
+            for lay in layouts
+        ]
+        self.handle.batch_counts = BatchCounts(vision_width=list(per_layer))
         gens = sample_generators(pruner.seed, tiles) if run_pre else []
         cls_cache: dict[int, torch.Tensor] = {}
         out = []
-        for b, lay in enumerate(layouts):
+        for b, r in enumerate(runs):
+            lay = r.layout
             t0 = first_tile[b]
             img_feats = feats[t0 : t0 + lay.n_tiles].reshape(-1, feats.shape[-1])  # [n_tiles*n2, Dv]
             if not run_pre or self._reaches_whole(lay):
@@ -131,7 +133,8 @@ class MultiView:
                 else:
                     ctx = self._tile_context(
                         tg, lay.rects[t], vp, tile_feats, tiles, layer_in, layer_out, cls_cache, gens[tg],
-                        input_ids[b : b + 1], attention_mask[b : b + 1], int(starts[b]), lay.n_packed, probe,
+                        input_ids[r.sample : r.sample + 1], attention_mask[r.sample : r.sample + 1], r.start,
+                        lay.n_packed, probe,
                     )
                     decision = self._call_pruner(self._tile_pruner(k_t, lay.rects[t]).prune_pre_llm, ctx)
                     self.handle.info.update(decision.info)
@@ -224,14 +227,13 @@ class MultiView:
             cur = [c[s] for c, s in zip(cur, sel)]
             real = torch.arange(width, device=dev)[None] < lengths[:, None]  # [A, W']
             mask = None if bool(real.all()) else real
-        self.handle.token_counts = {
-            "visual_in": max(lay.n_packed for lay in layouts),
-            "visual_in_per_sample": [lay.n_packed for lay in layouts],
-            "vision": widths,  # tokens per tile row the batch computed (the widest tile, padding included)
-            "vision_tiles": [lay.n_tiles for lay in layouts],
-            "vision_per_tile_per_sample": [[per_tile[a] for a, p in enumerate(plan) if p.image == b]
-                                           for b in range(len(layouts))],
-        }
+        self.handle.token_counts = [
+            TokenCounts(visual_in=lay.n_packed, views=lay.n_tiles,
+                        vision=[per_tile[a] for a, p in enumerate(plan) if p.image == b])  # the tiles that ran
+            for b, lay in enumerate(layouts)
+        ]
+        # tokens per tile row the batch computed (the widest tile, padding included)
+        self.handle.batch_counts = BatchCounts(vision_width=widths)
         return self._assemble_tiles(hs[:, n_cls:], plan, cur, layouts)
 
     def _prune_tiles(
@@ -398,4 +400,6 @@ class MultiView:
             generators=[gen],
             state={},
             vision_post_norm=self.spec.vision_post_norm(),
+            text_patch_similarity=lambda folder, prepare=None: self._text_patch_similarity(
+                folder, tile_feats, lambda: self._question_texts(view_ids, view_mask, [start + m]), prepare),
         )

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from mllm_adapters.engine.state import gather_seq
+from mllm_adapters.handle import BatchCounts, TokenCounts
 from pruners.base import PreLLMContext, VisionLayerContext
 from pruners.ops import attention_rows
 
@@ -77,9 +78,13 @@ class VisionLoop:
                     patch_mask = None if bool(valid.all()) else valid
                     if patch_mask is not None and per_sample is None:
                         per_sample = [list(vision_counts) for _ in range(B)]
-        self.handle.token_counts = {"visual_in": info.num_visual_tokens, "vision": vision_counts}
-        if per_sample is not None:  # "vision" holds the padded lengths actually computed
-            self.handle.token_counts["vision_per_sample"] = per_sample
+        reference = [[vision_counts[0]] * len(vision_counts)]  # the keep-all run: every layer on the full view
+        self.handle.token_counts = [
+            TokenCounts(visual_in=info.num_visual_tokens, reference_vision=reference,
+                        vision=[list(per_sample[b] if per_sample is not None else vision_counts)])
+            for b in range(B)
+        ]
+        self.handle.batch_counts = BatchCounts(vision_width=vision_counts)  # the padded lengths computed
         if patch_mask is not None:
             raise ValueError(
                 f"vision-stage method {pruner.name!r} left samples with different patch counts at the feature "
@@ -110,6 +115,9 @@ class VisionLoop:
                 generators=self._fw.generators,
                 state=self._fw.pruner_state,
                 vision_post_norm=self.spec.vision_post_norm(),
+                text_patch_similarity=lambda folder, prepare=None, _x=features: self._text_patch_similarity(
+                    folder, _x, lambda: self._question_texts(input_ids, attention_mask, image_start + info.num_visual_tokens),
+                    prepare),
             )
             decision = self._call_pruner(pruner.prune_pre_llm, ctx)
             keep, order = decision.keep.sort(dim=1)

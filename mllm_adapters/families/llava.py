@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mllm_adapters.engine.layout import ImageLayout
+from mllm_adapters.engine.processor_stats import pixel_stats
 from mllm_adapters.engine.spec import AttentionParts, FamilySpec
 from mllm_adapters.registry import register_family
 from pruners.base import ModelInfo
@@ -69,6 +71,10 @@ class LlavaSpec(FamilySpec):
         if hs_index == 0:
             raise ValueError("vision_feature_layer selects the embeddings; no ViT layer to prune")
         side = _side(self.config)
+        checkpoint_dir = (getattr(self.model, "name_or_path", None)
+                          or getattr(self.config, "_name_or_path", None) or None)
+        # the processor's normalisation; CLIPImageProcessor (and LLaVA-NeXT's) defaults to OpenAI CLIP's
+        pixel_mean, pixel_std = pixel_stats(checkpoint_dir, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         return ModelInfo(
             family=self.name,
             num_visual_tokens=self.max_visual_tokens(self.config),
@@ -79,8 +85,9 @@ class LlavaSpec(FamilySpec):
             vision_num_heads=vcfg.num_attention_heads,
             llm_num_layers=tcfg.num_hidden_layers,
             llm_hidden_size=tcfg.hidden_size,
-            checkpoint_dir=(getattr(self.model, "name_or_path", None)
-                            or getattr(self.config, "_name_or_path", None) or None),
+            checkpoint_dir=checkpoint_dir,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
 
     # ---- vision side ------------------------------------------------------------------------------
@@ -104,8 +111,11 @@ class LlavaSpec(FamilySpec):
         return self.projector(tokens)
 
     # ---- prompt -------------------------------------------------------------------------------------
-    def image_layouts(self, kwargs: dict[str, Any], batch: int) -> list[ImageLayout]:
-        return [self.layout_for(self.config, None)] * batch
+    def image_layouts(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
+        pixel_values = kwargs["pixel_values"]
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)}: expected [images, 3, H, W]")
+        return [self.layout_for(self.config, None)] * pixel_values.shape[0]
 
     def feed_features(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         kwargs["pixel_values"] = None

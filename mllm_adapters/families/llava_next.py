@@ -187,7 +187,7 @@ class LlavaNextSpec(LlavaSpec):
             self._layouts[key] = self.layout_for(self.config, key)
         return self._layouts[key]
 
-    def image_layouts(self, kwargs: dict[str, Any], batch: int) -> list[ImageLayout]:
+    def image_layouts(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
         image_sizes = kwargs.get("image_sizes")
         if image_sizes is None:
             raise ValueError(f"{MODEL_CLASS} needs image_sizes (from its processor) next to pixel_values")
