@@ -172,6 +172,13 @@ class Pruner:
         return False
 
     @property
+    def positions(self) -> str:
+        """How the engine numbers the visual tokens an in-LLM stage keeps: ``"original"`` (their RoPE
+        positions, as FastV does) or ``"compact"`` (renumbered contiguously). The ``positions``
+        parameter where a method declares one (`pruners.params.POSITIONS`), else ``"original"``."""
+        return str(self.params.get("positions", "original"))
+
+    @property
     def keeps_all(self) -> bool:
         if self.chooses_budget:  # budget=None means "the method decides", not "keep all"
             return False

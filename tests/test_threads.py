@@ -60,3 +60,33 @@ def test_two_threads_equal_one_thread(method, budget):
                 assert torch.equal(a, b), (method, i)
             for a, b in zip(alone[i][1], results[i][1]):
                 assert all(torch.equal(x, y) for x, y in zip(a, b)), (method, i)
+
+
+def test_a_model_keeping_call_state_refuses_a_second_thread(monkeypatch):
+    """A family whose model keeps per-call state itself (`FamilySpec.keeps_call_state`, Qwen2-VL's
+    rope_deltas) declares ``thread_safe = False``: the first thread works, a second one gets a clear
+    RuntimeError naming threads, never a silently mixed result."""
+    from mllm_adapters.families.llava import LlavaSpec
+
+    monkeypatch.setattr(LlavaSpec, "keeps_call_state", True)
+    model, processor = build_tiny_llava()
+    inputs = processor(images=make_images(1), text=PROMPTS[:1], return_tensors="pt")
+    with apply_pruner(model, "random", budget=9) as handle:
+        assert handle.adapter.thread_safe is False
+        with torch.no_grad():
+            model(**inputs)
+        errors: list[BaseException] = []
+
+        def other():
+            try:
+                with torch.no_grad():
+                    model(**inputs)
+            except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+                errors.append(e)
+
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+        assert len(errors) == 1 and isinstance(errors[0], RuntimeError) and "thread" in str(errors[0])
+        with torch.no_grad():
+            model(**inputs)  # the owning thread goes on

@@ -46,11 +46,16 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         self._hooks: list[Any] = []
         self._local = threading.local()  # per-call state: one forward state per thread (`_fw`)
         self._tile_pruners: dict[tuple, Pruner] = {}
+        #: False when the model keeps per-call state of its own (`FamilySpec.keeps_call_state`): only
+        #: the first thread that runs it may use it while attached, others get a RuntimeError
+        self.thread_safe = not spec.keeps_call_state
+        self._owner: int | None = None
+        self._owner_lock = threading.Lock()
         self.tokenizer = None
         spec.check_pruner(pruner)
         self.info = spec.model_info()
         pruner.attach(self.info)
-        self.positions = pruner.params.get("positions", "original")
+        self.positions = pruner.positions  # the position handling the pruner declares
         if self.positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {self.positions!r}")
         self._llm_layers = sorted(set(pruner.llm_layers())) if "llm" in pruner.stages else []
@@ -129,6 +134,8 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         and cleared handle info, and True."""
         for name, value in zip(self.spec.forward_args, args):
             kwargs[name] = value
+        if not self.thread_safe:
+            self._check_thread()
         past = kwargs.get("past_key_values")
         if past is not None and past.get_seq_length() > 0:
             if kwargs.get("pixel_values") is not None:
@@ -144,6 +151,19 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         self.handle.info = {}
         return True
 
+    def _check_thread(self) -> None:
+        """Refuse a second thread on a model that keeps per-call state on itself (`thread_safe`)."""
+        me = threading.get_ident()
+        with self._owner_lock:
+            if self._owner is None:
+                self._owner = me
+            elif self._owner != me:
+                raise RuntimeError(
+                    f"this {type(self.model).__name__} keeps per-call state on the model itself, so one pruned "
+                    f"model cannot serve two threads: it is in use by thread {self._owner}, called from thread "
+                    f"{me}. Attach a pruner to one model copy per thread."
+                )
+
     # ---- top-level hook: vision / pre-LLM stages and decode bookkeeping ------------------------
     def _top_pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         args, prefill = (), self._start_forward(args, kwargs)
@@ -152,7 +172,7 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         fw = self._fw
         pixel_values = kwargs.get("pixel_values")
         input_ids = kwargs.get("input_ids")
-        if pixel_values is None or kwargs.get("mm_encoder_outputs") is not None:
+        if not self.spec.has_images(kwargs):
             self.handle.kept_indices = []
             fw.prompt_len = input_ids.shape[1] if input_ids is not None else 0
             return args, kwargs

@@ -58,6 +58,10 @@ class FamilySpec:
     multi_view: ClassVar[bool] = False
     #: True when an image's token count depends on its size (budgets are checked against the maximum)
     size_dependent: ClassVar[bool] = False
+    #: True when the model itself keeps per-call state between a prefill and its decode steps (Qwen2-VL
+    #: stores ``rope_deltas`` on the model during generate): the engine then refuses a second thread
+    #: with a clear RuntimeError instead of letting two calls mix their state
+    keeps_call_state: ClassVar[bool] = False
     #: ``config.model_type`` values of this family's configs (how `benchmarks/` finds the spec of a config)
     model_types: ClassVar[tuple[str, ...]] = ()
 
@@ -142,6 +146,11 @@ class FamilySpec:
         if pad_id is None or pad_id == self.image_token_id:
             pad_id = 0 if self.image_token_id != 0 else 1
         return int(pad_id)
+
+    def has_images(self, kwargs: dict[str, Any]) -> bool:
+        """True when the forward's ``kwargs`` carry images for the engine to run (pixels, not features
+        the caller computed already)."""
+        return kwargs.get("pixel_values") is not None and kwargs.get("mm_encoder_outputs") is None
 
     def image_layouts(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
         """The layout of every image of the forward's ``kwargs`` (``pixel_values`` and the processor's
