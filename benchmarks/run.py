@@ -280,7 +280,7 @@ def run_cell(
             kept = list(handle.kept_indices)
             kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
             overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
-            sizes = enc["image_sizes"].tolist() if "image_sizes" in enc else [None] * len(batch)  # [B] (h, w)
+            sizes = [(s.image.height, s.image.width) for s in batch]  # [B] (h, w) px, as the processor saw them
             for b, (s, pred) in enumerate(zip(batch, preds)):
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
                 # This sample's own counts (ragged in-ViT pruning, LLaVA-NeXT's image-dependent runs).

@@ -121,7 +121,9 @@ def last_token_state(model: Any, enc: dict[str, torch.Tensor]) -> torch.Tensor:
 
     Left padding puts every sample's last prompt token at the last position, pruned or not.
     """
-    norm = model.model.language_model.norm
+    from benchmarks.models import family_spec
+
+    norm = family_spec(model.config)(model).final_norm()
     out: dict[str, torch.Tensor] = {}
     hook = norm.register_forward_hook(lambda m, a, o: out.__setitem__("h", o[:, -1].float()))
     try:
@@ -165,9 +167,15 @@ def count_probes(model: Any, batches: list[dict[str, torch.Tensor]]) -> list[tup
     one = [{k: v[i : i + 1] for k, v in enc.items()} for enc in batches for i in range(len(enc["input_ids"]))]
     if not size_dependent(model.config):
         return [(one[0], 1.0)]
-    by_size: dict[tuple[int, ...], list[dict[str, torch.Tensor]]] = {}
+    # Samples whose integer image metadata (the processor's image sizes or patch grids) coincide get the
+    # same token counts: one probe per such group, weighted by its share of the calibration set.
+    def key(enc: dict[str, torch.Tensor]) -> tuple:
+        return tuple((k, tuple(v.flatten().tolist())) for k, v in sorted(enc.items())
+                     if k not in ("input_ids", "attention_mask") and not torch.is_floating_point(v))
+
+    by_size: dict[tuple, list[dict[str, torch.Tensor]]] = {}
     for enc in one:
-        by_size.setdefault(tuple(enc["image_sizes"][0].tolist()), []).append(enc)
+        by_size.setdefault(key(enc), []).append(enc)
     return [(encs[0], len(encs) / len(one)) for encs in by_size.values()]
 
 

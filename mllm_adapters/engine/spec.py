@@ -182,6 +182,10 @@ class FamilySpec:
     def text_attention(self, i: int) -> AttentionParts:
         raise NotImplementedError
 
+    def final_norm(self) -> nn.Module:
+        """The LLM's norm after its last decoder layer (whose output the LM head reads)."""
+        raise NotImplementedError
+
     def text_mlp(self, i: int) -> nn.Module:
         raise NotImplementedError
 

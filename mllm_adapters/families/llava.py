@@ -138,6 +138,9 @@ class LlavaSpec(FamilySpec):
         a = layer.self_attn
         return AttentionParts(layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.head_dim, a.scaling, a)
 
+    def final_norm(self) -> nn.Module:
+        return self.lm.norm
+
     def text_mlp(self, i: int) -> nn.Module:
         return self.lm.layers[i].mlp
 
