@@ -100,7 +100,7 @@ def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
 
 def default_image_size(lm: Any) -> tuple[int, int] | None:
     """Anyres: the pinpoint whose image packs the longest run (no unpadding); None otherwise."""
-    if not lm.anyres:
+    if not lm.size_dependent:
         return None
     pins = [tuple(int(v) for v in p) for p in lm.config.image_grid_pinpoints]
     return max(pins, key=lambda hw: lm.image_tokens(hw))
@@ -116,10 +116,10 @@ def make_inputs(lm: Any, image_size: tuple[int, int] | None = None, seed: int = 
     text = torch.randint(3, min(31999, vocab - 1), (N_BEFORE + N_AFTER,), generator=g)
     text = text + (text >= img).long()  # never the image placeholder
     text[0] = 1
-    n_vis = lm.image_tokens(image_size) if lm.anyres else lm.num_visual_tokens
+    n_vis = lm.image_tokens(image_size) if lm.size_dependent else lm.num_visual_tokens
     ids = torch.cat([text[:N_BEFORE], torch.full((n_vis,), img), text[N_BEFORE:]])[None]
     px = int(config.vision_config.image_size)
-    if not lm.anyres:
+    if not lm.size_dependent:
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
                 "pixel_values": torch.randn(1, 3, px, px, generator=g)}
     tiles = lm.image_layout(image_size).n_tiles
@@ -135,9 +135,11 @@ def untouched_flops(lm: Any, n_text: int, image_size: tuple[int, int] | None = N
     from benchmarks.flops import prefill_flops, reference_counts
 
     config = config if config is not None else lm.config
-    if not lm.anyres:
+    from mllm_adapters.handle import TokenCounts
+
+    if not lm.size_dependent:
         return prefill_flops(config, n_text).total
-    counts = {"vision_tiles": lm.image_layout(image_size).n_tiles, "visual_in": lm.image_tokens(image_size)}
+    counts = TokenCounts(views=lm.image_layout(image_size).n_tiles, visual_in=lm.image_tokens(image_size))
     return prefill_flops(config, n_text, reference_counts(config, counts)).total
 
 
@@ -147,7 +149,7 @@ def perf_budgets(lm: Any, n_vis: int, budgets: list[int] | tuple[int, ...] | Non
 
     if budgets is None:
         budgets = sorted({max(1, round(n_vis * f)) for f in BUDGET_FRACTIONS}, reverse=True)
-    checked = validate_budgets(list(budgets), lm.num_visual_tokens, lm.name, anyres=lm.anyres)
+    checked = validate_budgets(list(budgets), lm.num_visual_tokens, lm.name, size_dependent=lm.size_dependent)
     return sorted((b for b in checked if isinstance(b, int)), reverse=True)
 
 
@@ -212,7 +214,7 @@ def model_perf(
     t0 = time.perf_counter()
     lm = load_perf_model(model, text_layers, vision_layers)
     cfg = lm.config
-    if lm.anyres:
+    if lm.size_dependent:
         image_size = tuple(int(v) for v in image_size) if image_size else default_image_size(lm)
     elif image_size:
         raise ValueError(f"--image-size is for anyres models (LLaVA-NeXT); {model!r} takes one fixed grid")
@@ -243,7 +245,7 @@ def model_perf(
                     w, u = _prefill_ms(lm.model, inputs)
                     ov_wall[c].append(timer.ms)
                     ov_cpu[c].append(timer.cpu_ms)
-                    counts[c] = copy.deepcopy(handle.token_counts)
+                    counts[c] = copy.deepcopy(handle.token_counts[0])
                 finally:
                     handle.remove()
             wall[c].append(w)
@@ -258,7 +260,7 @@ def model_perf(
     rows = []
     for c in configs[1:]:
         method, budget = c
-        sample = sample_cost(cfg, n_text, counts[c], 0, n_vis)
+        sample = sample_cost(cfg, n_text, counts[c], n_vis)
         bound = flops_base / sample.flops.total
         sw, sc = base_w / med(wall[c]), base_c / med(cpu[c])
         rows.append({
@@ -268,7 +270,7 @@ def model_perf(
             "projected_fraction_7b": None if to_7b is None else med(ov_cpu[c]) / (base_c * to_7b),
             "speedup_wall": sw, "speedup_cpu": sc, "flops_bound": bound,
             "of_bound_wall": sw / bound, "of_bound_cpu": sc / bound,
-            "llm_visual_tokens": sample.counts.get("llm_visual"),
+            "llm_visual_tokens": sample.counts.llm_visual,
         })
     if model == "llava-1.5":
         desc = (f"LLaVA-1.5-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT layers "
@@ -278,7 +280,7 @@ def model_perf(
                 f"(CLIP-L/14-336 per tile), random weights, fp32, SDPA")
     else:
         desc = f"conf/model {model} ({n_layers} LLM layers, {cfg.vision_config.num_hidden_layers} ViT layers)"
-    if lm.anyres:
+    if lm.size_dependent:
         desc += f", image {image_size[0]} x {image_size[1]} px ({lm.image_layout(image_size).n_tiles} tiles)"
     result = {
         "model": f"{desc}, CPU threads={torch.get_num_threads()}",
