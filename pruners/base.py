@@ -159,8 +159,9 @@ class Pruner:
         """Validate against the model. Subclasses extending this must call super().attach(info)."""
         if self.requires_cls and not info.has_cls:
             raise ValueError(
-                f"method {self.name!r} scores tokens with the vision encoder's [CLS] token, but this model's "
-                f"vision encoder has none; use a method that does not need CLS (e.g. random, pooling, divprune, fastv)"
+                f"method {self.name!r} scores tokens with the vision encoder's [CLS] token, but the vision encoder "
+                f"of this {info.family} model has none; use a method that does not need CLS (e.g. random, pooling, "
+                f"divprune, fastv)"
             )
         check_budget_fits(self.budget, info)
         self.info = info

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllm_adapters.engine.encoded import EncodedImages
 from mllm_adapters.engine.layout import ImageRun
 from mllm_adapters.engine.llm import LLMStage
 from mllm_adapters.engine.prompt import PromptSurgery
@@ -35,7 +36,7 @@ from pruners.base import Pruner, sample_generators
 _TOWERS_LOCK = threading.Lock()
 
 
-class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
+class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
     """Attach one pruner to a model of any registered family (see the module docstring)."""
 
     def __init__(self, spec: FamilySpec, pruner: Pruner, handle: PruningHandle) -> None:
@@ -56,6 +57,11 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         self.info = spec.model_info()
         pruner.attach(self.info)
         self.positions = pruner.positions  # the position handling the pruner declares
+        if spec.pre_llm_positions == "original" and self.positions == "compact" and "llm" in pruner.stages:
+            raise ValueError(
+                f"method {pruner.name!r}: positions='compact' is not defined for {type(self.model).__name__}, whose "
+                "tokens keep their original (M-RoPE) positions; pass positions='original'"
+            )
         if self.positions not in ("original", "compact"):
             raise ValueError(f"positions must be 'original' or 'compact', got {self.positions!r}")
         self._llm_layers = sorted(set(pruner.llm_layers())) if "llm" in pruner.stages else []
@@ -65,6 +71,13 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
                     f"layer K={k} for method {pruner.name!r} is outside this model's decoder layers; "
                     f"accepted: 1..{self.info.llm_num_layers - 1} (layers before K see every token)"
                 )
+        if not spec.vision_loop and ("vision" in pruner.stages or
+                                     ("pre_llm" in pruner.stages and pruner.vision_probe_layers())):
+            raise ValueError(
+                f"method {pruner.name!r} reads the vision encoder's blocks, which the engine does not run block by "
+                f"block for {type(self.model).__name__} yet; methods scoring the image features or pruning inside "
+                "the LLM run on it (e.g. random, divprune, pooling, fastv, pdrop, transprune)"
+            )
         self._vision_layers = sorted(set(pruner.vision_layers())) if "vision" in pruner.stages else []
         for k in self._vision_layers:
             if not 0 <= k <= self.info.vision_feature_layer:
@@ -184,7 +197,7 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
         layouts = self.spec.image_layouts(kwargs)
         runs = self._image_runs(input_ids, layouts)
         one_each = [r.sample for r in runs] == list(range(input_ids.shape[0]))
-        if one_each and all(r.layout.is_single_view for r in runs):
+        if self.spec.vision_loop and one_each and all(r.layout.is_single_view for r in runs):
             starts = torch.tensor([r.start for r in runs], device=input_ids.device)
             self._uniform_prefill(kwargs, pixel_values, input_ids, attention_mask, starts)
         else:
@@ -226,6 +239,11 @@ class Engine(VisionLoop, MultiView, PromptSurgery, LLMStage):
                 f"method {self.pruner.name!r} combines vision-stage pruning with {list(self.pruner.stages)}: "
                 "supported only for batches of one single-view image per sample"
             )
+        if not self.spec.vision_loop:  # the spec encodes the images; pruners see their features only
+            per_image = self._encoded_pre_llm(kwargs, runs, input_ids, attention_mask)
+            self._rewrite_prompt(kwargs, input_ids, attention_mask, runs, per_image)
+            self._per_sample_counts(runs, input_ids.shape[0])
+            return
         tiles = self.spec.views(pixel_values, layouts)  # [T, 3, S, S]
         first_tile = [0]
         for lay in layouts[:-1]:

@@ -172,6 +172,7 @@ class PromptSurgery:
             )
         W = max(max(n_real, default=0), self._llm_width_floor())
         rows, run_at = [], []  # per sample: source columns (-1 = inert/pad), where its visual run starts
+        image_at = [0] * len(runs)  # per image: where its run starts in its sample's row (before left padding)
         for b in range(B):
             row: list[int] = []
             at = None
@@ -179,7 +180,7 @@ class PromptSurgery:
             for j in of_sample[b]:
                 r, n = runs[j], n_real[j]
                 row += range(cur, r.start)
-                at = len(row)
+                at = image_at[j] = len(row)
                 row += range(r.start, r.start + n)
                 row += [-1] * (W - n)
                 cur = r.start + r.n_packed
@@ -198,20 +199,40 @@ class PromptSurgery:
         pad_id = self.spec.pad_token_id()
         new_ids = input_ids.gather(1, g).masked_fill(~real, pad_id)
         new_mask = attention_mask.gather(1, g) * real.to(attention_mask.dtype)
-        pos = kwargs.get("position_ids")
-        if pos is not None and pos.dim() != 2:
-            raise ValueError(f"position_ids must be [B, L] for pruning, got shape {tuple(pos.shape)}")
-        base = pos.expand(B, L) if pos is not None else torch.arange(L, device=dev).expand(B, L)
-        dropped_before = torch.zeros_like(g)  # dropped image columns before each column
         removed = torch.zeros(B, dtype=torch.long, device=dev)
         for j, r in enumerate(runs):
-            n, N = n_real[j], r.n_packed
-            dropped_before[r.sample] += (g[r.sample] - (r.start + n)).clamp(min=0).clamp(max=N - n)
-            removed[r.sample] += N - n
-        new_pos = torch.where(real, base.gather(1, g) - dropped_before, torch.zeros_like(g))
+            removed[r.sample] += r.n_packed - n_real[j]
+        if self.spec.pre_llm_positions == "original":  # every kept token keeps its unpruned position
+            pos = self.spec.prompt_positions(kwargs, input_ids, attention_mask)
+            if pos is None:
+                pos = torch.arange(L, device=dev).expand(B, L)
+            # A kept unit takes the position of its own placeholder (run start + its index in the run); a
+            # merged token (no index) the position of the placeholder in its slot of the run.
+            at_pos = g.clone()
+            for j, r in enumerate(runs):
+                index = per_image[j][2]
+                slot = pad[r.sample] + image_at[j] + torch.arange(index.shape[0], device=dev)
+                at_pos[r.sample, slot] = torch.where(index >= 0, r.start + index, at_pos[r.sample, slot])
+            rows_ = pos if pos.dim() == 3 else pos[None]  # [R, B, L]
+            new_rows = torch.where(real, torch.stack([p.expand(B, L).gather(1, at_pos) for p in rows_]), 0)
+            new_pos = new_rows if pos.dim() == 3 else new_rows[0]
+        else:
+            pos = kwargs.get("position_ids")
+            if pos is not None and pos.dim() != 2:
+                raise ValueError(f"position_ids must be [B, L] for pruning, got shape {tuple(pos.shape)}")
+            base = pos.expand(B, L) if pos is not None else torch.arange(L, device=dev).expand(B, L)
+            dropped_before = torch.zeros_like(g)  # dropped image columns before each column
+            for j, r in enumerate(runs):
+                n, N = n_real[j], r.n_packed
+                dropped_before[r.sample] += (g[r.sample] - (r.start + n)).clamp(min=0).clamp(max=N - n)
+            new_pos = torch.where(real, base.gather(1, g) - dropped_before, torch.zeros_like(g))
         kwargs["input_ids"] = new_ids
         kwargs["attention_mask"] = new_mask
         kwargs["position_ids"] = new_pos
+        for name in self.spec.prompt_aligned_inputs:  # e.g. Qwen's mm_token_type_ids: inert slots are text
+            extra = kwargs.get(name)
+            if extra is not None:
+                kwargs[name] = extra.gather(1, g).masked_fill(~real, 0)
 
         # Project and place extra slots; one [n_j, Dt] tensor per image for the model's own scatter.
         feats_out, vis_index, vis_scores = [], [], []
@@ -287,7 +308,19 @@ class PromptSurgery:
         elif mask.dim() == 2 and mask.shape[1] >= fw.orig_len:
             head = mask[:, : fw.orig_len].gather(1, fw.src_cols.clamp(min=0)) * fw.advancing.to(mask.dtype)
             kwargs["attention_mask"] = torch.cat([head, mask[:, fw.orig_len :]], dim=1)
+        for name in self.spec.prompt_aligned_inputs:
+            extra = kwargs.get(name)
+            if extra is not None and extra.dim() == 2 and extra.shape[1] >= fw.orig_len:
+                head = extra[:, : fw.orig_len].gather(1, fw.src_cols.clamp(min=0)).masked_fill(~fw.advancing, 0)
+                kwargs[name] = torch.cat([head, extra[:, fw.orig_len :]], dim=1)
         pos = kwargs.get("position_ids")
+        if self.spec.pre_llm_positions == "original":  # generated tokens keep their unpruned positions
+            if pos is None:
+                raise ValueError(
+                    f"cached decoding of a pruned {type(self.model).__name__} needs position_ids (generate() "
+                    "passes them): the model cannot derive them from the shortened prompt"
+                )
+            return
         if pos is not None:
             kwargs["position_ids"] = pos - fw.removed[:, None]
             return

@@ -62,6 +62,15 @@ class FamilySpec:
     #: stores ``rope_deltas`` on the model during generate): the engine then refuses a second thread
     #: with a clear RuntimeError instead of letting two calls mix their state
     keeps_call_state: ClassVar[bool] = False
+    #: False when the engine cannot run the vision tower block by block for this family: the spec's
+    #: `encode_images` gives each image's features and pre-LLM pruners see only those (methods reading
+    #: ViT blocks, CLS or a vision stage are refused)
+    vision_loop: ClassVar[bool] = True
+    #: positions of the tokens kept before the LLM: "compact" (renumbered, as if the image had fewer
+    #: tokens: LLaVA) or "original" (each keeps the position it has unpruned: M-RoPE families)
+    pre_llm_positions: ClassVar[str] = "compact"
+    #: extra forward inputs aligned with the prompt that must shrink with it ([B, L] each)
+    prompt_aligned_inputs: ClassVar[tuple[str, ...]] = ()
     #: ``config.model_type`` values of this family's configs (how `benchmarks/` finds the spec of a config)
     model_types: ClassVar[tuple[str, ...]] = ()
 
@@ -164,6 +173,20 @@ class FamilySpec:
     def extra_slot_embedding(self) -> torch.Tensor | None:
         """[Dt] the LLM-space vector of a layout's extra slots (LLaVA-NeXT's image_newline), or None."""
         return None
+
+    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+        """Per image, its [n_i, Dv] features before the projector, in run order (``vision_loop = False``)."""
+        raise NotImplementedError
+
+    def image_pixels(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+        """Per image, its pixels (what seeds a random method's draws; ``vision_loop = False``)."""
+        raise NotImplementedError
+
+    def prompt_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """The unpruned prompt's position ids as the model would use them ([B, L], or [R, B, L] rows for
+        M-RoPE), or None to number columns 0..L-1."""
+        return kwargs.get("position_ids")
 
     def feed_features(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         """Hand the (pruned) visual tokens, one [n_b, Dt] tensor per image, to the model's forward."""

@@ -1,0 +1,176 @@
+"""Qwen2-VL (transformers' Qwen2VLForConditionalGeneration), WORK IN PROGRESS: not registered yet.
+
+The module name starts with ``_`` so the family registry does not load it: the conformance suite
+covers a family only once every pruner passes on it. `tests/test_qwen_family.py` registers it for
+its own tests. What works and what does not is listed in docs/qwen-internals.md ("prunebench status").
+
+How the model feeds an image to the LLM (docs/qwen-internals.md): the processor resizes each image to
+a multiple of 2 x 2 patches, the ViT runs over its gh x gw patches (one attention segment per image),
+and the PatchMerger maps every 2x2 group of consecutive patch rows to one LLM token (a *unit*). An
+image's run is its (gh/2) x (gw/2) units in raster order. Positions are M-RoPE (t, h, w rows, plus a
+text row in generate's ``[4, B, L]`` ids): a kept unit keeps its original position, and so does every
+text token, prompt or generated (``pre_llm_positions = "original"``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+
+from mllm_adapters.engine.layout import ImageLayout
+from mllm_adapters.engine.spec import AttentionParts, FamilySpec
+from pruners.base import ModelInfo, Pruner
+
+#: Qwen2VLImageProcessor's default pixel bound (28 * 28 * 1280 px): the most units one image can have
+#: unless a checkpoint's processor sets another ``max_pixels``.
+DEFAULT_MAX_UNITS = 1280
+
+
+def unit_layout(grid_thw: Sequence[int], merge: int) -> ImageLayout:
+    """One view whose run is the image's (gh/merge) x (gw/merge) units in raster order."""
+    t, gh, gw = (int(v) for v in grid_thw)
+    if t != 1:
+        raise ValueError(f"image grid {tuple(grid_thw)}: only still images (t=1) are supported")
+    uh, uw = gh // merge, gw // merge
+    side = max(uh, uw)
+    src = (torch.arange(uh)[:, None] * side + torch.arange(uw)[None, :]).reshape(-1)
+    return ImageLayout(side, ((0, uh, 0, uw),), src)
+
+
+class Qwen2VLSpec(FamilySpec):
+    """Qwen2-VL: ViT (fused qkv) + PatchMerger + Qwen2 decoder with M-RoPE."""
+
+    model_classes = ("Qwen2VLForConditionalGeneration",)
+    model_types = ("qwen2_vl",)
+    tiny_builders = ("build_tiny_qwen2_vl", "tiny_qwen2_vl_config")
+    forward_args = ("input_ids", "attention_mask", "position_ids", "past_key_values", "inputs_embeds", "labels",
+                    "use_cache", "pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw",
+                    "mm_token_type_ids")
+    size_dependent = True
+    keeps_call_state = True  # rope_deltas lives on the model
+    vision_loop = False
+    pre_llm_positions = "original"
+    prompt_aligned_inputs = ("mm_token_type_ids",)
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__(model)
+        self.visual = model.model.visual
+        self.lm = model.model.language_model
+        self.merge = int(self.config.vision_config.spatial_merge_size)
+
+    @classmethod
+    def max_visual_tokens(cls, config: Any) -> int:
+        return DEFAULT_MAX_UNITS
+
+    @classmethod
+    def view_grid(cls, config: Any) -> tuple[int, int]:
+        raise NotImplementedError("Qwen2-VL views have no fixed grid: each image has its own")
+
+    @classmethod
+    def layout_for(cls, config: Any, image_size: tuple[int, int] | None) -> ImageLayout:
+        raise NotImplementedError("Qwen2-VL layouts come from the processor's image_grid_thw")
+
+    def model_info(self) -> ModelInfo:
+        vcfg, tcfg = self.config.vision_config, self.config.text_config
+        return ModelInfo(
+            family=self.name or "qwen2_vl",
+            num_visual_tokens=self.max_visual_tokens(self.config),
+            grid_hw=(1, 1),  # per image: its own unit grid (ctx.info.grid_hw in the pre-LLM context)
+            has_cls=False,
+            vision_num_layers=int(vcfg.depth),
+            vision_feature_layer=int(vcfg.depth) - 1,
+            vision_num_heads=int(vcfg.num_heads),
+            llm_num_layers=int(tcfg.num_hidden_layers),
+            llm_hidden_size=int(tcfg.hidden_size),
+            checkpoint_dir=(getattr(self.model, "name_or_path", None)
+                            or getattr(self.config, "_name_or_path", None) or None),
+        )
+
+    def check_pruner(self, pruner: Pruner) -> None:
+        if "vision" in pruner.stages:
+            raise ValueError(f"method {pruner.name!r} prunes inside the vision encoder, which is not supported for "
+                             f"{self.model_classes[0]}; supported stages: 'pre_llm' (on merged units) and 'llm'")
+
+    # ---- images ------------------------------------------------------------------------------------
+    def image_layouts(self, kwargs: dict[str, Any]) -> list[ImageLayout]:
+        if kwargs.get("pixel_values_videos") is not None or kwargs.get("video_grid_thw") is not None:
+            raise ValueError(f"{self.model_classes[0]}: video inputs are not supported for pruning")
+        grid = kwargs.get("image_grid_thw")
+        if grid is None:
+            raise ValueError(f"{self.model_classes[0]} needs image_grid_thw (from its processor) next to pixel_values")
+        return [unit_layout(g, self.merge) for g in grid.tolist()]
+
+    def _patches(self, kwargs: dict[str, Any]) -> list[torch.Tensor]:
+        grid = kwargs["image_grid_thw"]
+        return list(torch.split(kwargs["pixel_values"], grid.prod(-1).tolist()))
+
+    def image_pixels(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+        return self._patches(kwargs)  # per image its [gh*gw, C*T*P*P] patch rows
+
+    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+        """Per image [n_units, 4 * Dv]: the merger's input, each unit's 4 patch states side by side."""
+        grid = kwargs["image_grid_thw"]
+        out = self.visual(kwargs["pixel_values"].type(self.visual.dtype), grid_thw=grid)
+        hs = out.last_hidden_state  # [N_patches, Dv], unit-major (4 consecutive rows = one unit)
+        dv = hs.shape[-1]
+        per = torch.split(hs, grid.prod(-1).tolist())
+        return [h.reshape(-1, self.merge**2 * dv) for h in per]
+
+    def project(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The PatchMerger on [.., n, 4 * Dv] unit features -> [.., n, Dt]."""
+        lead = tokens.shape[:-1]
+        dv = tokens.shape[-1] // self.merge**2
+        return self.visual.merger(tokens.reshape(-1, dv)).reshape(*lead, -1)
+
+    def feed_features(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
+        kwargs["pixel_values"] = None
+        kwargs["image_grid_thw"] = None
+        kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+
+    def prompt_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor,
+                         attention_mask: torch.Tensor) -> torch.Tensor:
+        pos = kwargs.get("position_ids")
+        if pos is not None:
+            return pos  # generate's [4, B, L]: the text row and the three M-RoPE rows
+        mm = kwargs.get("mm_token_type_ids")
+        if mm is None:
+            raise ValueError(f"{self.model_classes[0]} needs mm_token_type_ids (from its processor) for its M-RoPE "
+                             "positions")
+        pos, _ = self.model.model.get_rope_index(input_ids, mm, image_grid_thw=kwargs["image_grid_thw"],
+                                                 attention_mask=attention_mask)
+        return pos  # [3, B, L]
+
+    def prepare(self) -> None:
+        self.model._supports_mm_encoder_outputs = lambda: False  # let generate() pass the pixels to forward
+
+    def restore(self) -> None:
+        self.model.__dict__.pop("_supports_mm_encoder_outputs", None)
+
+    # ---- LLM side ------------------------------------------------------------------------------------
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.lm.layers
+
+    def text_attention(self, i: int) -> AttentionParts:
+        layer = self.lm.layers[i]
+        a = layer.self_attn
+        return AttentionParts(layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.head_dim, a.scaling, a)
+
+    def final_norm(self) -> nn.Module:
+        return self.lm.norm
+
+    def text_mlp(self, i: int) -> nn.Module:
+        return self.lm.layers[i].mlp
+
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.lm.embed_tokens(input_ids)
+
+    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lm.rotary_emb(x, position_ids=position_ids)
+
+    def apply_rope(self, q, k, cos, sin):
+        return apply_rotary_pos_emb(q, k, cos, sin)
