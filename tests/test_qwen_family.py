@@ -1,4 +1,5 @@
-"""Qwen2-VL on the engine, work in progress (`mllm_adapters/families/_qwen2_vl.py`, not registered yet).
+"""Qwen2-VL and Qwen2.5-VL on the engine, work in progress (`mllm_adapters/families/_qwen2_vl.py`,
+not registered yet).
 
 The spec is registered for this module only (fixture `qwen`), so the conformance suite does not see
 it until every pruner passes there. What is checked here, on the tiny Qwen2-VL built from config with
@@ -25,9 +26,9 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters import apply_pruner
-from mllm_adapters.families._qwen2_vl import Qwen2VLSpec
+from mllm_adapters.families._qwen2_vl import Qwen2_5_VLSpec, Qwen2VLSpec
 from mllm_adapters.registry import FAMILIES
-from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_qwen2_vl
+from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 from pruners import get_pruner_class
 
 SIZES = [(40, 60), (64, 48)]  # 8 and 12 merged units
@@ -38,19 +39,23 @@ WORKS = [("random", 4), ("divprune", 4), ("pooling", 4), ("fastv", 4), ("pdrop",
 PRE_LLM = ["random", "divprune"]
 
 
-@pytest.fixture(scope="module")
-def qwen():
+SPECS = {"qwen2_vl": (Qwen2VLSpec, build_tiny_qwen2_vl), "qwen2_5_vl": (Qwen2_5_VLSpec, build_tiny_qwen2_5_vl)}
+
+
+@pytest.fixture(scope="module", params=list(SPECS))
+def qwen(request):
+    spec, build = SPECS[request.param]
     FAMILIES._load()
-    FAMILIES._classes["qwen2_vl"] = Qwen2VLSpec
-    Qwen2VLSpec.name = "qwen2_vl"
+    FAMILIES._classes[request.param] = spec
+    spec.name = request.param
     torch.set_num_threads(1)
-    model, processor = build_tiny_qwen2_vl(seed=0)
+    model, processor = build(seed=0)
     rng = np.random.RandomState(0)
     images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
     try:
         yield model, processor, images
     finally:
-        FAMILIES._classes.pop("qwen2_vl", None)
+        FAMILIES._classes.pop(request.param, None)
 
 
 def enc(qwen, idx, prompts=PROMPTS, per_sample=None):
@@ -212,7 +217,7 @@ def test_cached_generate_equals_recompute(qwen, method, budget, monkeypatch):
 @pytest.mark.parametrize("method", ["vtc_cls", "visionzip", "recoverable"])
 def test_cls_methods_refuse_naming_method_and_model(qwen, method):
     model = qwen[0]
-    with pytest.raises(ValueError, match=rf"{method}.*\[CLS\].*qwen2_vl"):
+    with pytest.raises(ValueError, match=rf"{method}.*\[CLS\].*qwen2"):
         apply_pruner(model, method, budget=4)
     assert not model._forward_pre_hooks
 
