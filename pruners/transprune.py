@@ -108,6 +108,11 @@ class TransPrune(ProgressiveSchedule, Pruner):
     """TTV (+ IGA) progressive pruning inside the LLM; see the module docstring."""
 
     stages = ("llm",)
+    conformance_opt_outs = {
+        f"*:{family}": "its default positions='compact' (the authors') is not defined for M-RoPE: refused with a "
+                       "ValueError (positions='original' runs, tests/test_qwen_family.py)"
+        for family in ("qwen2_vl", "qwen2_5_vl")
+    }
     parameters = {
         "layers": Param(list, None, item=int, doc="pruning layers K; null: the authors' 7/9/12 of 32 scaled to the model"),
         "ratios": Param(list, None, item=float, low=0, high=1, low_inclusive=False,

@@ -140,6 +140,11 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
     """Importance map + recycling pre-LLM, progressive drops in the LLM; see the module docstring."""
 
     stages = ("pre_llm", "llm")
+    conformance_opt_outs = {
+        f"*:{family}": "its importance map reads a ViT block's attention, which the engine does not offer on "
+                       "Qwen's vision encoder yet: refused with a ValueError"
+        for family in ("qwen2_vl", "qwen2_5_vl")
+    }
     #: ``search``: the authors' search space (r_2 is solved from the compute target through the budget)
     parameters = {
         "r_v": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.25, 0.375),

@@ -41,19 +41,27 @@ class ProjectorInputs:
         self.h.remove()
 
 
+#: processor outputs describing the images (passed through wherever the pixels are)
+IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
+
+
 def greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> torch.Tensor:
     """Greedy decoding without a KV cache: the whole prompt plus the generated tokens re-run each step
     under pruner ``method`` (``params`` include the budget). Image inputs (``pixel_values`` and, for
     LLaVA-NeXT, ``image_sizes``) are passed through. Returns the step logits [B, steps, V]."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    image = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    image = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
+    mm = inputs.get("mm_token_type_ids")  # Qwen: 0 for text, so generated tokens extend it with zeros
     out = []
     with apply_pruner(model, method, **params):
         for _ in range(steps):
+            extra = {} if mm is None else {"mm_token_type_ids": mm}
             with torch.no_grad():
-                logits = model(input_ids=ids, attention_mask=mask, **image, use_cache=False).logits[:, -1]
+                logits = model(input_ids=ids, attention_mask=mask, **image, **extra, use_cache=False).logits[:, -1]
             nxt = logits.argmax(-1, keepdim=True)
             out.append(logits)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
+            if mm is not None:
+                mm = torch.cat([mm, torch.zeros_like(nxt)], 1)
     return torch.stack(out, 1)

@@ -87,7 +87,7 @@ import mllm_adapters
 from mllm_adapters import apply_pruner
 from mllm_adapters.registry import get_family, supported_model_classes
 from pruners import available_pruners, get_pruner_class
-from tests._adapter_helpers import greedy_recompute
+from tests._adapter_helpers import IMAGE_INPUTS, greedy_recompute
 
 INVARIANTS = (
     "keep_all_equals_unpruned",
@@ -139,7 +139,32 @@ def check_opt_out(pruner: str, family: str, invariant: str) -> None:
             pytest.skip(f"{pruner} opts out of {key}: {outs[key]}")
 
 
+def refused(families, pruner: str, family: str, invariant: str) -> bool:
+    """True when the pruner is declared to refuse the family, after checking that it does: attaching
+    raises a ValueError naming the method and leaves nothing attached. Declared by ``requires_cls`` on
+    a family without CLS, or by the opt-out key ``"*:<family>"`` with its reason. Otherwise applies the
+    invariant's own opt-outs (`check_opt_out`) and returns False."""
+    cls = get_pruner_class(pruner)
+    fam = families[family]
+    reason = cls.conformance_opt_outs.get(f"*:{family}")
+    if reason is None and cls.requires_cls and not fam.has_cls:
+        reason = "scores with [CLS]; the family's vision encoder has none"
+    if reason is None:
+        check_opt_out(pruner, family, invariant)
+        return False
+    with pytest.raises(ValueError) as e:
+        apply_pruner(fam.model, pruner, budget=fam.budget)
+    assert pruner in str(e.value), f"{pruner} refuses {family} without naming the method: {e.value}"
+    assert_nothing_attached(fam.model)
+    return True
+
+
 # ---- family fixtures ----------------------------------------------------------------------------------
+def family_prompts(spec: Any, prompts: list[str]) -> list[str]:
+    """``prompts`` with each ``<image>`` written as the family writes one image (`FamilySpec.prompt_image`)."""
+    return [p.replace("<image>", spec.prompt_image) for p in prompts]
+
+
 def make_image(size: tuple[int, int], seed: int) -> Image.Image:
     h, w = size
     return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
@@ -171,6 +196,7 @@ class Family:
     budget: int
     ref_logits: torch.Tensor  # untouched model on `batch`
     ref_generate: torch.Tensor
+    has_cls: bool  # ModelInfo.has_cls
     hooks_before: dict[str, tuple[int, ...]]  # before any pruner was attached
     attrs_before: frozenset[str]
 
@@ -189,15 +215,20 @@ def build_family(name: str) -> Family:
         f"family {name!r}: build_tiny() built a {type(model).__name__}, not one of its model_classes "
         f"{adapter_cls.model_classes}")
     images = [make_image(s, i) for i, s in enumerate(SIZES)]
-    warm = processor(images=images[:1], text=PROMPTS[:1], return_tensors="pt")
+    prompts = family_prompts(adapter_cls, PROMPTS)
+    warm = processor(images=images[:1], text=prompts[:1], return_tensors="pt")
     with torch.no_grad():  # transformers installs its output-recording hooks on first use: before the snapshot
         model(**warm, output_attentions=True, output_hidden_states=True)
-        model.model.vision_tower(warm["pixel_values"].flatten(0, -4), output_attentions=True,
-                                 output_hidden_states=True)
+        image = {k: warm[k] for k in IMAGE_INPUTS if k in warm}
+        if hasattr(model.model, "vision_tower"):
+            model.model.vision_tower(warm["pixel_values"].flatten(0, -4), output_attentions=True,
+                                     output_hidden_states=True)
+        else:
+            model.model.get_image_features(**image, output_attentions=True, output_hidden_states=True)
     hooks, attrs = hook_snapshot(model), frozenset(model.__dict__)
 
     def inputs(idx):
-        return processor(images=[images[i] for i in idx], text=[PROMPTS[i] for i in idx], return_tensors="pt",
+        return processor(images=[images[i] for i in idx], text=[prompts[i] for i in idx], return_tensors="pt",
                          padding=True)
 
     batch = inputs([0, 1])
@@ -206,12 +237,12 @@ def build_family(name: str) -> Family:
     runs = (batch["input_ids"] == model.config.image_token_id).sum(1).tolist()
     ref_logits, ref_generate = logits_of(model, batch), generate(model, batch)
     with apply_pruner(model, "none") as h:
-        n_max = h.pruner.info.num_visual_tokens
+        n_max, has_cls = h.pruner.info.num_visual_tokens, h.pruner.info.has_cls
     budget = max(1, min(runs) // 3)
     assert budget < min(runs) <= max(runs) <= n_max
     return Family(name=name, model=model, processor=processor, images=images, batch=batch,
                   batch_rev=inputs([1, 0]), singles=[inputs([0]), inputs([1])], runs=runs, n_max=n_max,
-                  budget=budget, ref_logits=ref_logits, ref_generate=ref_generate, hooks_before=hooks,
+                  budget=budget, ref_logits=ref_logits, ref_generate=ref_generate, has_cls=has_cls, hooks_before=hooks,
                   attrs_before=attrs)
 
 
@@ -255,7 +286,8 @@ def assert_nothing_attached(model) -> None:
 # ---- 1. keep-all ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("pruner,family", cases())
 def test_keep_all_equals_unpruned(families, pruner, family):
-    check_opt_out(pruner, family, "keep_all_equals_unpruned")
+    if refused(families, pruner, family, "keep_all_equals_unpruned"):
+        return
     fam = families[family]
     checked = []
     for budget in (None, fam.n_max):
@@ -294,17 +326,37 @@ class LLMInputs:
 
 def model_visual_tokens(model, inputs) -> list[torch.Tensor]:
     """The unpruned model's own visual tokens per image [N_b, Dt], as its LLM receives them."""
-    image = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    image = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
     with torch.no_grad():
         return list(model.model.get_image_features(**image).pooler_output)
 
 
-def reference_on_tokens(model, tokenizer, prompt: str, feats: torch.Tensor) -> torch.Tensor:
-    """Last-token logits of the unpruned model on ``prompt`` whose image run holds exactly ``feats`` [n, Dt]."""
-    tok = tokenizer([prompt.replace("<image>", "<image>" * feats.shape[0])], return_tensors="pt")
+def reference_on_tokens(fam: Family, b: int, feats: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Last-token logits of the unpruned model on sample ``b``'s prompt whose image run holds exactly
+    ``feats`` [n, Dt], at the positions the family's pre-LLM stage declares: ``compact`` (as if the
+    image had n tokens: the prompt with n placeholders) or ``original`` (each kept token at the position
+    of its own placeholder in the unpruned prompt, a merged token at that of its slot; text unchanged)."""
+    model, spec = fam.model, get_family(fam.name)
+    feed = {"image": BaseModelOutputWithPooling(pooler_output=[feats])}
+    if spec.pre_llm_positions == "compact":  # the prompt with n placeholders: the model numbers them itself
+        tok = fam.processor.tokenizer([PROMPTS[b].replace("<image>", "<image>" * feats.shape[0])], return_tensors="pt")
+        with torch.no_grad():
+            return model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
+                         mm_encoder_outputs=feed).logits[0, -1]
+    x = fam.singles[b]
+    ids, mask = x["input_ids"], x["attention_mask"]
+    pos = spec(model).prompt_positions(dict(x), ids, mask)  # [R, 1, L] (or [1, L])
+    img = (ids[0] == model.config.image_token_id).nonzero()[:, 0]
+    n = feats.shape[0]
+    slots = torch.arange(n)  # the placeholder whose position each token takes
+    slots[: kept.shape[0]] = kept  # kept tokens come first, then merged ones (at their slot)
+    cols = torch.cat([(ids[0] != model.config.image_token_id).nonzero()[:, 0], img[:n]]).sort().values
+    at = cols.clone()
+    at[(ids[0][cols] == model.config.image_token_id).nonzero()[:, 0]] = img[slots]
+    extra = {} if pos is None else {"position_ids": pos[..., at]}
     with torch.no_grad():
-        return model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                     mm_encoder_outputs={"image": BaseModelOutputWithPooling(pooler_output=[feats])}).logits[0, -1]
+        return model(input_ids=ids[:, cols], attention_mask=mask[:, cols], mm_encoder_outputs=feed,
+                     **extra).logits[0, -1]
 
 
 def is_subsequence(rows: torch.Tensor, seq: torch.Tensor, atol: float) -> bool:
@@ -321,7 +373,8 @@ def is_subsequence(rows: torch.Tensor, seq: torch.Tensor, atol: float) -> bool:
 
 @pytest.mark.parametrize("pruner,family", cases(lambda cls: tuple(cls.stages) == ("pre_llm",)))
 def test_pre_llm_equals_kept_tokens(families, pruner, family):
-    check_opt_out(pruner, family, "pre_llm_equals_kept_tokens")
+    if refused(families, pruner, family, "pre_llm_equals_kept_tokens"):
+        return
     fam = families[family]
     model = fam.model
     with apply_pruner(model, pruner, budget=fam.budget) as h, LLMInputs(model) as rec:
@@ -341,14 +394,15 @@ def test_pre_llm_equals_kept_tokens(families, pruner, family):
             assert (seen[b] - want).abs().max() <= 1e-5, f"sample {b}: LLM tokens are not the kept tokens"
         else:
             assert is_subsequence(want, seen[b], 1e-5), f"sample {b}: kept tokens missing from the LLM input"
-        ref = reference_on_tokens(model, fam.processor.tokenizer, PROMPTS[b], seen[b])
+        ref = reference_on_tokens(fam, b, seen[b], kept[b])
         assert (out[b] - ref).abs().max() <= 1e-5, f"sample {b}: differs from the model run on the kept tokens"
 
 
 # ---- 3. batch of two = two batches of one ----------------------------------------------------------
 @pytest.mark.parametrize("pruner,family", cases())
 def test_batch_of_two_equals_two_batches_of_one(families, pruner, family):
-    check_opt_out(pruner, family, "batch_of_two_equals_two_batches_of_one")
+    if refused(families, pruner, family, "batch_of_two_equals_two_batches_of_one"):
+        return
     fam = families[family]
     model = fam.model
     with apply_pruner(model, pruner, budget=fam.budget) as h:
@@ -372,14 +426,15 @@ MULTI_PROMPTS = [
 
 @pytest.mark.parametrize("pruner,family", cases())
 def test_several_images_and_none(families, pruner, family):
-    check_opt_out(pruner, family, "several_images_and_none")
+    if refused(families, pruner, family, "several_images_and_none"):
+        return
     fam = families[family]
     model, processor = fam.model, fam.processor
     per_sample = [[0, 1], [], [1]]  # images of each sample (indices into fam.images)
 
     def inputs(samples):
         imgs = [fam.images[i] for s in samples for i in per_sample[s]]
-        texts = [MULTI_PROMPTS[s] for s in samples]
+        texts = family_prompts(get_family(family), [MULTI_PROMPTS[s] for s in samples])
         return processor(images=imgs or None, text=texts, return_tensors="pt", padding=True)
 
     with apply_pruner(model, pruner, budget=fam.budget) as h:
@@ -417,7 +472,8 @@ def kept_and_logits(model, pruner, budget, seed, inputs):
 
 @pytest.mark.parametrize("pruner,family", cases())
 def test_same_seed_same_result(families, pruner, family):
-    check_opt_out(pruner, family, "same_seed_same_result")
+    if refused(families, pruner, family, "same_seed_same_result"):
+        return
     fam = families[family]
     a, b, c = (kept_and_logits(fam.model, pruner, fam.budget, s, fam.batch) for s in (3, 3, 4))
     assert a[0] == b[0] and a[1] == b[1], "same seed, different kept sets"
@@ -446,7 +502,8 @@ def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch)
     """The recompute replays the prefill's pruner decisions (in call order: per tile on LLaVA-NeXT, per
     layer in the LLM) at every step: with the KV cache those decisions are made once, at prefill, and the
     cache must then give what a full recompute with the same kept tokens gives."""
-    check_opt_out(pruner, family, "cached_generate_equals_recompute")
+    if refused(families, pruner, family, "cached_generate_equals_recompute"):
+        return
     fam = families[family]
     model, cls = fam.model, get_pruner_class(pruner)
     names = [STAGE_FUNCTIONS[s] for s in cls.stages]
@@ -489,7 +546,8 @@ def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch)
 # ---- 6. remove restores ----------------------------------------------------------------------------
 @pytest.mark.parametrize("pruner,family", cases())
 def test_remove_restores(families, pruner, family):
-    check_opt_out(pruner, family, "remove_restores")
+    if refused(families, pruner, family, "remove_restores"):
+        return
     fam = families[family]
     model = fam.model
     h = apply_pruner(model, pruner, budget=fam.budget)
@@ -508,7 +566,8 @@ def test_remove_restores(families, pruner, family):
 # ---- 7. two threads = one thread --------------------------------------------------------------------
 @pytest.mark.parametrize("pruner,family", cases())
 def test_two_threads_equal_one_thread(families, pruner, family):
-    check_opt_out(pruner, family, "two_threads_equal_one_thread")
+    if refused(families, pruner, family, "two_threads_equal_one_thread"):
+        return
     fam = families[family]
     model = fam.model
     plans = [  # (4 forwards, 1 generate) per thread, in different orders and shapes
@@ -576,7 +635,8 @@ def bad_budgets(n_max: int) -> list[tuple[Any, tuple[type[Exception], ...]]]:
 
 @pytest.mark.parametrize("pruner,family", cases())
 def test_bad_budgets_rejected(families, pruner, family):
-    check_opt_out(pruner, family, "bad_budgets_rejected")
+    if refused(families, pruner, family, "bad_budgets_rejected"):
+        return
     fam = families[family]
     for budget, accepted in bad_budgets(fam.n_max):
         try:
@@ -591,7 +651,8 @@ def test_bad_budgets_rejected(families, pruner, family):
 
 @pytest.mark.parametrize("pruner,family", cases())
 def test_unknown_parameter_rejected(families, pruner, family):
-    check_opt_out(pruner, family, "unknown_parameter_rejected")
+    if refused(families, pruner, family, "unknown_parameter_rejected"):
+        return
     fam = families[family]
     with pytest.raises(ValueError) as exc:
         apply_pruner(fam.model, pruner, budget=fam.budget, zz_not_a_parameter=1)
@@ -624,7 +685,8 @@ def fingerprint(kept: list[list[int]], by_layer: dict[int, list[list[int]]]) -> 
 
 @pytest.mark.parametrize("pruner,family", cases())
 def test_golden_kept_set(families, pruner, family):
-    check_opt_out(pruner, family, "golden_kept_set")
+    if refused(families, pruner, family, "golden_kept_set"):
+        return
     fam = families[family]
     cls = get_pruner_class(pruner)
     kept, by_layer, _ = kept_and_logits(fam.model, pruner, fam.budget, SEED, fam.batch)
@@ -698,6 +760,6 @@ def test_opt_outs_are_declared_well(pruner):
     assert isinstance(outs, dict)
     for key, reason in outs.items():
         invariant, _, family = key.partition(":")
-        assert invariant in INVARIANTS, f"{pruner}: opt-out {key!r} names no invariant; known: {INVARIANTS}"
+        assert invariant in INVARIANTS or (invariant == "*" and family), f"{pruner}: opt-out {key!r} names no invariant; known: {INVARIANTS}"
         assert not family or family in FAMILIES, f"{pruner}: opt-out {key!r} names no family; known: {FAMILIES}"
         assert isinstance(reason, str) and len(reason.strip()) >= 10, f"{pruner}: opt-out {key!r} needs a reason"

@@ -1,8 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL on the engine, work in progress (`mllm_adapters/families/_qwen2_vl.py`,
-not registered yet).
+"""Qwen2-VL and Qwen2.5-VL on the engine (`mllm_adapters/families/qwen2_vl.py`, `qwen2_5_vl.py`).
 
-The spec is registered for this module only (fixture `qwen`), so the conformance suite does not see
-it until every pruner passes there. What is checked here, on the tiny Qwen2-VL built from config with
+Beyond the conformance suite, what is checked here, on the tiny Qwen2-VL built from config with
 images of different sizes (8 and 12 merged units) and left padding:
 
 - keep-all = the unpruned model, bitwise;
@@ -26,8 +24,6 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters import apply_pruner
-from mllm_adapters.families._qwen2_vl import Qwen2_5_VLSpec, Qwen2VLSpec
-from mllm_adapters.registry import FAMILIES
 from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 from pruners import get_pruner_class
 
@@ -39,23 +35,16 @@ WORKS = [("random", 4), ("divprune", 4), ("pooling", 4), ("fastv", 4), ("pdrop",
 PRE_LLM = ["random", "divprune"]
 
 
-SPECS = {"qwen2_vl": (Qwen2VLSpec, build_tiny_qwen2_vl), "qwen2_5_vl": (Qwen2_5_VLSpec, build_tiny_qwen2_5_vl)}
+SPECS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
 
 
 @pytest.fixture(scope="module", params=list(SPECS))
 def qwen(request):
-    spec, build = SPECS[request.param]
-    FAMILIES._load()
-    FAMILIES._classes[request.param] = spec
-    spec.name = request.param
     torch.set_num_threads(1)
-    model, processor = build(seed=0)
+    model, processor = SPECS[request.param](seed=0)
     rng = np.random.RandomState(0)
     images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
-    try:
-        yield model, processor, images
-    finally:
-        FAMILIES._classes.pop(request.param, None)
+    return model, processor, images
 
 
 def enc(qwen, idx, prompts=PROMPTS, per_sample=None):

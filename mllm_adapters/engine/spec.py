@@ -71,6 +71,8 @@ class FamilySpec:
     pre_llm_positions: ClassVar[str] = "compact"
     #: extra forward inputs aligned with the prompt that must shrink with it ([B, L] each)
     prompt_aligned_inputs: ClassVar[tuple[str, ...]] = ()
+    #: how a prompt writes one image (before the processor expands it into the image's placeholders)
+    prompt_image: ClassVar[str] = "<image>"
     #: ``config.model_type`` values of this family's configs (how `benchmarks/` finds the spec of a config)
     model_types: ClassVar[tuple[str, ...]] = ()
 

@@ -1,8 +1,10 @@
-"""Qwen2-VL (transformers' Qwen2VLForConditionalGeneration), WORK IN PROGRESS: not registered yet.
+"""Qwen2-VL (transformers' Qwen2VLForConditionalGeneration).
 
-The module name starts with ``_`` so the family registry does not load it: the conformance suite
-covers a family only once every pruner passes on it. `tests/test_qwen_family.py` registers it for
-its own tests. What works and what does not is listed in docs/qwen-internals.md ("prunebench status").
+What runs: ``pre_llm`` methods that score the merged units' features (random, divprune, pooling) and
+``llm`` methods with original positions (fastv, pdrop, transprune with ``positions="original"``).
+Refused with a ValueError naming the method: CLS-based methods (no CLS), methods reading the ViT's
+blocks (the engine does not run Qwen's ViT block by block yet), the vision stage, compact positions,
+video inputs. `tests/test_qwen_family.py` and the conformance suite check it.
 
 How the model feeds an image to the LLM (docs/qwen-internals.md): the processor resizes each image to
 a multiple of 2 x 2 patches, the ViT runs over its gh x gw patches (one attention segment per image),
@@ -24,6 +26,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from mllm_adapters.engine.layout import ImageLayout
 from mllm_adapters.engine.spec import AttentionParts, FamilySpec
+from mllm_adapters.registry import register_family
 from pruners.base import ModelInfo, Pruner
 
 #: Qwen2VLImageProcessor's default pixel bound (28 * 28 * 1280 px): the most units one image can have
@@ -42,6 +45,7 @@ def unit_layout(grid_thw: Sequence[int], merge: int) -> ImageLayout:
     return ImageLayout(side, ((0, uh, 0, uw),), src)
 
 
+@register_family("qwen2_vl")
 class Qwen2VLSpec(FamilySpec):
     """Qwen2-VL: ViT (fused qkv) + PatchMerger + Qwen2 decoder with M-RoPE."""
 
@@ -56,6 +60,7 @@ class Qwen2VLSpec(FamilySpec):
     vision_loop = False
     pre_llm_positions = "original"
     prompt_aligned_inputs = ("mm_token_type_ids",)
+    prompt_image = "<|vision_start|><|image_pad|><|vision_end|>"
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -78,7 +83,7 @@ class Qwen2VLSpec(FamilySpec):
     def model_info(self) -> ModelInfo:
         vcfg, tcfg = self.config.vision_config, self.config.text_config
         return ModelInfo(
-            family=self.name or "qwen2_vl",
+            family=self.name,
             num_visual_tokens=self.max_visual_tokens(self.config),
             grid_hw=(1, 1),  # per image: its own unit grid (ctx.info.grid_hw in the pre-LLM context)
             has_cls=False,
@@ -175,31 +180,3 @@ class Qwen2VLSpec(FamilySpec):
     def apply_rope(self, q, k, cos, sin):
         return apply_rotary_pos_emb(q, k, cos, sin)
 
-
-class Qwen2_5_VLSpec(Qwen2VLSpec):
-    """Qwen2.5-VL: Qwen2-VL's layout and positions; its ViT attends within windows in most blocks and
-    hands the merger its units in window order, which `encode_images` puts back in raster order."""
-
-    model_classes = ("Qwen2_5_VLForConditionalGeneration",)
-    model_types = ("qwen2_5_vl",)
-    tiny_builders = ("build_tiny_qwen2_5_vl", "tiny_qwen2_5_vl_config")
-
-    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
-        from transformers.vision_utils import get_vision_window_index
-
-        grid = kwargs["image_grid_thw"]
-        v = self.visual
-        out = v(kwargs["pixel_values"].type(v.dtype), grid_thw=grid)
-        window_index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
-                                                  window_size=v.window_size, patch_size=v.patch_size)
-        hs = out.last_hidden_state  # [N_patches, Dv] in window order, 4 consecutive rows = one unit
-        dv = hs.shape[-1]
-        units = hs.reshape(-1, self.merge**2 * dv)[torch.argsort(window_index)]  # [N_units, 4 * Dv], raster
-        return list(torch.split(units, (grid.prod(-1) // self.merge**2).tolist()))
-
-    def model_info(self) -> ModelInfo:
-        import dataclasses
-
-        vcfg = self.config.vision_config
-        return dataclasses.replace(super().model_info(), family=self.name or "qwen2_5_vl",
-                                   vision_num_layers=int(vcfg.depth), vision_feature_layer=int(vcfg.depth) - 1)
