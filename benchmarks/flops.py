@@ -21,6 +21,19 @@ before unpadding), and the LLM on the sample's own visual tokens. Inert slots th
 ragged runs in a batch, and the padding of shorter views in the ViT, are not counted, like batch
 padding. One view's patch count comes from the family spec (`view_patches`).
 
+The family spec may count its own tower and projector (`FamilySpec.vision_flops`, `projector_flops`;
+None, the default, means the CLIP / LLaVA formulas above). Qwen2-VL and Qwen2.5-VL
+(`mllm_adapters/families/qwen2_vl.py`, `qwen2_5_vl.py`) do: the spec encodes each image itself and the
+engine records its grid of merged units (``TokenCounts.feature_grids``, rows x cols, so N = 4 rows cols
+patches, vision width D). Their tower always runs in full on every image: patch embedding (Conv3d)
+2 N C T P^2 D; per block fused qkv 6 N D^2, proj 2 N D^2, scores and values 4 D sum_s s^2 over its
+attention segments (2-VL: the whole image, s = N, in every block; 2.5: its ``window_size`` windows from
+``get_vision_window_index``, except the whole image in ``fullatt_block_indexes``), MLP fc1/fc2
+4 N D M (2-VL, M = mlp_ratio D) or SwiGLU 6 N D M (2.5, M = intermediate_size). The PatchMerger
+(Linear(4D, 4D), Linear(4D, D_text)) runs on the units that reach the LLM (pre-LLM pruning projects only
+the kept ones): 2 n (16 D^2 + 4 D D_text). The LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula
+as Llama's.
+
 Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
 ``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
 lists: C(n) = 4 n d^2 + 2 n^2 d + k n d m with k = 2 (FastV) or 3 (SparseVLM); see
@@ -125,7 +138,13 @@ def vision_flops(vision_config: Any, layer_tokens: Sequence[int] | None = None, 
 
 
 def projector_flops(config: Any, n_visual: int) -> int:
-    """FLOPs of LLaVA's two-layer MLP projector on ``n_visual`` tokens."""
+    """FLOPs of the projector on ``n_visual`` tokens: the family spec's count (`FamilySpec.projector_flops`,
+    Qwen's PatchMerger on ``n_visual`` units) or, when it gives None, LLaVA's two-layer MLP."""
+    from benchmarks.models import family_spec
+
+    own = family_spec(config).projector_flops(config, int(n_visual))
+    if own is not None:
+        return int(own)
     dv = int(config.vision_config.hidden_size)
     layers = config.vision_feature_layer
     dv *= len(layers) if isinstance(layers, (list, tuple)) else 1
@@ -150,24 +169,53 @@ class PrefillFlops:
         return {**asdict(self), "total": self.total}
 
 
+def _grid_cells(counts: TokenCounts) -> int:
+    """Cells of every view's feature grid (`TokenCounts.feature_grids`)."""
+    return sum(int(r) * int(c) for r, c in counts.feature_grids)
+
+
+def _unpruned_visual(config: Any, counts: TokenCounts) -> int:
+    """The sample's visual tokens reaching the LLM unpruned: ``visual_in``, else every cell of its
+    feature grids (spec-encoded images), else one view's patch grid."""
+    if counts.visual_in is not None:
+        return int(counts.visual_in)
+    if counts.feature_grids is not None:
+        return _grid_cells(counts)
+    return view_patches(config)
+
+
+def image_vision_flops(config: Any, counts: TokenCounts) -> int:
+    """FLOPs of the vision tower for one sample's counts: the family spec's own count
+    (`FamilySpec.vision_flops`: Qwen's tower on each image's grid) or, when it gives None, a CLIP tower per
+    view that ran on its own counts (``vision``), or ``views`` full views."""
+    from benchmarks.models import family_spec
+
+    own = family_spec(config).vision_flops(config, counts)
+    if own is not None:
+        return int(own)
+    n_vis_all = view_patches(config)
+    if counts.vision is not None:  # the views that ran, each on its own counts
+        return sum(vision_flops(config.vision_config, layers, n_vis_all) for layers in counts.vision)
+    return int(counts.views) * vision_flops(config.vision_config, None, n_vis_all)
+
+
 def prefill_flops(config: Any, n_text: int, counts: TokenCounts | None = None, overhead: int = 0) -> PrefillFlops:
     """Prefill FLOPs of one sample with ``n_text`` non-image prompt tokens.
 
     ``counts`` is this sample's `TokenCounts` (``handle.token_counts[b]``): ``vision``: per view that
     ran, the tokens entering each of its ViT layers (``None``: every layer on each of ``views`` full
-    views), ``llm_visual``: visual tokens entering each decoder layer, ``projector``: tokens entering
-    the projector (default ``llm_visual[0]``). ``None`` means the unpruned, unhooked single-view model.
-    ``overhead`` is the pruner's own FLOPs for this sample.
+    views), ``feature_grids``: per view of a spec-encoded image (Qwen) its grid of units, which the
+    spec's tower count needs, ``llm_visual``: visual tokens entering each decoder layer (``None``: the
+    unpruned count in every layer), ``projector``: tokens entering the projector (default
+    ``llm_visual[0]``). ``None`` means the unpruned, unhooked single-view model (a family whose images
+    have no fixed size, Qwen, needs counts with ``feature_grids``: `reference_counts` of them gives the
+    unhooked model). ``overhead`` is the pruner's own FLOPs for this sample.
     """
     n_layers = int(config.text_config.num_hidden_layers)
-    n_vis_all = view_patches(config)
     counts = counts or TokenCounts()
-    llm_visual = counts.llm_visual or [n_vis_all] * n_layers
+    llm_visual = counts.llm_visual or [_unpruned_visual(config, counts)] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
-    if counts.vision is not None:  # the views that ran, each on its own counts
-        vision = sum(vision_flops(config.vision_config, layers, n_vis_all) for layers in counts.vision)
-    else:
-        vision = int(counts.views) * vision_flops(config.vision_config, None, n_vis_all)
+    vision = image_vision_flops(config, counts)
     n_proj = counts.projector
     return PrefillFlops(
         vision=vision,
@@ -180,12 +228,15 @@ def prefill_flops(config: Any, n_text: int, counts: TokenCounts | None = None, o
 def reference_counts(config: Any, counts: TokenCounts) -> TokenCounts:
     """Counts of the same sample through the unpruned model, from its pruned ``counts``: what its
     keep-all (``budget=None``) cell counts. The ViT as the keep-all run ran it (``reference_vision``;
-    None: every layer on every view, the untouched model), the projector on every patch of every view,
-    the LLM on the image's whole run (``visual_in``)."""
+    None: every layer on every view, the untouched model; spec-encoded images: the tower in full on each
+    image's ``feature_grids``), the projector on every patch of every view (spec-encoded images: every
+    cell of their feature grids, i.e. all of Qwen's units), the LLM on the image's whole run (``visual_in``)."""
     n_layers = int(config.text_config.num_hidden_layers)
-    n_in = int(counts.visual_in if counts.visual_in is not None else view_patches(config))
+    n_in = _unpruned_visual(config, counts)
+    grids = counts.feature_grids
+    n_proj = _grid_cells(counts) if grids is not None else counts.views * view_patches(config)
     return TokenCounts(visual_in=n_in, llm_visual=[n_in] * n_layers, vision=counts.reference_vision,
-                       views=counts.views, projector=counts.views * view_patches(config))
+                       views=counts.views, projector=n_proj, feature_grids=None if grids is None else list(grids))
 
 
 def equiv_tokens(counts: TokenCounts | None, n_layers: int, n_visual: int) -> float:
@@ -210,10 +261,10 @@ def sample_cost(
 ) -> SampleCost:
     """One sample's figures from its `TokenCounts` (``handle.token_counts[b]``), with ``n_text`` non-image
     prompt tokens. ``n_visual``: its unpruned visual tokens when the counts do not say (``visual_in``);
-    default one view's patch grid."""
+    default every cell of its feature grids (spec-encoded images), else one view's patch grid."""
     counts = counts or TokenCounts()
-    if n_visual is None:
-        n_visual = view_patches(config)
+    if not counts.visual_in and n_visual is None:
+        n_visual = _grid_cells(counts) if counts.feature_grids is not None else view_patches(config)
     n_in = int(counts.visual_in or n_visual)
     n_layers = int(config.text_config.num_hidden_layers)
     return SampleCost(

@@ -24,6 +24,10 @@ class TokenCounts:
     merged:     merged tokens (no grid index) among those reaching the LLM.
     reference_vision: ``vision`` of the same sample in the keep-all run (what its unpruned cost counts);
                 None when that run leaves the tower untouched.
+    feature_grids: per view of an image the family spec encoded itself (``FamilySpec.vision_loop = False``,
+                Qwen2-VL / Qwen2.5-VL), the (rows, cols) grid of the features it gave, as its layout's
+                rectangle (Qwen: merged 2x2 units; its tower ran in full on merge*rows x merge*cols patches).
+                What the spec's ``vision_flops`` needs; None when the engine ran the tower itself.
     """
 
     visual_in: int | None = None
@@ -33,6 +37,7 @@ class TokenCounts:
     projector: int | None = None
     merged: int = 0
     reference_vision: list[list[int]] | None = None
+    feature_grids: list[tuple[int, int]] | None = None
 
     @classmethod
     def total(cls, images: list[TokenCounts], n_layers: int) -> TokenCounts:
@@ -40,7 +45,7 @@ class TokenCounts:
         if len(images) == 1:
             return images[0]
 
-        def views(field: str) -> list[list[int]] | None:
+        def views(field: str) -> list | None:
             parts = [getattr(c, field) for c in images]
             return None if any(p is None for p in parts) else [v for p in parts for v in p]
 
@@ -49,7 +54,7 @@ class TokenCounts:
             llm_visual=[sum(c.llm_visual[i] for c in images) for i in range(n_layers)],
             vision=views("vision"), views=sum(c.views for c in images),
             projector=sum(int(c.projector or 0) for c in images), merged=sum(c.merged for c in images),
-            reference_vision=views("reference_vision"),
+            reference_vision=views("reference_vision"), feature_grids=views("feature_grids"),
         )
 
 

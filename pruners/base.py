@@ -173,11 +173,12 @@ class Pruner:
         return False
 
     @property
-    def positions(self) -> str:
+    def positions(self) -> str | None:
         """How the engine numbers the visual tokens an in-LLM stage keeps: ``"original"`` (their RoPE
-        positions, as FastV does) or ``"compact"`` (renumbered contiguously). The ``positions``
-        parameter where a method declares one (`pruners.params.POSITIONS`), else ``"original"``."""
-        return str(self.params.get("positions", "original"))
+        positions, as FastV does), ``"compact"`` (renumbered contiguously) or None (compact where the
+        model family defines it, else original). The ``positions`` parameter where a method declares one
+        (`pruners.params.POSITIONS`), else ``"original"``."""
+        return self.params.get("positions", "original")
 
     @property
     def keeps_all(self) -> bool:

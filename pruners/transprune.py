@@ -108,18 +108,15 @@ class TransPrune(ProgressiveSchedule, Pruner):
     """TTV (+ IGA) progressive pruning inside the LLM; see the module docstring."""
 
     stages = ("llm",)
-    conformance_opt_outs = {
-        f"*:{family}": "its default positions='compact' (the authors') is not defined for M-RoPE: refused with a "
-                       "ValueError (positions='original' runs, tests/test_qwen_family.py)"
-        for family in ("qwen2_vl", "qwen2_5_vl")
-    }
     parameters = {
         "layers": Param(list, None, item=int, doc="pruning layers K; null: the authors' 7/9/12 of 32 scaled to the model"),
         "ratios": Param(list, None, item=float, low=0, high=1, low_inclusive=False,
                         doc="keep fractions of the image tokens at every K but the last; null: 0.875, 0.625"),
         "use_iga": Param(bool, True, doc="add instruction-guided attention to TTV (false: TTV alone)"),
         "ttv_start": Param(int, None, doc="first decoder layer whose TTV is accumulated; null: layers[0] - 1"),
-        "positions": Param(str, "compact", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
+        "positions": Param(str, None, choices=POSITIONS,
+                           doc="RoPE positions of the kept tokens; null: compact (the authors') where the model "
+                               "family defines it (1-D RoPE), else original (M-RoPE)"),
         # Tuner-friendly flat spellings of `ratios` (one per pruning layer but the last).
         "ratio_1": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.5, 1.0),
                          folds_into="ratios", doc="ratios[0], for the tuner"),

@@ -115,7 +115,7 @@ def test_generate_with_pruned_cache_equals_recompute(tiny, batch, method, params
         rec = _record_llm_decisions(h) if method != "vflowopt" else {}
         gen = model.generate(**batch, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
                              output_logits=True)
-        positions = h.pruner.params.get("positions", "original")
+        positions = h.adapter.positions  # as the engine resolved it for this model
     cached = torch.stack(gen.logits, 1)  # [B, steps, V]
     if method == "vflowopt":
         ref = greedy_recompute(model, batch, steps, method, {"budget": 6, **params})

@@ -65,7 +65,7 @@ def generate(model, x, steps=3):
 
 
 def params_of(method):
-    return {"positions": "original"} if method == "transprune" else {}
+    return {}  # transprune's default positions are original on M-RoPE families
 
 
 def test_keep_all_equals_unpruned(qwen):
@@ -213,7 +213,7 @@ def test_cls_methods_refuse_naming_method_and_model(qwen, method):
 
 @pytest.mark.parametrize("method,params,match", [
     ("flowcut", {}, "vision"), ("vflowopt", {}, "vision encoder's blocks"),
-    ("transprune", {}, "positions='compact'"),
+    ("transprune", {"positions": "compact"}, "positions='compact'"),
 ])
 def test_unsupported_methods_refuse_clearly(qwen, method, params, match):
     model = qwen[0]

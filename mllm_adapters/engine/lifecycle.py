@@ -57,7 +57,9 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
         self.info = spec.model_info()
         pruner.attach(self.info)
         self.positions = pruner.positions  # the position handling the pruner declares
-        if spec.pre_llm_positions == "original" and self.positions == "compact" and "llm" in pruner.stages:
+        if self.positions is None:  # the family's: compact where it is defined
+            self.positions = "compact" if spec.compact_llm_positions else "original"
+        if not spec.compact_llm_positions and self.positions == "compact" and "llm" in pruner.stages:
             raise ValueError(
                 f"method {pruner.name!r}: positions='compact' is not defined for {type(self.model).__name__}, whose "
                 "tokens keep their original (M-RoPE) positions; pass positions='original'"
@@ -224,10 +226,14 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
         n_layers = self.info.llm_num_layers
         if self.pruner.keeps_all:  # the model runs untouched
             self.handle.kept_indices = [torch.arange(n, device=input_ids.device) for n in n_packed]
-            # the untouched model projects every patch of every view (before unpadding)
+            # the untouched model projects every patch of every view (before unpadding); an image the spec
+            # encodes itself projects one feature per slot of its run, on each view's grid (`encoded.py`)
+            own = self.spec.vision_loop
             self.handle.token_counts = [
-                TokenCounts(visual_in=lay.n_packed, views=lay.n_tiles, projector=lay.n_tiles * self._n2,
-                            llm_visual=[lay.n_packed] * n_layers)
+                TokenCounts(visual_in=lay.n_packed, views=lay.n_tiles,
+                            projector=lay.n_tiles * self._n2 if own else lay.n_packed,
+                            llm_visual=[lay.n_packed] * n_layers,
+                            feature_grids=None if own else [(r1 - r0, c1 - c0) for r0, r1, c0, c1 in lay.rects])
                 for lay in layouts
             ]
             self.handle.batch_counts = BatchCounts(llm_visual_width=[max(n_packed, default=0)] * n_layers)

@@ -69,6 +69,9 @@ class FamilySpec:
     #: positions of the tokens kept before the LLM: "compact" (renumbered, as if the image had fewer
     #: tokens: LLaVA) or "original" (each keeps the position it has unpruned: M-RoPE families)
     pre_llm_positions: ClassVar[str] = "compact"
+    #: False when renumbering kept tokens contiguously inside the LLM (``positions="compact"``) is not
+    #: defined for the family's positions (M-RoPE)
+    compact_llm_positions: ClassVar[bool] = True
     #: extra forward inputs aligned with the prompt that must shrink with it ([B, L] each)
     prompt_aligned_inputs: ClassVar[tuple[str, ...]] = ()
     #: how a prompt writes one image (before the processor expands it into the image's placeholders)
@@ -117,6 +120,19 @@ class FamilySpec:
         positions covering it [G, c] (-1 = none), or None when cell i is token i); see
         `benchmarks.metrics.relevant_recall`. Default: one view's grid, cell i = token i."""
         return cls.view_grid(config), None
+
+    @classmethod
+    def vision_flops(cls, config: Any, counts: Any) -> int | None:
+        """Prefill FLOPs of the vision tower for one sample's `TokenCounts` (two per multiply-add), or None
+        to let `benchmarks.flops` count a CLIP-style tower (patch embedding, per view and layer the four
+        projections, scores, values, two MLP matrices, on ``counts.vision`` or ``views`` full views)."""
+        return None
+
+    @classmethod
+    def projector_flops(cls, config: Any, n_tokens: int) -> int | None:
+        """Prefill FLOPs of the projector on ``n_tokens`` tokens reaching the LLM, or None to let
+        `benchmarks.flops` count LLaVA's two-layer MLP projector."""
+        return None
 
     # ---- model facts --------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:

@@ -59,6 +59,7 @@ class Qwen2VLSpec(FamilySpec):
     keeps_call_state = True  # rope_deltas lives on the model
     vision_loop = False
     pre_llm_positions = "original"
+    compact_llm_positions = False
     prompt_aligned_inputs = ("mm_token_type_ids",)
     prompt_image = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -79,6 +80,65 @@ class Qwen2VLSpec(FamilySpec):
     @classmethod
     def layout_for(cls, config: Any, image_size: tuple[int, int] | None) -> ImageLayout:
         raise NotImplementedError("Qwen2-VL layouts come from the processor's image_grid_thw")
+
+    # ---- prefill FLOPs (what `benchmarks.flops` asks; two FLOPs per multiply-add, matmuls only) ----------
+    @classmethod
+    def vision_flops(cls, config: Any, counts: Any) -> int:
+        """The vision tower on every image of one sample (`TokenCounts.feature_grids`: per image its
+        rows x cols merged units, i.e. gh x gw = merge*rows x merge*cols patches), always in full: pre-LLM
+        pruning acts on the tower's output. Per image of N = gh*gw patches (`image_vision_flops`)."""
+        if counts.vision:
+            raise ValueError(f"{cls.model_classes[0]}: the vision tower never runs pruned (counts.vision must be None)")
+        if counts.feature_grids is None:
+            raise ValueError(f"{cls.model_classes[0]}: FLOPs need each image's grid (TokenCounts.feature_grids, "
+                             "which the engine records); an image's size is not fixed by the config")
+        return sum(cls.image_vision_flops(config, int(r), int(c)) for r, c in counts.feature_grids)
+
+    @classmethod
+    def image_vision_flops(cls, config: Any, rows: int, cols: int) -> int:
+        """The tower on one image of rows x cols merged units (N = merge**2 * rows * cols patches, width D):
+        patch embedding (Conv3d, kernel C x T x P x P) 2 N C T P^2 D; per block fused qkv 6 N D^2, proj 2 N D^2,
+        scores and values 4 D sum_s s^2 over the block's attention segments (`attention_segments`) and
+        the MLP (`_vision_mlp_flops`). Rotary tables and norms are not matmuls."""
+        v = config.vision_config
+        m = int(v.spatial_merge_size)
+        n = m * m * rows * cols
+        d = cls._vision_width(config)
+        p = int(v.patch_size)
+        total = 2 * n * int(v.in_channels) * int(v.temporal_patch_size) * p * p * d  # patch embedding
+        for segments in cls.attention_segments(config, rows, cols):
+            total += 2 * n * d * 3 * d + 2 * n * d * d  # fused qkv, proj
+            total += 2 * 2 * d * sum(s * s for s in segments)  # q k^T and p v per segment, all heads
+            total += cls._vision_mlp_flops(config, n)
+        return total
+
+    @classmethod
+    def attention_segments(cls, config: Any, rows: int, cols: int) -> list[list[int]]:
+        """Per vision block, the patch counts of the segments its attention runs over for one image of
+        rows x cols units (Qwen2-VL: the whole image in every block, ``cu_seqlens``)."""
+        v = config.vision_config
+        m = int(v.spatial_merge_size)
+        return [[m * m * rows * cols] for _ in range(int(v.depth))]
+
+    @classmethod
+    def _vision_width(cls, config: Any) -> int:
+        return int(config.vision_config.embed_dim)  # Qwen2-VL: hidden_size is the merger's output
+
+    @classmethod
+    def _vision_mlp_flops(cls, config: Any, n: int) -> int:
+        """fc1 / fc2 (D -> mlp_ratio * D -> D) on n patches."""
+        v = config.vision_config
+        d = cls._vision_width(config)
+        return 2 * 2 * n * d * int(d * float(v.mlp_ratio))
+
+    @classmethod
+    def projector_flops(cls, config: Any, n_tokens: int) -> int:
+        """The PatchMerger on ``n_tokens`` units reaching the LLM: Linear(4D, 4D) and Linear(4D, D_text)
+        (4 = merge**2 patches per unit), 2 n (16 D^2 + 4 D D_text)."""
+        m = int(config.vision_config.spatial_merge_size)
+        dm = cls._vision_width(config) * m * m
+        dt = int(config.text_config.hidden_size)
+        return 2 * int(n_tokens) * (dm * dm + dm * dt)
 
     def model_info(self) -> ModelInfo:
         vcfg, tcfg = self.config.vision_config, self.config.text_config
