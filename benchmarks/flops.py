@@ -184,7 +184,7 @@ def _unpruned_visual(config: Any, counts: TokenCounts) -> int:
     return view_patches(config)
 
 
-def image_vision_flops(config: Any, counts: TokenCounts) -> int:
+def tower_flops(config: Any, counts: TokenCounts) -> int:
     """FLOPs of the vision tower for one sample's counts: the family spec's own count
     (`FamilySpec.vision_flops`: Qwen's tower on each image's grid) or, when it gives None, a CLIP tower per
     view that ran on its own counts (``vision``), or ``views`` full views."""
@@ -215,7 +215,7 @@ def prefill_flops(config: Any, n_text: int, counts: TokenCounts | None = None, o
     counts = counts or TokenCounts()
     llm_visual = counts.llm_visual or [_unpruned_visual(config, counts)] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
-    vision = image_vision_flops(config, counts)
+    vision = tower_flops(config, counts)
     n_proj = counts.projector
     return PrefillFlops(
         vision=vision,

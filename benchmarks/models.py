@@ -52,7 +52,7 @@ def visual_tokens_of(config: Any) -> int:
 
 
 #: conf/model keys of a ``source: tiny`` model passed to its family's ``build_tiny`` / ``tiny_config``.
-TINY_KEYS = ("image_size", "patch_size", "vision_layers", "text_layers", "grid_pinpoints")
+TINY_KEYS = ("image_size", "patch_size", "vision_layers", "text_layers", "grid_pinpoints", "min_pixels", "max_pixels")
 
 
 def _tiny_family(cfg: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
@@ -142,9 +142,13 @@ class LoadedModel:
             return self.num_visual_tokens
         return self.image_layout(image_size).n_packed
 
-    def recall_cover(self, image_size: tuple[int, int] | None) -> tuple[tuple[int, int], Any]:
+    def recall_cover(self, image_size: tuple[int, int] | None,
+                     grid: tuple[int, int] | None = None) -> tuple[tuple[int, int], Any]:
         """(grid over the whole image to ask the task's relevant patches on, token cover of its cells or
-        None); see `benchmarks.metrics.relevant_recall` and `FamilySpec.recall_cover`, cached per size."""
+        None); see `benchmarks.metrics.relevant_recall` and `FamilySpec.recall_cover`, cached per size.
+        ``grid``: the image's own token grid where the family has one (`image_grids`)."""
+        if grid is not None:
+            return tuple(grid), None  # cell i = token i over the image's own grid
         key = None if image_size is None else (int(image_size[0]), int(image_size[1]))
         if key not in self._cover_cache:
             if key is None and self.size_dependent:
@@ -158,7 +162,20 @@ class LoadedModel:
         return next(self.model.parameters()).device
 
     def prompt(self, question: str) -> str:
-        return self.prompt_template.format(question=question)
+        """The prompt for ``question``: ``prompt_template`` with its ``<image>`` written the way the family
+        writes one image (`FamilySpec.prompt_image`), or, for ``prompt_template: chat``, the processor's
+        own chat template on one user turn holding the image and the question."""
+        if self.prompt_template == CHAT:
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.prompt_template.format(question=question).replace("<image>", self.spec.prompt_image)
+
+    def image_grids(self, enc: dict[str, Any]) -> list[tuple[int, int] | None]:
+        """Per image of a processed batch, its token grid when the family's images have one of their
+        own (Qwen: each image's merged-unit grid), else None per image (`FamilySpec.image_grids`)."""
+        n = len(enc["input_ids"])
+        grids = self.spec.image_grids(self.config, enc)
+        return list(grids) if grids is not None else [None] * n
 
 
 def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
@@ -170,7 +187,13 @@ def resolve_dtype(dtype: str | None, device: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
+#: ``prompt_template: chat``: the processor's chat template (one user turn: the image, then the question)
+CHAT = "chat"
+
+
 def _check_template(template: str, where: str) -> str:
+    if template == CHAT:
+        return template
     if "{question}" not in template or "<image>" not in template:
         raise ValueError(
             f"prompt_template from {where} must contain '<image>' and '{{question}}', got {template!r}"

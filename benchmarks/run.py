@@ -281,6 +281,7 @@ def run_cell(
             kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
             overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
             sizes = [(s.image.height, s.image.width) for s in batch]  # [B] (h, w) px, as the processor saw them
+            grids = lm.image_grids(enc)  # [B] the image's own token grid (Qwen) or None
             for b, (s, pred) in enumerate(zip(batch, preds)):
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
                 # This sample's own counts (ragged in-ViT pruning, LLaVA-NeXT's image-dependent runs).
@@ -292,7 +293,7 @@ def run_cell(
                 ref_total += c.reference
                 score = float(task.score(pred, s))
                 k_b = kept[b] if b < len(kept) else None
-                grid_b, cover_b = lm.recall_cover(sizes[b])
+                grid_b, cover_b = lm.recall_cover(sizes[b], grids[b])
                 rec = relevant_recall(k_b, list(s.relevant_patches(grid_b)), cover_b)
                 visual_in.append(n_in)
                 equiv.append(e)

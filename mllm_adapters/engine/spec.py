@@ -115,6 +115,12 @@ class FamilySpec:
         raise NotImplementedError
 
     @classmethod
+    def image_grids(cls, config: Any, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """Per image of processed ``inputs``, its own token grid (rows, cols) when the family's images have
+        one that depends on the image (Qwen: merged units), else None (the layout's grid applies)."""
+        return None
+
+    @classmethod
     def recall_cover(cls, config: Any, image_size: tuple[int, int] | None) -> tuple[tuple[int, int], torch.Tensor | None]:
         """(grid over the whole image to ask a task's relevant patches on, and per grid cell the run
         positions covering it [G, c] (-1 = none), or None when cell i is token i); see
