@@ -31,8 +31,8 @@ attention segments (2-VL: the whole image, s = N, in every block; 2.5: its ``win
 ``get_vision_window_index``, except the whole image in ``fullatt_block_indexes``), MLP fc1/fc2
 4 N D M (2-VL, M = mlp_ratio D) or SwiGLU 6 N D M (2.5, M = intermediate_size). The PatchMerger
 (Linear(4D, 4D), Linear(4D, D_text)) runs on the units that reach the LLM (pre-LLM pruning projects only
-the kept ones): 2 n (16 D^2 + 4 D D_text). The LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula
-as Llama's.
+the kept ones; the engine runs the tower without its own merger pass): 2 n (16 D^2 + 4 D D_text). The
+LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula as Llama's.
 
 Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
 ``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
@@ -213,9 +213,9 @@ def prefill_flops(config: Any, n_text: int, counts: TokenCounts | None = None, o
     """
     n_layers = int(config.text_config.num_hidden_layers)
     counts = counts or TokenCounts()
+    vision = tower_flops(config, counts)
     llm_visual = counts.llm_visual or [_unpruned_visual(config, counts)] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
-    vision = tower_flops(config, counts)
     n_proj = counts.projector
     return PrefillFlops(
         vision=vision,

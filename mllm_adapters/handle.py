@@ -28,6 +28,10 @@ class TokenCounts:
                 Qwen2-VL / Qwen2.5-VL), the (rows, cols) grid of the features it gave, as its layout's
                 rectangle (Qwen: merged 2x2 units; its tower ran in full on merge*rows x merge*cols patches).
                 What the spec's ``vision_flops`` needs; None when the engine ran the tower itself.
+    spec_encoded: True when the engine had the family spec encode the images (`FamilySpec.encode_images`,
+                `engine/encoded.py`) and projected what reaches the LLM itself (``projector``); False when
+                the model ran untouched. The spec's ``vision_flops`` counts what its ``encode_images`` runs
+                (Qwen: the whole tower, its own PatchMerger on every unit included, whose output is unused).
     """
 
     visual_in: int | None = None
@@ -38,6 +42,7 @@ class TokenCounts:
     merged: int = 0
     reference_vision: list[list[int]] | None = None
     feature_grids: list[tuple[int, int]] | None = None
+    spec_encoded: bool = False
 
     @classmethod
     def total(cls, images: list[TokenCounts], n_layers: int) -> TokenCounts:
@@ -55,6 +60,7 @@ class TokenCounts:
             vision=views("vision"), views=sum(c.views for c in images),
             projector=sum(int(c.projector or 0) for c in images), merged=sum(c.merged for c in images),
             reference_vision=views("reference_vision"), feature_grids=views("feature_grids"),
+            spec_encoded=any(c.spec_encoded for c in images),
         )
 
 

@@ -12,48 +12,24 @@ so batch size 1 runs its own code unchanged and N > 1 runs ``_generate_batched``
 
 from __future__ import annotations
 
-import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import PIL.Image
-import torch
-import yaml
 from lmms_eval import utils as lmms_utils
 from lmms_eval.models.simple.llava_hf import DEFAULT_IMAGE_TOKEN, VICUNA_CHAT_TEMPLATE, LlavaHf
 
-from benchmarks.models import EMBEDDED_DIR, check_checkpoint
-from mllm_adapters import apply_pruner
+from benchmarks.lmms.common import PrunebenchModel, chat_template_from_prompt
+from benchmarks.models import EMBEDDED_DIR
+
+__all__ = ["PrunebenchLlava", "chat_template_from_prompt"]
 
 
-def _scalar(value: Any) -> Any:
-    """lmms-eval passes model_args as strings: '64' -> 64, 'null' -> None, 'compact' -> 'compact'."""
-    return yaml.safe_load(value) if isinstance(value, str) else value
-
-
-def chat_template_from_prompt(prompt_template: str) -> str:
-    """A Jinja chat template that reproduces a prunebench ``prompt_template`` for one user turn.
-
-    llava_hf sends ``"<image>\\n" + question`` as the user message; rendering it with this template
-    gives exactly ``prompt_template.format(question=question)``, the prompt the model was trained on.
-    """
-    prefix, suffix = prompt_template.split("{question}")
-    if "<image>" not in prefix:
-        raise ValueError(f"prompt_template must put <image> before {{question}}, got {prompt_template!r}")
-    before, after = prefix.split("<image>", 1)
-    esc = lambda s: s.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")  # noqa: E731
-    content = f"message['content'] | replace('<image>\\n', '<image>{esc(after)}')"
-    return (
-        "{% for message in messages %}{% if message['role'] == 'user' %}"
-        f"{{{{ '{esc(before)}' }}}}{{{{ {content} }}}}{{{{ '{esc(suffix)}' }}}}"
-        "{% endif %}{% endfor %}"
-    )
-
-
-class PrunebenchLlava(LlavaHf):
+class PrunebenchLlava(PrunebenchModel, LlavaHf):
     """LLaVA (HF format) evaluated by lmms-eval with visual-token pruning."""
+
+    MODEL_ID = "prunebench_llava"
 
     def __init__(
         self,
@@ -63,60 +39,18 @@ class PrunebenchLlava(LlavaHf):
         seed: Any = 0,
         **kwargs: Any,
     ) -> None:
-        batch_size = kwargs.get("batch_size", 1)
-        if not (str(batch_size).isdigit() and int(batch_size) >= 1):
-            raise ValueError(f"prunebench_llava: --batch_size {batch_size!r} is not supported; accepted: an integer "
-                             ">= 1 (requests per generate call; 'auto' is not supported)")
-        own = set(inspect.signature(LlavaHf.__init__).parameters) - {"self", "kwargs"}
-        llava_kwargs = {k: v for k, v in kwargs.items() if k in own}
-        method_params = {k: _scalar(v) for k, v in kwargs.items() if k not in own}
+        llava_kwargs, method_params = self.split_model_args(LlavaHf, kwargs)
         path = str(EMBEDDED_DIR) if pretrained == "embedded" else pretrained
-        from huggingface_hub.constants import HF_HUB_OFFLINE
-
-        check_checkpoint(path, local_only=bool(HF_HUB_OFFLINE), name="prunebench_llava")
+        self.check_pretrained(path)
         meta = Path(path) / "prunebench.json"
         if meta.is_file() and llava_kwargs.get("chat_template") is None:
             llava_kwargs["chat_template"] = chat_template_from_prompt(json.loads(meta.read_text())["prompt_template"])
-        llava_kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
-        if not llava_kwargs.get("device_map"):
-            # llava_hf's default device_map "" is rejected by transformers 5: name the device (per process).
-            rank = os.environ.get("LOCAL_RANK")
-            dev = llava_kwargs["device"]
-            llava_kwargs["device_map"] = f"cuda:{rank}" if rank is not None and str(dev).startswith("cuda") else dev
         super().__init__(pretrained=path, **llava_kwargs)
-        self.handle = apply_pruner(
-            self._model, method, budget=_scalar(budget), seed=int(_scalar(seed)), tokenizer=self._tokenizer,
-            **method_params,
-        )
-        self._prefills, self._image_call = 0, 0
-        # Runs before the pruner's hook (which consumes pixel_values) and after a completed forward.
-        self._model.register_forward_pre_hook(self._mark_image_call, with_kwargs=True, prepend=True)
-        self._model.register_forward_hook(self._count_prefill)
+        self.attach_pruner(method, budget, seed, self._tokenizer, method_params)
 
-    def _mark_image_call(self, module, args, kwargs) -> None:
-        # Prefill with images: one per sample of the batch (rows of input_ids, or of the embeddings).
-        rows = kwargs.get("input_ids") if kwargs.get("input_ids") is not None else kwargs.get("inputs_embeds")
-        self._image_call = rows.shape[0] if kwargs.get("pixel_values") is not None and rows is not None else 0
-
-    def _count_prefill(self, module, args, output) -> None:
-        self._prefills += self._image_call
-        self._image_call = 0
-
-    def generate_until(self, requests):
-        """llava_hf's generation, but a failed request is an error, not an empty answer.
-
-        (llava_hf logs generation exceptions and returns ''; for a benchmark that would silently
-        score a broken pruner as wrong answers.)
-        """
-        before = self._prefills
-        out = super().generate_until(requests) if self.batch_size == 1 else self._generate_batched(requests)
-        done = self._prefills - before
-        if done < len(requests):
-            raise RuntimeError(
-                f"prunebench_llava: {len(requests) - done} of {len(requests)} requests did not run "
-                f"(method={self.handle.pruner.name!r}); see the log above for the generation error"
-            )
-        return out
+    def _generate(self, requests) -> list[str]:
+        """llava_hf's own code at batch size 1 (it asserts 1), else `_generate_batched`."""
+        return super()._generate(requests) if self.batch_size == 1 else self._generate_batched(requests)
 
     def _chat(self, context: str, n_images: int) -> str:
         """The prompt llava_hf builds for one request (image tokens first if the task gave none)."""

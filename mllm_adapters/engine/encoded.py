@@ -35,9 +35,9 @@ class EncodedImages:
         feats = self.spec.encode_images(kwargs, layouts)  # per image [n_i, Dv]
         pruner = self.pruner
         run_pre = "pre_llm" in pruner.stages and not pruner.keeps_all
-        self.handle.token_counts = [TokenCounts(visual_in=lay.n_packed, views=lay.n_tiles,
+        self.handle.token_counts = [TokenCounts(visual_in=lay.n_packed, views=lay.n_tiles, spec_encoded=True,
                                                 feature_grids=[(r1 - r0, c1 - c0) for r0, r1, c0, c1 in lay.rects])
-                                    for lay in layouts]  # the tower ran in full on every view's grid
+                                    for lay in layouts]  # the spec's encoder ran on every view's whole grid
         self.handle.batch_counts = BatchCounts()
         pixels = self.spec.image_pixels(kwargs, layouts) if run_pre else []
         out = []

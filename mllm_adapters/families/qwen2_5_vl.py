@@ -57,10 +57,9 @@ class Qwen2_5_VLSpec(Qwen2VLSpec):
 
         grid = kwargs["image_grid_thw"]
         v = self.visual
-        out = v(kwargs["pixel_values"].type(v.dtype), grid_thw=grid)
+        hs = self._tower(kwargs["pixel_values"], grid)  # [N_patches, Dv] in window order, 4 rows = one unit
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
                                                   window_size=v.window_size, patch_size=v.patch_size)
-        hs = out.last_hidden_state  # [N_patches, Dv] in window order, 4 consecutive rows = one unit
         dv = hs.shape[-1]
         units = hs.reshape(-1, self.merge**2 * dv)[torch.argsort(window_index)]  # [N_units, 4 * Dv], raster
         return list(torch.split(units, (grid.prod(-1) // self.merge**2).tolist()))

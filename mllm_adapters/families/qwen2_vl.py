@@ -81,18 +81,30 @@ class Qwen2VLSpec(FamilySpec):
     def layout_for(cls, config: Any, image_size: tuple[int, int] | None) -> ImageLayout:
         raise NotImplementedError("Qwen2-VL layouts come from the processor's image_grid_thw")
 
+    @classmethod
+    def image_grids(cls, config: Any, inputs: dict[str, Any]) -> list[tuple[int, int]] | None:
+        """Per image its merged-unit grid (rows, cols), from the processor's ``image_grid_thw``."""
+        grid = inputs.get("image_grid_thw")
+        if grid is None:
+            return None
+        merge = int(config.vision_config.spatial_merge_size)
+        return [(int(h) // merge, int(w) // merge) for _, h, w in grid.tolist()]
+
     # ---- prefill FLOPs (what `benchmarks.flops` asks; two FLOPs per multiply-add, matmuls only) ----------
     @classmethod
     def vision_flops(cls, config: Any, counts: Any) -> int:
         """The vision tower on every image of one sample (`TokenCounts.feature_grids`: per image its
         rows x cols merged units, i.e. gh x gw = merge*rows x merge*cols patches), always in full: pre-LLM
-        pruning acts on the tower's output. Per image of N = gh*gw patches (`image_vision_flops`)."""
+        pruning acts on the tower's output. Per image of N = gh*gw patches `image_vision_flops`; when the
+        engine had `encode_images` run it, the tower's blocks without its merger (the engine projects the
+        units reaching the LLM, counted as the projector). The untouched model's merger is the projector."""
         if counts.vision:
             raise ValueError(f"{cls.model_classes[0]}: the vision tower never runs pruned (counts.vision must be None)")
         if counts.feature_grids is None:
             raise ValueError(f"{cls.model_classes[0]}: FLOPs need each image's grid (TokenCounts.feature_grids, "
                              "which the engine records); an image's size is not fixed by the config")
-        return sum(cls.image_vision_flops(config, int(r), int(c)) for r, c in counts.feature_grids)
+        grids = [(int(r), int(c)) for r, c in counts.feature_grids]
+        return sum(cls.image_vision_flops(config, r, c) for r, c in grids)
 
     @classmethod
     def image_vision_flops(cls, config: Any, rows: int, cols: int) -> int:
@@ -180,11 +192,21 @@ class Qwen2VLSpec(FamilySpec):
     def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
         """Per image [n_units, 4 * Dv]: the merger's input, each unit's 4 patch states side by side."""
         grid = kwargs["image_grid_thw"]
-        out = self.visual(kwargs["pixel_values"].type(self.visual.dtype), grid_thw=grid)
-        hs = out.last_hidden_state  # [N_patches, Dv], unit-major (4 consecutive rows = one unit)
+        hs = self._tower(kwargs["pixel_values"], grid)  # [N_patches, Dv], unit-major (4 rows = one unit)
         dv = hs.shape[-1]
         per = torch.split(hs, grid.prod(-1).tolist())
         return [h.reshape(-1, self.merge**2 * dv) for h in per]
+
+    def _tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """The vision tower's blocks on every patch [N_patches, Dv], without its own PatchMerger pass (the
+        engine projects only the units that reach the LLM, `project`): the merger's forward is bypassed
+        for this call (the model is used by one thread at a time, `keeps_call_state`)."""
+        merger = self.visual.merger
+        merger.forward = lambda x: x  # the tower's forward ends with the merger; its output is unused here
+        try:
+            return self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid).last_hidden_state
+        finally:
+            del merger.forward
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """The PatchMerger on [.., n, 4 * Dv] unit features -> [.., n, Dt]."""
