@@ -413,3 +413,34 @@ def test_tiny_next_flowcut_cell_flops_match_the_flop_counter(tmp_path, next_shap
             with FlopCounterMode(display=False) as counter:
                 model(**enc, logits_to_keep=1)
         assert r["tflops_prefill"] * 1e12 == pytest.approx(counter.get_total_flops(), rel=1e-9)
+
+
+# ---- Qwen2-VL / Qwen2.5-VL end to end on the tiny models ------------------------------------------
+QWEN_IN = [36, 32, 36]  # merged units per sample: 192 px squares -> 96 x 96 px = 6 x 6 units; the squeezed one 64 x 128 px = 4 x 8
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+def test_tiny_qwen_sweep_counts_each_image(tmp_path, next_shapes, model):
+    """none / random / fastv on 3 samples (one squeezed to 96 x 192 px: a ragged batch) of the tiny Qwen
+    models: per-sample units, kept counts, FLOPs equal to the spec's (the tower in full, the merger on
+    what reaches the LLM), recall on each image's own unit grid."""
+    cells = {}
+    for method in ("none", "random", "fastv"):
+        for p in runner.run(_cfg([f"model={model}", *TINY[1:], f"results_dir={tmp_path}", f"method={method}",
+                                  "budgets=[null,8,20]", "n_samples=3"])):
+            cells[(p.parts[-2], store.read_metrics(p)["budget"])] = p
+    assert set(cells) == {("none", None), ("random", 8), ("random", 20), ("fastv", 8), ("fastv", 20)}
+    ref_rows = _rows(cells[("none", None)])
+    assert [r["visual_in"] for r in ref_rows] == QWEN_IN and [r["n_kept"] for r in ref_rows] == QWEN_IN
+    assert [r["kept"] for r in ref_rows] == [[list(range(n))] for n in QWEN_IN]
+    assert all(r["relevant_recall"] in (None, 1.0) for r in ref_rows)
+    for method, budget in ((m, b) for m in ("random", "fastv") for b in (8, 20)):
+        rows = _rows(cells[(method, budget)])
+        assert [r["n_kept"] for r in rows] == [min(budget, n) for n in QWEN_IN], (method, budget)
+        assert [len(r["kept"][0]) for r in rows] == [min(budget, n) for n in QWEN_IN]
+        m = store.read_metrics(cells[(method, budget)])
+        assert 0 < m["flops_rel"] < 1.0
+        assert all(r["relevant_recall"] is None or 0.0 <= r["relevant_recall"] <= 1.0 for r in rows)
+        # each row's FLOPs are its own image's: fewer units reaching the LLM cost less than unpruned
+        assert all(r["tflops_prefill"] < ref["tflops_prefill"] for r, ref, n in zip(rows, ref_rows, QWEN_IN)
+                   if min(budget, n) < n)
