@@ -8,7 +8,7 @@ import pytest
 from benchmarks.perf.model import model_perf
 
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-next"])
+@pytest.mark.parametrize("model", ["tiny", "tiny-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
 def test_model_perf_runs_on_tiny_configs(model):
     result = model_perf(model=model, methods=("fastv", "random"), repeats=1, verbose=False)
     rows = result["rows"]

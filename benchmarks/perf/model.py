@@ -98,12 +98,32 @@ def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
     return load_model(OmegaConf.to_container(OmegaConf.load(path), resolve=True), "cpu")
 
 
+#: image size (h, w) px for models whose images have their own size (Qwen) when --image-size is not given
+PROCESSOR_IMAGE_SIZE = (448, 448)
+
+
 def default_image_size(lm: Any) -> tuple[int, int] | None:
-    """Anyres: the pinpoint whose image packs the longest run (no unpadding); None otherwise."""
+    """Anyres: the pinpoint whose image packs the longest run (no unpadding); a family whose processor
+    sizes each image (Qwen): `PROCESSOR_IMAGE_SIZE`; None otherwise."""
     if not lm.size_dependent:
         return None
+    if not hasattr(lm.config, "image_grid_pinpoints"):
+        return PROCESSOR_IMAGE_SIZE
     pins = [tuple(int(v) for v in p) for p in lm.config.image_grid_pinpoints]
     return max(pins, key=lambda hw: lm.image_tokens(hw))
+
+
+def _processor_inputs(lm: Any, image_size: tuple[int, int], seed: int) -> dict[str, torch.Tensor]:
+    """Batch of one through the model's own processor: a random image of ``image_size`` px and a prompt
+    of `N_BEFORE` + `N_AFTER` words around it (words the tokenizer knows)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.RandomState(seed)
+    image = Image.fromarray(rng.randint(0, 255, (*image_size, 3), dtype=np.uint8))
+    before, after = " ".join(["what"] * N_BEFORE), " ".join(["colour"] * N_AFTER)
+    text = f"{before} {lm.spec.prompt_image} {after}"
+    return dict(lm.processor(images=[image], text=[text], return_tensors="pt"))
 
 
 def make_inputs(lm: Any, image_size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -116,6 +136,8 @@ def make_inputs(lm: Any, image_size: tuple[int, int] | None = None, seed: int = 
     text = torch.randint(3, min(31999, vocab - 1), (N_BEFORE + N_AFTER,), generator=g)
     text = text + (text >= img).long()  # never the image placeholder
     text[0] = 1
+    if lm.processor is not None and not lm.spec.vision_loop:  # the processor decides the image's tokens
+        return _processor_inputs(lm, image_size or PROCESSOR_IMAGE_SIZE, seed)
     n_vis = lm.image_tokens(image_size) if lm.size_dependent else lm.num_visual_tokens
     ids = torch.cat([text[:N_BEFORE], torch.full((n_vis,), img), text[N_BEFORE:]])[None]
     px = int(config.vision_config.image_size)
@@ -137,6 +159,13 @@ def untouched_flops(lm: Any, n_text: int, image_size: tuple[int, int] | None = N
     config = config if config is not None else lm.config
     from mllm_adapters.handle import TokenCounts
 
+    if not lm.spec.vision_loop:  # the untouched model's own counts (every unit, the tower on the whole image)
+        from mllm_adapters import apply_pruner
+
+        with apply_pruner(lm.model, "none") as h, torch.inference_mode():
+            lm.model(**make_inputs(lm, image_size), use_cache=False, logits_to_keep=1)
+            (counts,) = h.token_counts
+        return prefill_flops(config, n_text, reference_counts(config, counts)).total
     if not lm.size_dependent:
         return prefill_flops(config, n_text).total
     counts = TokenCounts(views=lm.image_layout(image_size).n_tiles, visual_in=lm.image_tokens(image_size))
@@ -217,10 +246,11 @@ def model_perf(
     if lm.size_dependent:
         image_size = tuple(int(v) for v in image_size) if image_size else default_image_size(lm)
     elif image_size:
-        raise ValueError(f"--image-size is for anyres models (LLaVA-NeXT); {model!r} takes one fixed grid")
+        raise ValueError(f"--image-size is for models whose image tokens depend on the image's size (LLaVA-NeXT, "
+                         f"Qwen); {model!r} takes one fixed grid")
     inputs = make_inputs(lm, image_size)
-    n_text = N_BEFORE + N_AFTER
-    n_vis = int(inputs["input_ids"].shape[1]) - n_text
+    n_vis = int((inputs["input_ids"] == int(cfg.image_token_id)).sum())  # the image's placeholders
+    n_text = int(inputs["input_ids"].shape[1]) - n_vis
     budgets = perf_budgets(lm, n_vis, budgets)
     build_s = time.perf_counter() - t0
     n_layers = int(cfg.text_config.num_hidden_layers)
@@ -281,7 +311,9 @@ def model_perf(
     else:
         desc = f"conf/model {model} ({n_layers} LLM layers, {cfg.vision_config.num_hidden_layers} ViT layers)"
     if lm.size_dependent:
-        desc += f", image {image_size[0]} x {image_size[1]} px ({lm.image_layout(image_size).n_tiles} tiles)"
+        views = (f"{lm.image_layout(image_size).n_tiles} tiles" if lm.spec.vision_loop
+                 else f"{n_vis} merged units")  # Qwen: the processor's grid
+        desc += f", image {image_size[0]} x {image_size[1]} px ({views})"
     result = {
         "model": f"{desc}, CPU threads={torch.get_num_threads()}",
         "prompt_tokens": n_text + n_vis, "visual_tokens": n_vis, "budgets": budgets, "repeats": repeats,
