@@ -6,7 +6,8 @@ Parts:
          reference (a clear "skipped: no CUDA GPU" line otherwise).
   model  pruner overhead as a fraction of the unpruned prefill and realised prefill speed-up against
          the FLOPs bound on a LLaVA-1.5-shaped model (real hidden sizes, a few layers, random weights;
-         --model llava-next: LLaVA-NeXT-shaped, anyres; or a conf/model name such as tiny-next);
+         --model llava-next: LLaVA-NeXT-shaped, anyres; --model qwen2.5-vl-7b-shape: Qwen2.5-VL-7B-shaped,
+         a 448 x 448 image by default; or a conf/model name such as tiny-next or tiny-qwen2-vl);
          see ``benchmarks/perf/model.py``.
 
 Figures are printed as markdown tables and written to ``results/perf/perf.json`` (``--out``).

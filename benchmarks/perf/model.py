@@ -43,6 +43,9 @@ import torch
 
 N_BEFORE, N_AFTER = 35, 20  # text tokens before / after the image (BOS + system prompt, question)
 SHAPED = ("llava-1.5", "llava-next")
+#: Qwen-shaped models (real widths, few layers, random weights, the tiny offline processor with 14 px
+#: patches): name -> (model class, the 7B's block indexes with full attention)
+QWEN_SHAPED = {"qwen2.5-vl-7b-shape": "Qwen2_5_VLForConditionalGeneration"}
 #: LLaVA-NeXT-7B's anyres pinpoints (llava-hf/llava-v1.6-vicuna-7b-hf)
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 BUDGET_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # of the image's visual tokens: 192, 128, 64 of 576
@@ -82,6 +85,31 @@ def build_model(text_layers: int, vision_layers: int, seed: int = 0, family: str
     return cls(shaped_config(text_layers, vision_layers, family)).eval()
 
 
+def qwen_shaped(text_layers: int, vision_layers: int, seed: int = 0, attn: str = "sdpa") -> tuple[Any, Any]:
+    """Qwen2.5-VL-7B's shapes (ViT width 1280, 16 heads, SwiGLU 3420, 112 px windows, PatchMerger to 3584;
+    Qwen2 decoder 3584 wide, 28 q / 4 kv heads, MLP 18944, M-RoPE 16/24/24) with ``vision_layers`` blocks
+    (every 8th with full attention, as the 7B's 7/15/23/31) and ``text_layers`` decoder layers, random
+    weights; and an offline processor (14 px patches, up to 1,280 units) with the tiny word tokenizer."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from mllm_adapters import tiny
+
+    tokenizer = tiny.make_qwen_tokenizer(tiny.TINY_WORDS)
+    processor = tiny.make_qwen_processor(tokenizer, "qwen2_5_vl", 14, 56 * 56, 28 * 28 * 1280)
+    vision = dict(depth=vision_layers, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                  patch_size=14, window_size=112, spatial_merge_size=2, temporal_patch_size=2,
+                  fullatt_block_indexes=[i for i in range(vision_layers) if i % 8 == 7] or [vision_layers - 1])
+    text = dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=text_layers,
+                num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = Qwen2_5_VLConfig(vision_config=vision, text_config=text, **tiny._qwen_token_ids(len(tokenizer)))
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    return Qwen2_5_VLForConditionalGeneration(cfg).eval(), processor
+
+
 def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
     """`benchmarks.models.LoadedModel` of a shaped model (`SHAPED`) or of ``conf/model/<name>.yaml``."""
     from omegaconf import OmegaConf
@@ -91,10 +119,14 @@ def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
     if name in SHAPED:
         return LoadedModel(name=name, model=build_model(text_layers, vision_layers, family=name), processor=None,
                            prompt_template=DEFAULT_TEMPLATE)
+    if name in QWEN_SHAPED:
+        model, processor = qwen_shaped(text_layers, vision_layers)
+        return LoadedModel(name=name, model=model, processor=processor, prompt_template=DEFAULT_TEMPLATE)
     path = CONF_MODEL / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))
-        raise ValueError(f"--model {name!r}: accepted: {', '.join(SHAPED)} or a conf/model name ({', '.join(known)})")
+        raise ValueError(f"--model {name!r}: accepted: {', '.join([*SHAPED, *QWEN_SHAPED])} or a conf/model name "
+                         f"({', '.join(known)})")
     return load_model(OmegaConf.to_container(OmegaConf.load(path), resolve=True), "cpu")
 
 
@@ -308,8 +340,12 @@ def model_perf(
     elif model == "llava-next":
         desc = (f"LLaVA-NeXT-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT layers "
                 f"(CLIP-L/14-336 per tile), random weights, fp32, SDPA")
+    elif model in QWEN_SHAPED:
+        desc = (f"Qwen2.5-VL-7B-shaped, {text_layers} LLM layers (3584 hidden), {vision_layers} ViT blocks "
+                f"(1280 wide, 112 px windows), random weights, fp32, SDPA")
     else:
-        desc = f"conf/model {model} ({n_layers} LLM layers, {cfg.vision_config.num_hidden_layers} ViT layers)"
+        depth = getattr(cfg.vision_config, "num_hidden_layers", None) or getattr(cfg.vision_config, "depth", "?")
+        desc = f"conf/model {model} ({n_layers} LLM layers, {depth} ViT layers)"
     if lm.size_dependent:
         views = (f"{lm.image_layout(image_size).n_tiles} tiles" if lm.spec.vision_loop
                  else f"{n_vis} merged units")  # Qwen: the processor's grid
