@@ -36,4 +36,4 @@ class FastV(Pruner):
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
         scores = ctx.attention_rows(self.params["layer"] - 1, "last")  # [B, Nv]
-        return scores.topk(self.budget, dim=1).indices
+        return scores.topk(min(self.budget, scores.shape[1]), dim=1).indices  # <= the current visual tokens

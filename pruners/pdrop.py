@@ -70,6 +70,6 @@ class PDrop(ProgressiveSchedule, Pruner):
         )
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        k = self.count_at(ctx.layer)
         scores = ctx.attention_rows(ctx.layer - 1, "last")  # [B, Nv]
+        k = min(self.count_at(ctx.layer), scores.shape[1])  # <= the current visual tokens
         return scores.topk(k, dim=1).indices

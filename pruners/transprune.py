@@ -186,6 +186,7 @@ class TransPrune(ProgressiveSchedule, Pruner):
         if self.params["use_iga"]:
             iga = ctx.layer_rows("instruction").float()  # [B, Nv]
             score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
+        k = min(k, score.shape[1])  # <= the current visual tokens
         keep = score.topk(k, dim=1).indices.sort(dim=1).values  # [B, k], original order
         ctx.state["ttv"] = ttv.gather(1, keep)
         return keep

@@ -275,6 +275,6 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
         return []
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        k = self.count_at(ctx.layer)
         scores = ctx.token_scores  # [B, Nv] pre-LLM importance of the current visual tokens
+        k = min(self.count_at(ctx.layer), scores.shape[1])  # <= the current visual tokens
         return scores.topk(k, dim=1).indices

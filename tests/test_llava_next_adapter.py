@@ -382,16 +382,20 @@ def _cached_loop(model, inputs, steps: int) -> torch.Tensor:
      ("_test_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60]}),
      ("_test_fixed_llm", {"budget": 10, "keep": [0, 3, 5, 8, 13, 21, 34, 50, 55, 60], "positions": "compact"})],
 )
-@pytest.mark.parametrize("which", ["batch", "single"])
+@pytest.mark.parametrize("which", ["batch", "unpadded"])
 def test_cached_decoding_equals_recompute(nxt, batch, images, method, params, which):
     """generate() (positions given) and a manual cached loop (positions from the cache) both equal
     greedy decoding by full recompute. The fixed in-LLM pruner keeps slots 55 and 60 of the 70-wide run:
-    inert slots of the 52-token image, which must stay masked. "single" is the 52-token image alone with
-    no padding, where generate() drops the all-ones attention mask (inert slots exist at budget 60)."""
+    inert slots of the 52-token image, which must stay masked. "unpadded" is a ragged batch whose prompts
+    have the same length (the 52-token image's question is 18 words longer): no padding, so generate()
+    drops the all-ones attention mask although the rewritten prompt has inert slots."""
     model, processor = nxt
-    inputs = batch if which == "batch" else single(processor, images, 1)
-    if which == "single" and "keep" in params:
-        params = {**params, "budget": 60, "keep": list(range(0, 60, 3)) + [55, 58, 59]}
+    if which == "batch":
+        inputs = batch
+    else:
+        longer = PROMPTS[0].replace("ASSISTANT:", "what " * (N_PACKED[0] - N_PACKED[1]) + "ASSISTANT:")
+        inputs = processor(images=images, text=[PROMPTS[0], longer], return_tensors="pt", padding=True)
+        assert bool(inputs["attention_mask"].all())
     steps = 4
     with apply_pruner(model, method, **params):
         gen = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,

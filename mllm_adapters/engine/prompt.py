@@ -24,7 +24,6 @@ import torch
 
 from mllm_adapters.engine.layout import ImageLayout, ImageRun
 from mllm_adapters.engine.state import INERT
-from pruners._schedule import ProgressiveSchedule
 
 
 class PromptSurgery:
@@ -132,15 +131,6 @@ class PromptSurgery:
         self.handle.batch_counts.llm_visual_width = [n_keep] * n_layers
 
     # ---- ragged runs ---------------------------------------------------------------------------
-    def _llm_width_floor(self) -> int:
-        """Largest visual-token count the in-LLM method keeps at any pruning layer (0 without one)."""
-        p = self.pruner
-        if "llm" not in p.stages or p.keeps_all or not self._llm_layers:
-            return 0
-        if isinstance(p, ProgressiveSchedule):
-            return max(int(p.count_at(k)) for k in p.llm_layers())
-        return int(p.budget or 0)
-
     def _rewrite_prompt(
         self,
         kwargs: dict[str, Any],
@@ -170,7 +160,7 @@ class PromptSurgery:
                 f"method {self.pruner.name!r} prunes inside the LLM, which needs one image per sample; got "
                 f"{[len(js) for js in of_sample]} images per sample (pre-LLM and vision-stage methods take several)"
             )
-        W = max(max(n_real, default=0), self._llm_width_floor())
+        W = max(n_real, default=0)  # in-LLM methods keep at most W (an image with fewer keeps all of them)
         rows, run_at = [], []  # per sample: source columns (-1 = inert/pad), where its visual run starts
         image_at = [0] * len(runs)  # per image: where its run starts in its sample's row (before left padding)
         for b in range(B):
