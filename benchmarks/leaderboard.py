@@ -109,7 +109,9 @@ def scan(results_dir: str | Path) -> tuple[list[Path], list[tuple[Path, str]]]:
 def _budget_key(budget: Any) -> str:
     """A budget as a group key: ``null`` (the unpruned reference) and ``auto`` stay apart, although
     both are empty in the numeric ``budget`` column."""
-    return "null" if budget is None else ("auto" if budget == "auto" else str(int(budget)))
+    if budget is None or budget == "auto":
+        return "null" if budget is None else "auto"
+    return f"{budget:g}" if isinstance(budget, float) else str(int(budget))
 
 
 def _interval(value: Any) -> tuple[float, float]:
@@ -162,7 +164,9 @@ def load(results_dir: str | Path) -> tuple[pd.DataFrame, Scores, list[tuple[Path
     if df.empty:
         return df, scores, unreadable
     # "auto" cells (the method chose its token count; see equiv_tokens and params) have no numeric budget
-    df["budget"] = pd.to_numeric(df["budget"].replace("auto", np.nan)).astype("Int64")
+    numeric = pd.to_numeric(df["budget"].replace("auto", np.nan))
+    # token counts stay integers; with fractions (0 < f < 1) in the table the column is float
+    df["budget"] = numeric.astype("Int64") if bool((numeric.dropna() % 1 == 0).all()) else numeric
     numeric = [c for c in MEAN_COLUMNS if c in df] + _families(df)
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
     dupes = df["config_hash"].duplicated(keep=False)

@@ -64,9 +64,18 @@ def method_params(method_cfg: Any) -> dict[str, Any]:
 AUTO = "auto"
 
 
-def validate_budgets(budgets: Any, n_visual: int, model_name: str, size_dependent: bool = False) -> list[int | str | None]:
+def _image_budget(budget: int | float, n_tokens: int) -> int:
+    """An image's own budget: an int as given, a fraction of its ``n_tokens`` (`pruners.base.resolve_budget`)."""
+    from pruners.base import resolve_budget
+
+    return resolve_budget(budget, n_tokens) if isinstance(budget, float) else int(budget)
+
+
+def validate_budgets(budgets: Any, n_visual: int, model_name: str,
+                     size_dependent: bool = False) -> list[int | float | str | None]:
     """Budgets as a de-duplicated list with ``None`` (the reference) first, then ``"auto"``, then the
-    token counts; clear errors otherwise.
+    fractions (a float in (0, 1): that share of each image's own visual tokens, rounded half up, at
+    least 1), then the token counts; clear errors otherwise.
 
     ``n_visual`` is the model's visual tokens per image; with ``size_dependent`` (the family's count
     depends on the image's size, LLaVA-NeXT) the longest run any image can have: a budget up to it is accepted, and an image with fewer tokens reaches the LLM whole.
@@ -81,10 +90,13 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str, size_dependen
             b = None
         elif isinstance(b, str) and b.lower() == AUTO:
             b = AUTO
+        elif isinstance(b, float) and 0.0 < b < 1.0:
+            pass  # a fraction of each image's tokens
         elif isinstance(b, bool) or not isinstance(b, int) or b <= 0:
             raise ValueError(
-                f"budgets: {b!r} is not a positive int, null or {AUTO!r}; accepted: null (unpruned), "
-                f"{AUTO!r} (the method chooses its token count) or 1..{n_visual}"
+                f"budgets: {b!r} is not a positive int, a fraction in (0, 1), null or {AUTO!r}; accepted: null "
+                f"(unpruned), {AUTO!r} (the method chooses its token count), 1..{n_visual} tokens per image or a "
+                f"fraction 0 < f < 1 of each image's tokens"
             )
         elif b > n_visual and size_dependent:
             raise ValueError(
@@ -99,7 +111,8 @@ def validate_budgets(budgets: Any, n_visual: int, model_name: str, size_dependen
             )
         if b not in out:
             out.append(b)
-    return sorted(out, key=lambda x: -2 if x is None else (-1 if x == AUTO else x))
+    return sorted(out, key=lambda x: (-2, 0) if x is None else ((-1, 0) if x == AUTO else
+                                                                 ((0, x) if isinstance(x, float) else (1, x))))
 
 
 def variant_label(method_cfg: Any, method: str, params: dict[str, Any], defaults: dict[str, Any]) -> str:
@@ -346,8 +359,8 @@ def run_cell(
         "llm_visual_tokens_per_layer": [v / n for v in layer_sum],
         # per-sample unpruned visual tokens: LLaVA-1.5's fixed count, LLaVA-NeXT's mean over the samples
         "visual_tokens_in": visual_in[0] if len(set(visual_in)) == 1 else sum(visual_in) / n,
-        "within_budget": (None if not isinstance(budget, int)
-                          else sum(1 for v in visual_in if v <= budget) / n),
+        "within_budget": (None if isinstance(budget, bool) or not isinstance(budget, (int, float))
+                          else sum(1 for v in visual_in if v <= _image_budget(budget, v)) / n),
         "flops_prefill": flops,
         "tflops_prefill": flops["total"] / 1e12,
         "vision_tflops": flops["vision"] / 1e12,

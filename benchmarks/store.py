@@ -52,7 +52,8 @@ def cell_dir(results_dir: str | Path, model: str, task: str, method: str, budget
              seed: int | None = None) -> Path:
     """Where a cell lives: ``results_dir/cells/<model>/<task>/<method>/b<budget|all|auto>[-s<seed>]-<hash12>``
     (``-s<seed>`` for the cells of a ``seeds=[...]`` run)."""
-    label = "ball" if budget is None else ("bauto" if budget == "auto" else f"b{int(budget)}")
+    label = ("ball" if budget is None else "bauto" if budget == "auto"
+             else f"b{budget:g}" if isinstance(budget, float) else f"b{int(budget)}")  # fractions: b0.25
     if seed is not None:
         label += f"-s{int(seed)}"
     return Path(results_dir) / CELLS / _safe(model) / _safe(task) / _safe(method) / f"{label}-{digest[:12]}"

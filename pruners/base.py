@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -132,10 +133,17 @@ class Pruner:
             raise ValueError(
                 f"unknown parameter(s) {unknown} for method {self.name!r}; accepted: budget, seed, {accepted}"
             )
-        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
-            raise TypeError(f"budget must be a positive int or None, got {budget!r}")
-        if budget is not None and budget <= 0:
-            raise ValueError(f"budget must be a positive int (visual tokens per image) or None, got {budget}")
+        if isinstance(budget, float) and not isinstance(budget, bool):
+            if not 0.0 < budget < 1.0:
+                raise ValueError(f"budget={budget!r}: a float budget is a fraction of each image's visual tokens, "
+                                 "accepted: 0 < budget < 1 (or a positive int, or None)")
+        elif budget is not None and (isinstance(budget, bool) or not isinstance(budget, int)):
+            raise TypeError(f"budget must be a positive int, a fraction in (0, 1) or None, got {budget!r}")
+        elif budget is not None and budget <= 0:
+            raise ValueError(f"budget must be a positive int (visual tokens per image), a fraction in (0, 1) or "
+                             f"None, got {budget}")
+        #: a fraction budget: that share of each image's own visual tokens (`resolve_budget`), else None
+        self.budget_fraction: float | None = float(budget) if isinstance(budget, float) else None
         SEED.check("seed", seed, self.name)
         for k, v in params.items():
             declared[k].check(k, v, self.name)
@@ -163,8 +171,15 @@ class Pruner:
                 f"of this {info.family} model has none; use a method that does not need CLS (e.g. random, pooling, "
                 f"divprune, fastv)"
             )
+        if self.budget_fraction is not None:  # the model's count; the engine resolves each image's own
+            self.budget = resolve_budget(self.budget_fraction, info.num_visual_tokens)
         check_budget_fits(self.budget, info)
         self.info = info
+
+    def budget_for(self, n_tokens: int) -> int | None:
+        """The budget of an image of ``n_tokens`` visual tokens: a fraction budget's share of them
+        (`resolve_budget`), else ``budget``."""
+        return resolve_budget(self.budget_fraction, n_tokens) if self.budget_fraction is not None else self.budget
 
     @property
     def chooses_budget(self) -> bool:
@@ -230,6 +245,11 @@ class Pruner:
     def describe(self) -> dict[str, Any]:
         """Parameters as recorded in results (JSON-serialisable)."""
         return {"method": self.name, "budget": self.budget, "seed": self.seed, **self.params}
+
+
+def resolve_budget(fraction: float, n_tokens: int) -> int:
+    """``fraction`` of ``n_tokens``, rounded half up, at least 1 (a fraction budget of one image)."""
+    return max(1, int(math.floor(fraction * n_tokens + 0.5)))
 
 
 def check_budget_fits(budget: int | None, info: ModelInfo) -> None:

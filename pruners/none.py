@@ -15,7 +15,9 @@ class NoPruning(Pruner):
     def __init__(self, budget: int | None = None, seed: int = 0, **params) -> None:
         super().__init__(budget=budget, seed=seed, **params)  # a bad budget is refused as for any method,
         self.asked_budget, self.budget = self.budget, None  # then ignored: every token is kept
+        self.budget_fraction = None
 
     def attach(self, info: ModelInfo) -> None:
-        check_budget_fits(self.asked_budget, info)
+        if not isinstance(self.asked_budget, float):
+            check_budget_fits(self.asked_budget, info)
         super().attach(info)

@@ -70,7 +70,8 @@ class EncodedImages:
                 state={},
                 vision_post_norm=None,
             )
-            decision = self._call_pruner(self._tile_pruner(pruner.budget, r.layout.rects[0]).prune_pre_llm, ctx)
+            image_pruner = self._tile_pruner(pruner.budget_for(r.n_packed), r.layout.rects[0])
+            decision = self._call_pruner(image_pruner.prune_pre_llm, ctx)
             self.handle.info.update(decision.info)
             keep, order = decision.keep[0].sort()
             tok, index = f[keep], keep

@@ -240,6 +240,7 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
             self._per_sample_counts(runs, input_ids.shape[0])
             self._fw.prompt_len = input_ids.shape[1]
             return
+        self._fw.llm_pruner = self._llm_pruner_for(runs)
         if "vision" in self.pruner.stages and len(self.pruner.stages) > 1:
             raise ValueError(
                 f"method {self.pruner.name!r} combines vision-stage pruning with {list(self.pruner.stages)}: "
@@ -260,6 +261,21 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
             per_image = self._views_vision_and_pre_llm(tiles, first_tile, runs, input_ids, attention_mask)
         self._rewrite_prompt(kwargs, input_ids, attention_mask, runs, per_image)
         self._per_sample_counts(runs, input_ids.shape[0])
+
+    def _llm_pruner_for(self, runs: list[ImageRun]) -> Pruner | None:
+        """With a fraction budget and an in-LLM stage, the pruner at this batch's count: every image must
+        resolve to the same count (one kept count per pruning layer and batch). None otherwise."""
+        p = self.pruner
+        if p.budget_fraction is None or "llm" not in p.stages or not self._llm_layers:
+            return None
+        counts = sorted({p.budget_for(r.n_packed) for r in runs})
+        if len(counts) > 1:
+            raise ValueError(
+                f"method {p.name!r}: budget={p.budget_fraction} gives the images of this batch different token "
+                f"counts {counts} ({[r.n_packed for r in runs]} tokens); an in-LLM method keeps one count per batch: "
+                "use batches of images of one size (batch_size=1), or an int budget"
+            )
+        return self._tile_pruner(counts[0], None)
 
     def _per_sample_counts(self, runs: list[ImageRun], batch: int) -> None:
         """Turn the per-image ``handle.token_counts`` into per-sample ones (`TokenCounts.total`)."""

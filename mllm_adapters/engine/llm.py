@@ -134,7 +134,8 @@ class LLMStage:
         return hook
 
     def _prefill_layer(self, i: int, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        fw, pruner = self._fw, self.pruner
+        fw = self._fw
+        pruner = fw.llm_pruner or self.pruner
         if fw.key_mask is None:  # no image went through the top-level hook
             return hs
         if i == self._llm_layers[0] and not fw.full_kwargs:

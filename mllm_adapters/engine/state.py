@@ -58,3 +58,4 @@ class Forward:
     pruner_state: dict[str, Any] = field(default_factory=dict)
     vision_qkv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # ViT layer -> its own q, k, v
     generators: list[torch.Generator] = field(default_factory=list)
+    llm_pruner: Any = None  # the in-LLM stage's pruner for this forward (a fraction budget's batch count)

@@ -319,24 +319,30 @@ class MultiView:
 
     def _reaches_whole(self, lay: ImageLayout) -> bool:
         """True when the image's packed run is within the budget: it reaches the LLM unpruned."""
-        return not self.pruner.chooses_budget and self.pruner.budget >= lay.n_packed
+        return not self.pruner.chooses_budget and self.pruner.budget_for(lay.n_packed) >= lay.n_packed
 
     def _tile_shares(self, lay: ImageLayout) -> tuple[list[torch.Tensor], list[int], list[int | None]]:
         """Per tile of a pruned image: its view patches (`ImageLayout.view_patches`), their count, and its
         share of the budget (`split_budget` by view size; None for methods that choose their own count)."""
         views = [lay.view_patches(t) for t in range(lay.n_tiles)]
         sizes = [int(v.numel()) for v in views]
-        shares = [None] * lay.n_tiles if self.pruner.chooses_budget else split_budget(self.pruner.budget, sizes)
+        shares = ([None] * lay.n_tiles if self.pruner.chooses_budget
+                  else split_budget(self.pruner.budget_for(lay.n_packed), sizes))
         return views, sizes, shares
 
-    def _tile_pruner(self, budget: int | None, rect: tuple[int, int, int, int]) -> Pruner:
-        """A copy of the pruner (same parameters and seed) attached to one tile view's ModelInfo."""
-        r0, r1, c0, c1 = rect
-        key = (budget, r1 - r0, c1 - c0)
+    def _tile_pruner(self, budget: int | None, rect: tuple[int, int, int, int] | None) -> Pruner:
+        """A copy of the pruner (same parameters and seed) with an int ``budget``, attached to one tile
+        view's ModelInfo (``rect`` None: the model's own, for the in-LLM stage)."""
+        key = (budget, None) if rect is None else (budget, rect[1] - rect[0], rect[3] - rect[2])
         if key not in self._tile_pruners:
             p = self.pruner
             clone = type(p)(budget=budget, seed=p.seed, **p.params)
-            clone.attach(dataclasses.replace(self.info, num_visual_tokens=(r1 - r0) * (c1 - c0), grid_hw=(r1 - r0, c1 - c0)))
+            if rect is None:
+                clone.attach(self.info)
+            else:
+                r0, r1, c0, c1 = rect
+                clone.attach(dataclasses.replace(self.info, num_visual_tokens=(r1 - r0) * (c1 - c0),
+                                                 grid_hw=(r1 - r0, c1 - c0)))
             self._tile_pruners[key] = clone
         return self._tile_pruners[key]
 
