@@ -16,6 +16,7 @@ kept positions back to image regions (`LoadedModel.recall_cover`).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -169,6 +170,26 @@ class LoadedModel:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         return self.prompt_template.format(question=question).replace("<image>", self.spec.prompt_image)
+
+    @property
+    def image_processor_settings(self) -> dict[str, Any]:
+        """What the image processor resizes images to (Qwen: ``min_pixels``/``max_pixels``, which set each
+        image's token count; LLaVA: ``size``/``crop_size``; LLaVA-NeXT: the pinpoints), as recorded in
+        every cell's metrics."""
+        ip = getattr(self.processor, "image_processor", None)
+        keys = ("min_pixels", "max_pixels", "size", "crop_size", "image_grid_pinpoints", "patch_size", "merge_size")
+        out: dict[str, Any] = {}
+        for k in keys:
+            v = getattr(ip, k, None)
+            if dataclasses.is_dataclass(v) and not isinstance(v, type):  # transformers' SizeDict
+                v = {key: val for key, val in dataclasses.asdict(v).items() if val is not None}
+            elif hasattr(v, "items"):
+                v = {key: val for key, val in dict(v).items() if val is not None}
+            elif isinstance(v, (list, tuple)):
+                v = [list(x) if isinstance(x, (list, tuple)) else x for x in v]
+            if v is not None:
+                out[k] = json.loads(json.dumps(v, default=str))
+        return out
 
     def image_grids(self, enc: dict[str, Any]) -> list[tuple[int, int] | None]:
         """Per image of a processed batch, its token grid when the family's images have one of their

@@ -448,6 +448,7 @@ def run(cfg: DictConfig) -> list[Path]:
             metrics, rows = run_cell(lm, task, samples, ccfg, progress)
             metrics["config_hash"] = digest
             metrics["weights"] = lm.weights
+            metrics["image_processor"] = lm.image_processor_settings
             add_relative(metrics, rows, _reference_cell(results_dir, cfg, lm.weights) if ccfg["budget"] is not None
                          else None)
             files = {

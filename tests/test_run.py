@@ -440,6 +440,7 @@ def test_tiny_qwen_sweep_counts_each_image(tmp_path, next_shapes, model):
         assert [len(r["kept"][0]) for r in rows] == [min(budget, n) for n in QWEN_IN]
         m = store.read_metrics(cells[(method, budget)])
         assert 0 < m["flops_rel"] < 1.0
+        assert m["image_processor"]["size"] == {"longest_edge": 96 * 96, "shortest_edge": 32 * 32}  # its pixels
         assert all(r["relevant_recall"] is None or 0.0 <= r["relevant_recall"] <= 1.0 for r in rows)
         # each row's FLOPs are its own image's: fewer units reaching the LLM cost less than unpruned
         assert all(r["tflops_prefill"] < ref["tflops_prefill"] for r, ref, n in zip(rows, ref_rows, QWEN_IN)
