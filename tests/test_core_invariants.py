@@ -280,7 +280,7 @@ def test_registry_lists_core_methods():
         ("random", {"budget": 0}, ValueError, ["budget", "positive"]),
         ("random", {"budget": -3}, ValueError, ["budget", "positive"]),
         ("random", {"budget": N_VIS + 1}, ValueError, ["budget", f"1..{N_VIS}"]),
-        ("random", {"budget": 2.5}, TypeError, ["budget"]),
+        ("random", {"budget": 2.5}, ValueError, ["budget", "fraction"]),
         ("nonexistent", {"budget": 4}, ValueError, ["unknown method", "fastv", "random"]),
         ("fastv", {"budget": 4, "layer": 0}, ValueError, ["layer", "1..3"]),
         ("fastv", {"budget": 4, "layer": 4}, ValueError, ["layer", "1..3"]),

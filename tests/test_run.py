@@ -293,7 +293,7 @@ def test_auto_budget_runs_a_method_that_chooses_its_own_count(tmp_path):
         _run(tmp_path, "method=fastv", "budgets=[auto]", "n_samples=4")
     with pytest.raises(ValueError, match=r"chooses its own token count; accepted: null and 'auto', got \[9\]"):
         _run(tmp_path, "method=recoverable", "method.params.mode=adaptive", "budgets=[9]", "n_samples=4")
-    with pytest.raises(ValueError, match=r"budgets: 'most' is not a positive int, null or 'auto'"):
+    with pytest.raises(ValueError, match=r"budgets: 'most' is not a positive int, a fraction in \(0, 1\), null or 'auto'"):
         runner.validate_budgets(["most"], N_VIS, "tiny")
 
 

@@ -35,7 +35,7 @@ BAD = [
     ("latency.warmup=-1", r"latency.warmup=-1 is not supported"),
     ("latency.decode_tokens=1", r"latency.decode_tokens=1 is not supported; accepted: an integer >= 2"),
     ("budgets=[]", r"budgets=\[\] runs nothing; accepted: a non-empty list"),
-    ("budgets=[0]", r"budgets: 0 is not a positive int, null or 'auto'"),
+    ("budgets=[0]", r"budgets: 0 is not a positive int, a fraction in \(0, 1\), null or 'auto'"),
     ("budgets=[145]", r"budgets: 145 is above the 144 visual tokens per image of model 'embedded'"),
     ("results_dir=", r"results_dir='' is not supported; accepted: a non-empty folder path"),
     ("num_threads=0", r"num_threads=0 is not supported; accepted: null .* or an integer >= 1"),
