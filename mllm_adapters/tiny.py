@@ -39,13 +39,12 @@ TINY_WORDS = (
 ).split()
 
 
-def make_word_tokenizer(words: list[str], padding_side: str = "left") -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer over `words` plus <pad> <unk> <s> </s> <image> (ids 0..4).
-
-    `<image>` is a special added token, so LlavaProcessor's run of `<image><image>...` splits into
-    one id per placeholder without spaces.
-    """
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+def _word_tokenizer(words: list[str], padding_side: str, specials: list[str],
+                    named: dict[str, str]) -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer: ``specials`` (<pad> <unk> <s> </s>, then the model's own special
+    tokens, added as special so a run of them splits into one id each) take ids 0.., then ``words``;
+    ``named`` exposes some as tokenizer attributes (``image_token`` and its ``image_token_id``, ...)."""
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for w in words:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -57,10 +56,19 @@ def make_word_tokenizer(words: list[str], padding_side: str = "left") -> PreTrai
         bos_token="<s>",
         eos_token="</s>",
         padding_side=padding_side,
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens=named,
     )
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": specials[4:]})
     return fast
+
+
+def make_word_tokenizer(words: list[str], padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer over `words` plus <pad> <unk> <s> </s> <image> (ids 0..4).
+
+    `<image>` is a special added token, so LlavaProcessor's run of `<image><image>...` splits into
+    one id per placeholder without spaces.
+    """
+    return _word_tokenizer(words, padding_side, SPECIAL_TOKENS, {"image_token": "<image>"})
 
 
 def make_llava_processor(
@@ -266,27 +274,12 @@ def make_qwen_tokenizer(words: list[str] = TINY_WORDS, padding_side: str = "left
     ``video_token``, ``vision_start_token`` and ``vision_end_token`` are exposed as tokenizer attributes
     (with their ``*_id``), as in the real Qwen tokenizers.
     """
-    vocab = {tok: i for i, tok in enumerate(QWEN_SPECIAL_TOKENS)}
-    for w in words:
-        vocab.setdefault(w, len(vocab))
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<s>",
-        eos_token="</s>",
-        padding_side=padding_side,
-        extra_special_tokens={
-            "image_token": "<|image_pad|>",
-            "video_token": "<|video_pad|>",
-            "vision_start_token": "<|vision_start|>",
-            "vision_end_token": "<|vision_end|>",
-        },
-    )
-    fast.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL_TOKENS[4:]})
-    return fast
+    return _word_tokenizer(words, padding_side, QWEN_SPECIAL_TOKENS, {
+        "image_token": "<|image_pad|>",
+        "video_token": "<|video_pad|>",
+        "vision_start_token": "<|vision_start|>",
+        "vision_end_token": "<|vision_end|>",
+    })
 
 
 def make_qwen_processor(

@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mllm_adapters.engine.layout import ImageLayout
 from mllm_adapters.engine.processor_stats import pixel_stats
 from mllm_adapters.engine.spec import AttentionParts, FamilySpec
+from mllm_adapters.families._hf_parts import LlamaStyleDecoder, PixelsThroughGenerate
 from mllm_adapters.registry import register_family
 from pruners.base import ModelInfo
 
@@ -26,7 +26,7 @@ def _side(config: Any) -> int:
 
 
 @register_family("llava")
-class LlavaSpec(FamilySpec):
+class LlavaSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
     """CLIP-style tower (``embeddings`` + ``encoder.layers``), ``multi_modal_projector``, Llama decoder."""
 
     model_classes = ("LlavaForConditionalGeneration",)
@@ -120,35 +120,3 @@ class LlavaSpec(FamilySpec):
     def feed_features(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         kwargs["pixel_values"] = None
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=features)}
-
-    def prepare(self) -> None:
-        # generate() would run the vision tower itself before the first forward (mm_encoder_outputs);
-        # while attached, let the pixels reach the forward pass so the engine's vision path runs once.
-        self.model._supports_mm_encoder_outputs = lambda: False
-
-    def restore(self) -> None:
-        self.model.__dict__.pop("_supports_mm_encoder_outputs", None)
-
-    # ---- LLM side -------------------------------------------------------------------------------------
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.lm.layers
-
-    def text_attention(self, i: int) -> AttentionParts:
-        layer = self.lm.layers[i]
-        a = layer.self_attn
-        return AttentionParts(layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.head_dim, a.scaling, a)
-
-    def final_norm(self) -> nn.Module:
-        return self.lm.norm
-
-    def text_mlp(self, i: int) -> nn.Module:
-        return self.lm.layers[i].mlp
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.embed_tokens(input_ids)
-
-    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lm.rotary_emb(x, position_ids=position_ids)
-
-    def apply_rope(self, q, k, cos, sin):
-        return apply_rotary_pos_emb(q, k, cos, sin)

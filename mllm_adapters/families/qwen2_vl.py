@@ -25,7 +25,8 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
 
 from mllm_adapters.engine.layout import ImageLayout
-from mllm_adapters.engine.spec import AttentionParts, FamilySpec
+from mllm_adapters.engine.spec import FamilySpec
+from mllm_adapters.families._hf_parts import LlamaStyleDecoder, PixelsThroughGenerate
 from mllm_adapters.registry import register_family
 from pruners.base import ModelInfo, Pruner
 
@@ -46,7 +47,7 @@ def unit_layout(grid_thw: Sequence[int], merge: int) -> ImageLayout:
 
 
 @register_family("qwen2_vl")
-class Qwen2VLSpec(FamilySpec):
+class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
     """Qwen2-VL: ViT (fused qkv) + PatchMerger + Qwen2 decoder with M-RoPE."""
 
     model_classes = ("Qwen2VLForConditionalGeneration",)
@@ -62,6 +63,7 @@ class Qwen2VLSpec(FamilySpec):
     compact_llm_positions = False
     prompt_aligned_inputs = ("mm_token_type_ids",)
     prompt_image = "<|vision_start|><|image_pad|><|vision_end|>"
+    rope_fn = staticmethod(apply_rotary_pos_emb)  # Qwen2-VL's (M-RoPE mixed into cos/sin already)
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -231,34 +233,4 @@ class Qwen2VLSpec(FamilySpec):
         pos, _ = self.model.model.get_rope_index(input_ids, mm, image_grid_thw=kwargs["image_grid_thw"],
                                                  attention_mask=attention_mask)
         return pos  # [3, B, L]
-
-    def prepare(self) -> None:
-        self.model._supports_mm_encoder_outputs = lambda: False  # let generate() pass the pixels to forward
-
-    def restore(self) -> None:
-        self.model.__dict__.pop("_supports_mm_encoder_outputs", None)
-
-    # ---- LLM side ------------------------------------------------------------------------------------
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.lm.layers
-
-    def text_attention(self, i: int) -> AttentionParts:
-        layer = self.lm.layers[i]
-        a = layer.self_attn
-        return AttentionParts(layer.input_layernorm, a.q_proj, a.k_proj, a.v_proj, a.head_dim, a.scaling, a)
-
-    def final_norm(self) -> nn.Module:
-        return self.lm.norm
-
-    def text_mlp(self, i: int) -> nn.Module:
-        return self.lm.layers[i].mlp
-
-    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.embed_tokens(input_ids)
-
-    def rotary(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.lm.rotary_emb(x, position_ids=position_ids)
-
-    def apply_rope(self, q, k, cos, sin):
-        return apply_rotary_pos_emb(q, k, cos, sin)
 
