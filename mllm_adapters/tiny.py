@@ -89,6 +89,26 @@ def make_llava_processor(
     )
 
 
+def _sharpen(model, seed: int, fan_in=lambda p: p.shape[-1], also=lambda name: False) -> None:
+    """Redraw every weight matrix (and conv kernel) ~ N(0, 1 / fan_in(p)) from a seeded generator, in
+    parameter order; ``also(name)`` picks further (1-D) parameters to draw. Random init gives
+    near-uniform attention, so pruning choices would be ties. The LLaVA models use ``shape[-1]``; the
+    Qwen ones the true fan-in ``p[0].numel()`` (``shape[-1]`` for linear/embedding weights, C*T*P*P for
+    the Conv3d patch embed)."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 or also(name):
+                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / fan_in(p) ** 0.5))
+
+
+def _set_attn(cfg, attn_implementation: str):
+    cfg._attn_implementation = attn_implementation
+    cfg.text_config._attn_implementation = attn_implementation
+    cfg.vision_config._attn_implementation = attn_implementation
+    return cfg
+
+
 def tiny_llava_config(
     vocab_size: int,
     image_size: int = 48,
@@ -127,10 +147,7 @@ def tiny_llava_config(
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
-    cfg._attn_implementation = attn_implementation
-    cfg.text_config._attn_implementation = attn_implementation
-    cfg.vision_config._attn_implementation = attn_implementation
-    return cfg
+    return _set_attn(cfg, attn_implementation)
 
 
 def build_tiny_llava(
@@ -149,12 +166,7 @@ def build_tiny_llava(
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
-    # Random init gives near-uniform attention; sharpen it so pruning choices are not ties.
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+    _sharpen(model, seed)  # random init gives near-uniform attention: pruning choices would be ties
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = None  # greedy decoding runs the full max_new_tokens
     return model, processor
@@ -226,11 +238,7 @@ def build_tiny_llava_next(
                                  attn_implementation)
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # sharpen attention as in build_tiny_llava (image_newline is 1-D: drawn too)
-        g = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
-            if p.dim() >= 2 or name.endswith("image_newline"):
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+    _sharpen(model, seed, also=lambda name: name.endswith("image_newline"))  # the 1-D newline is drawn too
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = None
     return model, processor
@@ -330,13 +338,6 @@ def _qwen_text_config(vocab_size: int, text_layers: int) -> dict:
     )
 
 
-def _set_attn(cfg, attn_implementation: str):
-    cfg._attn_implementation = attn_implementation
-    cfg.text_config._attn_implementation = attn_implementation
-    cfg.vision_config._attn_implementation = attn_implementation
-    return cfg
-
-
 def tiny_qwen2_vl_config(
     vocab_size: int,
     patch_size: int = TINY_QWEN_PATCH,
@@ -399,19 +400,8 @@ def tiny_qwen2_5_vl_config(
     return _set_attn(cfg, attn_implementation)
 
 
-def _sharpen(model, seed: int) -> None:
-    """Redraw every weight matrix (and conv kernel) ~ N(0, 1/fan_in) from a seeded generator, as in
-    `build_tiny_llava`: random init gives near-uniform attention, so pruning choices would be ties.
-    ``p[0].numel()`` is ``shape[-1]`` for linear/embedding weights and C*T*P*P for the Conv3d patch embed."""
-    with torch.no_grad():
-        g = torch.Generator().manual_seed(seed)
-        for p in model.parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p[0].numel() ** 0.5))
-
-
 def _finish_qwen(model, tokenizer, seed: int):
-    _sharpen(model, seed)
+    _sharpen(model, seed, fan_in=lambda p: p[0].numel())
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.bos_token_id = tokenizer.bos_token_id
     model.generation_config.eos_token_id = None  # greedy decoding runs the full max_new_tokens

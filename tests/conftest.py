@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mllm_adapters.tiny import build_tiny_llava
+from mllm_adapters.tiny import build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
 
 torch.set_num_threads(1)
 
@@ -42,3 +42,18 @@ def batch(tiny):
 
 def single(processor, i: int):
     return processor(images=make_images(2)[i : i + 1], text=PROMPTS[i : i + 1], return_tensors="pt", padding=True)
+
+
+#: the tiny Qwen families and the image sizes of the `qwen` fixture (8 and 12 merged units)
+QWEN_BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+QWEN_SIZES = [(40, 60), (64, 48)]
+
+
+@pytest.fixture(scope="module", params=list(QWEN_BUILDERS))
+def qwen(request):
+    """(model, processor, images) of one tiny Qwen family (each in turn), images of `QWEN_SIZES`."""
+    torch.set_num_threads(1)
+    model, processor = QWEN_BUILDERS[request.param](seed=0)
+    rng = np.random.RandomState(0)
+    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in QWEN_SIZES]
+    return model, processor, images

@@ -18,37 +18,29 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.flops import equiv_tokens, prefill_flops, reference_counts, sample_cost
 from benchmarks.models import family_spec
 from mllm_adapters import apply_pruner
 from mllm_adapters.handle import TokenCounts
-from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_llava, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_llava
 from pruners import get_pruner_class
+from tests.conftest import QWEN_BUILDERS, QWEN_SIZES
 
-SIZES = [(40, 60), (64, 48)]  # (height, width) px
+SIZES = QWEN_SIZES  # (height, width) px: the `qwen` fixture's images (tests/conftest.py)
 UNITS = [(2, 4), (4, 3)]  # their merged-unit grids
 PROMPTS = [f"USER: {TINY_QWEN_IMAGE} what is the colour of the circle ? ASSISTANT:",
            f"USER: {TINY_QWEN_IMAGE} how many ? ASSISTANT:"]
-BUILDERS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
+BUILDERS = QWEN_BUILDERS
 #: every method that runs on these families, with its parameters there
 METHODS = {"none": {}, "random": {}, "divprune": {}, "pooling": {}, "fastv": {}, "pdrop": {},
            "transprune": {"positions": "original"}}
 TOL = 0.01
 
 
-@pytest.fixture(scope="module", params=list(BUILDERS))
-def qwen(request):
-    torch.set_num_threads(1)
-    model, processor = BUILDERS[request.param](seed=0)
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
-    return model, processor, images
 
 
 def _inputs(qwen, i: int | None = None):

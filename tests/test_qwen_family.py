@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters import apply_pruner
-from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_qwen2_5_vl, build_tiny_qwen2_vl
+from mllm_adapters.tiny import TINY_QWEN_IMAGE
 from pruners import get_pruner_class
+from tests.conftest import QWEN_SIZES
 
-SIZES = [(40, 60), (64, 48)]  # 8 and 12 merged units
+SIZES = QWEN_SIZES  # 8 and 12 merged units (the `qwen` fixture's images, tests/conftest.py)
 PROMPTS = [f"USER: {TINY_QWEN_IMAGE} what is the colour of the circle ? ASSISTANT:",
            f"USER: {TINY_QWEN_IMAGE} how many ? ASSISTANT:"]
 WORKS = [("random", 4), ("divprune", 4), ("pooling", 4), ("fastv", 4), ("pdrop", 4),
@@ -35,16 +34,6 @@ WORKS = [("random", 4), ("divprune", 4), ("pooling", 4), ("fastv", 4), ("pdrop",
 PRE_LLM = ["random", "divprune"]
 
 
-SPECS = {"qwen2_vl": build_tiny_qwen2_vl, "qwen2_5_vl": build_tiny_qwen2_5_vl}
-
-
-@pytest.fixture(scope="module", params=list(SPECS))
-def qwen(request):
-    torch.set_num_threads(1)
-    model, processor = SPECS[request.param](seed=0)
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
-    return model, processor, images
 
 
 def enc(qwen, idx, prompts=PROMPTS, per_sample=None):
