@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from pruners.ops import attention_rows
 from pruners.params import Param
 
 STAGES = ("vision", "pre_llm", "llm")
@@ -327,6 +328,15 @@ class PreLLMContext:
     cls_attention(layer): [B, N] head-mean CLS->patch attention of ViT layer ``layer`` (negative ok).
     vision_hidden(layer): [B, 1+N, Dv] output of ViT layer ``layer``.
     vision_qkv(layer): (q, k, v) [B, H, 1+N, Dh] of ViT layer ``layer``.
+    vision_attention(layer): [B, T, T] head-mean softmax attention of ViT layer ``layer`` between its
+                  tokens at the features' granularity: T = 1 + N with the CLS token first on CLIP towers
+                  (from ``vision_qkv``); on Qwen T = N merged units, each unit's query row the mean of
+                  its 2x2 patches' rows and its key column the sum of theirs, 0 across Qwen2.5-VL's
+                  windows (`mllm_adapters.engine.probes`). On Qwen ``vision_qkv`` and ``vision_hidden``
+                  have one row per patch, the 4 patches of feature token j at rows 4j..4j+3.
+    received_attention(layer): [B, N] the mean attention each feature token receives (column means of
+                  ``vision_attention`` over all T queries, the feature tokens' columns): VisPruner's
+                  "global attention" on encoders without CLS.
     project(x):   the model's projector, [B, M, Dv] -> [B, M, Dt].
     input_ids / attention_mask: [B, L] the prompt as given (image placeholder run not yet shrunk).
     image_start:  [B] index of the first image placeholder token; the run is N long.
@@ -362,6 +372,23 @@ class PreLLMContext:
     vision_post_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     #: the CLIP text tower service (see the docstring); None when the engine offers none
     text_patch_similarity: Callable[..., TextPatchSimilarity | None] | None = None
+    #: see the docstring; None (the default) computes it from ``vision_qkv`` over all 1 + N tokens
+    vision_attention: Callable[[int], torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        if self.vision_attention is None:
+            qkv = self.vision_qkv
+
+            def from_qkv(layer: int) -> torch.Tensor:
+                q, k, _ = qkv(layer)  # [B, H, T, Dh]
+                return attention_rows(q, k, scale=q.shape[-1] ** -0.5).float()  # [B, T, T]
+
+            self.vision_attention = from_qkv
+
+    def received_attention(self, layer: int) -> torch.Tensor:
+        """[B, N] mean attention each feature token receives in ViT layer ``layer`` (see the docstring)."""
+        a = self.vision_attention(layer)  # [B, T, T]
+        return a.mean(1)[:, a.shape[-1] - self.features.shape[1]:]
 
 
 @dataclass

@@ -2,8 +2,8 @@
 pre-LLM pruning with spatial recycling, progressive drops inside the LLM. Spec: shared/specs/vflowopt.md.
 
 1. Importance (pre-LLM stage, ViT layer ``vision_layer``): A = head-mean softmax attention of that
-   layer (all 1+N tokens on CLIP: CLS is one more token; built by ``pruners.ops.attention_rows`` from
-   the layer's q/k). Global tokens: received attention (column mean of A) > t x its mean. Context
+   layer (``PreLLMContext.vision_attention``: all 1+N tokens on CLIP, CLS being one more token; on Qwen
+   the N merged units, the 2x2 patches' attention pooled the way the merger pools them). Global tokens: received attention (column mean of A) > t x its mean. Context
    relevance c_j = mean over global tokens g of A[g, j] (every token counts as global when none
    passes the threshold). Patch entropy e_j: grey (mean of R, G, B after undoing the processor's
    normalisation), 256-bin histogram of the patch's pixels, Shannon entropy in bits.
@@ -40,7 +40,7 @@ import torch
 
 from pruners._schedule import ProgressiveSchedule, check_layers, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMLayerContext, ModelInfo, PreLLMContext, PreLLMDecision, Pruner
-from pruners.ops import attention_rows, merge_tokens
+from pruners.ops import merge_tokens
 from pruners.params import POSITIONS, Param, layer_index
 from pruners.registry import register_pruner
 
@@ -140,11 +140,6 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
     """Importance map + recycling pre-LLM, progressive drops in the LLM; see the module docstring."""
 
     stages = ("pre_llm", "llm")
-    conformance_opt_outs = {
-        f"*:{family}": "its importance map reads a ViT block's attention, which the engine does not offer on "
-                       "Qwen's vision encoder yet: refused with a ValueError"
-        for family in ("qwen2_vl", "qwen2_5_vl")
-    }
     #: ``search``: the authors' search space (r_2 is solved from the compute target through the budget)
     parameters = {
         "r_v": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.25, 0.375),
@@ -210,8 +205,7 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
     # ---- step 1: importance -----------------------------------------------------------------
     def importance(self, ctx: PreLLMContext) -> torch.Tensor:
         """[B, N] importance of the current patch features (context relevance + alpha x entropy term)."""
-        q, k, _ = ctx.vision_qkv(self._vision_layer)  # [B, H, T, Dh]
-        A = attention_rows(q, k, scale=q.shape[-1] ** -0.5).float()  # [B, T, T] head mean
+        A = ctx.vision_attention(self._vision_layer)  # [B, T, T] head mean (T = N + CLS tokens)
         received = A.mean(1)  # [B, T] column means
         glob = received > self.params["t"] * received.mean(1, keepdim=True)  # [B, T]
         glob = torch.where(glob.any(1, keepdim=True), glob, torch.ones_like(glob))  # none passes: all

@@ -37,7 +37,7 @@ PROMPTS = [f"USER: {TINY_QWEN_IMAGE} what is the colour of the circle ? ASSISTAN
 BUILDERS = QWEN_BUILDERS
 #: every method that runs on these families, with its parameters there
 METHODS = {"none": {}, "random": {}, "divprune": {}, "pooling": {}, "fastv": {}, "pdrop": {},
-           "transprune": {"positions": "original"}}
+           "transprune": {"positions": "original"}, "vflowopt": {}}
 TOL = 0.01
 
 

@@ -8,8 +8,8 @@ images of different sizes (8 and 12 merged units) and left padding:
   sample holding two images next to one holding none;
 - pre-LLM = the unpruned model fed exactly the kept units at their ORIGINAL M-RoPE positions;
 - cached generate() = greedy decoding by full recompute;
-- the methods that need what the engine does not offer on Qwen yet refuse with a ValueError naming
-  the method: CLS-based ones (no CLS), those reading ViT blocks, the vision stage, compact positions;
+- the methods that need what the engine does not offer on Qwen refuse with a ValueError naming
+  the method: CLS-based ones (no CLS), the vision stage, compact positions;
   video inputs are refused; a second thread gets a RuntimeError (the model keeps ``rope_deltas``).
 """
 
@@ -201,7 +201,7 @@ def test_cls_methods_refuse_naming_method_and_model(qwen, method):
 
 
 @pytest.mark.parametrize("method,params,match", [
-    ("flowcut", {}, "vision"), ("vflowopt", {}, "vision encoder's blocks"),
+    ("flowcut", {}, "vision"),
     ("transprune", {"positions": "compact"}, "positions='compact'"),
 ])
 def test_unsupported_methods_refuse_clearly(qwen, method, params, match):

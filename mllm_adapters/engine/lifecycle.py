@@ -73,13 +73,20 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
                     f"layer K={k} for method {pruner.name!r} is outside this model's decoder layers; "
                     f"accepted: 1..{self.info.llm_num_layers - 1} (layers before K see every token)"
                 )
-        if not spec.vision_loop and ("vision" in pruner.stages or
-                                     ("pre_llm" in pruner.stages and pruner.vision_probe_layers())):
+        if not spec.vision_loop and not spec.vision_probes and "pre_llm" in pruner.stages \
+                and pruner.vision_probe_layers():
             raise ValueError(
-                f"method {pruner.name!r} reads the vision encoder's blocks, which the engine does not run block by "
-                f"block for {type(self.model).__name__} yet; methods scoring the image features or pruning inside "
-                "the LLM run on it (e.g. random, divprune, pooling, fastv, pdrop, transprune)"
+                f"method {pruner.name!r} reads the vision encoder's blocks, which the engine cannot read for "
+                f"{type(self.model).__name__}; methods scoring the image features or pruning inside the LLM run "
+                "on it (e.g. random, divprune, pooling, fastv, pdrop, transprune)"
             )
+        if not spec.vision_loop and "vision" in pruner.stages:
+            raise ValueError(f"method {pruner.name!r} prunes inside the vision encoder, which the engine does not "
+                             f"run block by block for {type(self.model).__name__}")
+        for layer in pruner.vision_probe_layers() if "pre_llm" in pruner.stages else ():
+            if not -self.info.vision_num_layers <= layer < self.info.vision_num_layers:
+                raise ValueError(f"method {pruner.name!r}: vision probe layer {layer} is outside this model's "
+                                 f"{self.info.vision_num_layers} ViT layers")
         self._vision_layers = sorted(set(pruner.vision_layers())) if "vision" in pruner.stages else []
         for k in self._vision_layers:
             if not 0 <= k <= self.info.vision_feature_layer:

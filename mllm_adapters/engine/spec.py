@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mllm_adapters.engine.layout import ImageLayout
+from mllm_adapters.engine.probes import ImageEncoding
 from pruners.base import ModelInfo, Pruner
 
 
@@ -63,9 +64,12 @@ class FamilySpec:
     #: with a clear RuntimeError instead of letting two calls mix their state
     keeps_call_state: ClassVar[bool] = False
     #: False when the engine cannot run the vision tower block by block for this family: the spec's
-    #: `encode_images` gives each image's features and pre-LLM pruners see only those (methods reading
-    #: ViT blocks, CLS or a vision stage are refused)
+    #: `encode_images` gives each image's features and pre-LLM pruners see those (CLS or a vision stage
+    #: are refused; ViT blocks only through ``vision_probes``)
     vision_loop: ClassVar[bool] = True
+    #: with ``vision_loop = False``: True when `encode_images` can capture the blocks a pre-LLM pruner
+    #: reads (`mllm_adapters.engine.probes`: q/k/v, outputs and attention segments of each block)
+    vision_probes: ClassVar[bool] = False
     #: positions of the tokens kept before the LLM: "compact" (renumbered, as if the image had fewer
     #: tokens: LLaVA) or "original" (each keeps the position it has unpruned: M-RoPE families)
     pre_llm_positions: ClassVar[str] = "compact"
@@ -198,13 +202,21 @@ class FamilySpec:
         """[Dt] the LLM-space vector of a layout's extra slots (LLaVA-NeXT's image_newline), or None."""
         return None
 
-    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
-        """Per image, its [n_i, Dv] features before the projector, in run order (``vision_loop = False``)."""
+    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout],
+                      probe_layers: Sequence[int] = ()) -> ImageEncoding:
+        """Per image its [n_i, Dv] features before the projector, in run order, and (``vision_probes``)
+        its `VisionBlockProbe` of every block in ``probe_layers`` (``vision_loop = False``)."""
         raise NotImplementedError
 
     def image_pixels(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
-        """Per image, its pixels (what seeds a random method's draws; ``vision_loop = False``)."""
+        """Per image, its pixels as the model receives them (what seeds a random method's draws;
+        ``vision_loop = False``)."""
         raise NotImplementedError
+
+    def image_rgb(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+        """Per image its [3, H, W] normalised pixels, the feature grid covering H x W (what a pre-LLM
+        pruner sees as ``ctx.pixel_values``; ``vision_loop = False``). Default: `image_pixels`."""
+        return self.image_pixels(kwargs, layouts)
 
     def prompt_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> torch.Tensor | None:

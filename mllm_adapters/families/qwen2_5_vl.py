@@ -4,12 +4,10 @@ supported methods (`mllm_adapters.families.qwen2_vl`); its ViT attends within wi
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from mllm_adapters.engine.layout import ImageLayout
 from mllm_adapters.families.qwen2_vl import Qwen2VLSpec
 from mllm_adapters.registry import register_family
 from pruners.base import ModelInfo
@@ -18,7 +16,8 @@ from pruners.base import ModelInfo
 @register_family("qwen2_5_vl")
 class Qwen2_5_VLSpec(Qwen2VLSpec):
     """Qwen2.5-VL: Qwen2-VL's layout and positions; its ViT attends within windows in most blocks and
-    hands the merger its units in window order, which `encode_images` puts back in raster order."""
+    hands the merger its units in window order, which `encode_images` puts back in raster order
+    (`_raster_rows`)."""
 
     model_classes = ("Qwen2_5_VLForConditionalGeneration",)
     model_types = ("qwen2_5_vl",)
@@ -52,17 +51,16 @@ class Qwen2_5_VLSpec(Qwen2VLSpec):
         v = config.vision_config
         return 3 * 2 * n * cls._vision_width(config) * int(v.intermediate_size)
 
-    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+    def _raster_rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """The tower runs its patches in window order (whole units moved, 4 rows each): the tower's row
+        of each raster unit-major row."""
         from transformers.vision_utils import get_vision_window_index
 
-        grid = kwargs["image_grid_thw"]
-        v = self.visual
-        hs = self._tower(kwargs["pixel_values"], grid)  # [N_patches, Dv] in window order, 4 rows = one unit
+        v, g = self.visual, self.merge**2
         window_index, _ = get_vision_window_index(grid, spatial_merge_size=v.spatial_merge_size,
                                                   window_size=v.window_size, patch_size=v.patch_size)
-        dv = hs.shape[-1]
-        units = hs.reshape(-1, self.merge**2 * dv)[torch.argsort(window_index)]  # [N_units, 4 * Dv], raster
-        return list(torch.split(units, (grid.prod(-1) // self.merge**2).tolist()))
+        unit_rows = torch.argsort(window_index)  # tower unit of each raster unit
+        return (unit_rows[:, None] * g + torch.arange(g)).reshape(-1)
 
     def model_info(self) -> ModelInfo:
         vcfg = self.config.vision_config

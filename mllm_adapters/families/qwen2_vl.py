@@ -22,9 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb
+from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
+from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mllm_adapters.engine.layout import ImageLayout
+from mllm_adapters.engine.probes import ImageEncoding, VisionBlockProbe, segment_ids
+from mllm_adapters.engine.processor_stats import pixel_stats
 from mllm_adapters.engine.spec import FamilySpec
 from mllm_adapters.families._hf_parts import LlamaStyleDecoder, PixelsThroughGenerate
 from mllm_adapters.registry import register_family
@@ -64,6 +67,8 @@ class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
     prompt_aligned_inputs = ("mm_token_type_ids",)
     prompt_image = "<|vision_start|><|image_pad|><|vision_end|>"
     rope_fn = staticmethod(apply_rotary_pos_emb)  # Qwen2-VL's (M-RoPE mixed into cos/sin already)
+    vision_rope_fn = staticmethod(apply_rotary_pos_emb_vision)
+    vision_probes = True
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__(model)
@@ -156,6 +161,10 @@ class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
 
     def model_info(self) -> ModelInfo:
         vcfg, tcfg = self.config.vision_config, self.config.text_config
+        checkpoint_dir = (getattr(self.model, "name_or_path", None)
+                          or getattr(self.config, "_name_or_path", None) or None)
+        # the processor's normalisation; Qwen2VLImageProcessor defaults to OpenAI CLIP's
+        pixel_mean, pixel_std = pixel_stats(checkpoint_dir, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
         return ModelInfo(
             family=self.name,
             num_visual_tokens=self.max_visual_tokens(self.config),
@@ -166,8 +175,9 @@ class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
             vision_num_heads=int(vcfg.num_heads),
             llm_num_layers=int(tcfg.num_hidden_layers),
             llm_hidden_size=int(tcfg.hidden_size),
-            checkpoint_dir=(getattr(self.model, "name_or_path", None)
-                            or getattr(self.config, "_name_or_path", None) or None),
+            checkpoint_dir=checkpoint_dir,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
         )
 
     def check_pruner(self, pruner: Pruner) -> None:
@@ -191,24 +201,81 @@ class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
     def image_pixels(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
         return self._patches(kwargs)  # per image its [gh*gw, C*T*P*P] patch rows
 
-    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
-        """Per image [n_units, 4 * Dv]: the merger's input, each unit's 4 patch states side by side."""
-        grid = kwargs["image_grid_thw"]
-        hs = self._tower(kwargs["pixel_values"], grid)  # [N_patches, Dv], unit-major (4 rows = one unit)
-        dv = hs.shape[-1]
-        per = torch.split(hs, grid.prod(-1).tolist())
-        return [h.reshape(-1, self.merge**2 * dv) for h in per]
+    def image_rgb(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[torch.Tensor]:
+        """Per image its [C, gh*P, gw*P] normalised pixels, put back together from the processor's patch
+        rows (unit-major, each row [C, T, P, P]; the first of the T copies of a still image)."""
+        v, m = self.config.vision_config, self.merge
+        c, t, p = int(v.in_channels), int(v.temporal_patch_size), int(v.patch_size)
+        out = []
+        for rows, (_, gh, gw) in zip(self._patches(kwargs), kwargs["image_grid_thw"].tolist()):
+            x = rows.view(gh // m, gw // m, m, m, c, t, p, p)[..., 0, :, :]  # [uh, uw, m, m, C, P, P]
+            out.append(x.permute(4, 0, 2, 5, 1, 3, 6).reshape(c, gh * p, gw * p))  # [C, H, W]
+        return out
 
-    def _tower(self, pixel_values: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    def encode_images(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout],
+                      probe_layers: Sequence[int] = ()) -> ImageEncoding:
+        """Per image [n_units, 4 * Dv]: the merger's input, each unit's 4 patch states side by side, in
+        raster order; and per image the probes of ``probe_layers`` (rows unit-major, raster order)."""
+        grid = kwargs["image_grid_thw"]
+        hs, captured = self._tower(kwargs["pixel_values"], grid, probe_layers)  # [N_patches, Dv], tower order
+        order = self._raster_rows(grid)  # tower row of each raster row (unit-major: 4 rows = one unit)
+        sizes = grid.prod(-1).tolist()
+        dv = hs.shape[-1]
+        features = [h.reshape(-1, self.merge**2 * dv) for h in torch.split(hs[order], sizes)]
+        probes: list[dict[int, VisionBlockProbe]] = [{} for _ in sizes]
+        for layer, probe in captured.items():
+            whole = probe.rows(order)
+            for j, rows in enumerate(torch.arange(hs.shape[0]).split(sizes)):
+                probes[j][layer] = whole.rows(rows)
+        return ImageEncoding(features, probes)
+
+    def _raster_rows(self, grid: torch.Tensor) -> torch.Tensor:
+        """[N_patches] the tower's row of each row in raster unit-major order (Qwen2-VL: the same)."""
+        return torch.arange(int(grid.prod(-1).sum()))
+
+    def _tower(self, pixel_values: torch.Tensor, grid: torch.Tensor,
+               probe_layers: Sequence[int] = ()) -> tuple[torch.Tensor, dict[int, VisionBlockProbe]]:
         """The vision tower's blocks on every patch [N_patches, Dv], without its own PatchMerger pass (the
         engine projects only the units that reach the LLM, `project`): the merger's forward is bypassed
-        for this call (the model is used by one thread at a time, `keeps_call_state`)."""
+        for this call (the model is used by one thread at a time, `keeps_call_state`). Blocks in
+        ``probe_layers`` are captured as they run (rows in the tower's order, all images)."""
         merger = self.visual.merger
         merger.forward = lambda x: x  # the tower's forward ends with the merger; its output is unused here
+        seen: dict[int, dict[str, Any]] = {i: {} for i in probe_layers}
+        hooks = []
+        for i in probe_layers:
+            block, cap = self.visual.blocks[i], seen[i]
+
+            def on_attn(module, args, kwargs, cap=cap):
+                cap["segments"] = kwargs["cu_seqlens"]
+                cap["rope"] = kwargs["position_embeddings"]
+
+            def on_qkv(module, args, output, cap=cap):
+                cap["qkv"] = output
+
+            def on_block(module, args, output, cap=cap):
+                cap["hidden"] = output
+
+            hooks += [block.attn.register_forward_pre_hook(on_attn, with_kwargs=True),
+                      block.attn.qkv.register_forward_hook(on_qkv), block.register_forward_hook(on_block)]
         try:
-            return self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid).last_hidden_state
+            hs = self.visual(pixel_values.type(self.visual.dtype), grid_thw=grid).last_hidden_state
         finally:
             del merger.forward
+            for h in hooks:
+                h.remove()
+        return hs, {i: self._probe(i, cap) for i, cap in seen.items()}
+
+    def _probe(self, i: int, cap: dict[str, Any]) -> VisionBlockProbe:
+        """Block i's capture as a probe: q/k/v as its attention computes them (fused qkv, vision RoPE)."""
+        attn = self.visual.blocks[i].attn
+        qkv = cap["qkv"]
+        n = qkv.shape[0]
+        q, k, v = qkv.reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)  # each [n, H, Dh]
+        cos, sin = cap["rope"]
+        q, k = self.vision_rope_fn(q, k, cos, sin)
+        return VisionBlockProbe(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), cap["hidden"],
+                                segment_ids(cap["segments"], n), float(attn.scaling))
 
     def project(self, tokens: torch.Tensor) -> torch.Tensor:
         """The PatchMerger on [.., n, 4 * Dv] unit features -> [.., n, Dt]."""
