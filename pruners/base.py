@@ -407,6 +407,10 @@ class LLMLayerContext:
                    (``"instruction"``) to the current visual tokens (softmax over all allowed keys).
     layer_rows(queries="last"): the same for layer ``layer`` itself, computed from its input with its
                    own norm, q/k projections and RoPE (TransPrune's instruction-guided attention).
+    layer_qkv(layer, queries="last"): (q [B, Hq, Nq, hd] of the chosen query rows, k and v
+                   [B, Hkv, Lc, hd] of every current token) of an already-run decoder layer declared in
+                   ``llm_attention_layers()``, q and k with the layer's RoPE (Hq = Hkv x groups under
+                   GQA): for scores other than softmax rows over all keys (FlowCut's).
     captures:      {layer: {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D]}: sub-layer
                    inputs/outputs of the layers in ``llm_capture_layers()``.
     state:         dict that lives for one forward pass, shared by every stage of the pruner.
@@ -424,5 +428,6 @@ class LLMLayerContext:
     attention_rows: Callable[..., torch.Tensor]
     generators: list[torch.Generator]
     layer_rows: Callable[..., torch.Tensor] | None = None
+    layer_qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     token_scores: torch.Tensor | None = None

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import importlib
 
-import pytest
 import torch
 
+from mllm_adapters import apply_pruner
 from mllm_adapters.engine import Engine
 from mllm_adapters.handle import PruningHandle
 from mllm_adapters.registry import family_for
-from pruners.base import PreLLMDecision, Pruner
 from mllm_adapters.tiny import TINY_QWEN_IMAGE
+from pruners.base import PreLLMDecision, Pruner
+from pruners.flowcut_qwen import FlowCutQwen
+from pruners.vflowopt import VFlowOpt
 from tests.test_qwen_family import enc, logits
 
 
@@ -125,7 +127,7 @@ def test_probes_match_the_towers_own_attention(qwen, monkeypatch):
             start += n
     if type(spec).__name__ == "Qwen2_5_VLSpec":
         assert windowed, "the tiny Qwen2.5-VL tower should have windowed blocks with several windows"
-    for j, rec in enumerate(probe.seen):  # the last block's rows regroup into the merger's input
+    for rec in probe.seen:  # the last block's rows regroup into the merger's input
         hid = rec[depth - 1]["hidden"][0]
         assert torch.equal(hid.reshape(rec["features"].shape[1], -1), rec["features"][0])
         uh, uw = rec["grid"]
@@ -157,8 +159,6 @@ def test_image_rgb_rebuilds_the_processors_image(qwen):
 def test_vflowopt_importance_reads_the_unit_attention(qwen):
     """VFlowOpt on Qwen: importance = context relevance over the unit attention + entropy term."""
     model = qwen[0]
-    from pruners.vflowopt import VFlowOpt
-
     x = enc(qwen, [0])
     vf = VFlowOpt(budget=4, alpha=0.0)
     seen = {}
@@ -181,3 +181,47 @@ def test_vflowopt_importance_reads_the_unit_attention(qwen):
     glob = recv > vf.params["t"] * recv.mean()
     ref = a[glob].mean(0) if glob.any() else a.mean(0)
     assert torch.allclose(seen["imp"][0], ref, atol=1e-6)
+
+
+def test_flowcut_qwen_counts_and_llm_scores(qwen):
+    """flowcut_qwen: 2 x budget units reach the LLM, ``budget`` stay after layer 2, and the layer-2 choice
+    is the authors' score recomputed from the model's own layer-1 attention weights (eager, over every
+    key: restricted to the visual tokens and renormalised = their softmax over the visual keys) and its
+    value projection."""
+    model = qwen[0]
+    x = enc(qwen, [1])  # 12 units
+    budget = 3
+    seen = {}
+    real = FlowCutQwen.prune_llm
+
+    def spy(self, ctx):
+        out = real(self, ctx)
+        seen.update(vis=ctx.visual_pos.clone(), index=ctx.visual_index.clone(), keep=out.clone())
+        return out
+
+    layer1 = model.model.language_model.layers[1].self_attn
+    values = {}
+    hook = layer1.v_proj.register_forward_hook(lambda m, a, o: values.__setitem__("v", o))
+    FlowCutQwen.prune_llm = spy
+    try:
+        with apply_pruner(model, "flowcut_qwen", budget=budget) as h:
+            with torch.no_grad():
+                out = model(**x, output_attentions=True)
+            kept = h.kept_indices[0]
+            counts = h.token_counts[0].llm_visual
+    finally:
+        FlowCutQwen.prune_llm = real
+        hook.remove()
+    assert seen["vis"].shape[1] == 2 * budget and kept.numel() == budget
+    assert counts[:2] == [2 * budget] * 2 and counts[2:] == [budget] * (len(counts) - 2)
+    vis = seen["vis"][0]
+    w = out.attentions[1][0, :, -1].float()  # [H, L'] the last token's row at layer 1
+    rel = (w[:, vis] / w[:, vis].sum(-1, keepdim=True)).mean(0)
+    cfg = model.config.text_config
+    hd = cfg.hidden_size // cfg.num_attention_heads
+    v = values["v"][0].view(-1, cfg.num_key_value_heads, hd).transpose(0, 1).float()  # [Hkv, L', hd]
+    v = v.repeat_interleave(cfg.num_attention_heads // cfg.num_key_value_heads, 0)  # [H, L', hd]
+    sem = torch.softmax(v[:, -1:] @ v[:, vis].transpose(1, 2) * hd**-0.5, -1).mean(0)[0]
+    score = (rel + sem) * v[:, vis].mean(0).abs().sum(-1)
+    ref = seen["index"][0][score.topk(budget).indices].sort().values
+    assert torch.equal(kept.cpu(), ref.cpu())

@@ -30,12 +30,13 @@ class LLMStage:
 
         return hook
 
-    def _make_key_capture(self, i: int):
-        """Keep layer i's own key projection [B, L, Hkv*hd] (pre-RoPE) so scoring does not recompute it."""
+    def _make_key_capture(self, i: int, values: bool = False):
+        """Keep layer i's own key (or value) projection [B, L, Hkv*hd] (pre-RoPE) so scoring does not
+        recompute it."""
 
         def hook(module, args, output):
             if self._fw.phase == "prefill":
-                self._fw.attn_keys[i] = output
+                (self._fw.attn_values if values else self._fw.attn_keys)[i] = output
 
         return hook
 
@@ -57,36 +58,57 @@ class LLMStage:
         self._hooks.append(attn_module.register_forward_hook(attn_hook, with_kwargs=True))
         self._hooks.append(mlp.register_forward_hook(mlp_hook))
 
-    def _llm_attention_rows(self, layer_idx: int, queries: str, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[B, Nv] head-mean attention of layer ``layer_idx`` from the chosen query rows to the visual tokens."""
+    def _attn_input(self, layer_idx: int, hidden_states: torch.Tensor):
+        """(x, (cos, sin)) captured at layer ``layer_idx``'s attention: its normed input [B, Lc, D] and RoPE
+        tables; a ValueError unless the pruner declared the layer in ``llm_attention_layers()``."""
         fw = self._fw
-        if layer_idx in fw.attn_inputs:
-            x, (cos, sin) = fw.attn_inputs[layer_idx]
-            if x.shape[1] != hidden_states.shape[1]:
-                raise ValueError(f"attention inputs of layer {layer_idx} are from a different sequence length")
-        else:
+        if layer_idx not in fw.attn_inputs:
             raise ValueError(
                 f"method {self.pruner.name!r} asked for the attention of LLM layer {layer_idx} but declared "
                 f"llm_attention_layers()={sorted(self.pruner.llm_attention_layers())}"
             )
-        return self._rows_from(layer_idx, x, cos, sin, queries, fw.attn_keys.get(layer_idx))
+        x, rope = fw.attn_inputs[layer_idx]
+        if x.shape[1] != hidden_states.shape[1]:
+            raise ValueError(f"attention inputs of layer {layer_idx} are from a different sequence length")
+        return x, rope
 
-    def _rows_from(self, layer_idx: int, x, cos, sin, queries: str, k_raw: torch.Tensor | None = None) -> torch.Tensor:
-        """[B, Nv] head-mean attention rows from layer input ``x`` (after its norm); ``k_raw`` is the
-        layer's own key projection of ``x`` when it was captured (else recomputed)."""
+    def _llm_attention_rows(self, layer_idx: int, queries: str, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, Nv] head-mean attention of layer ``layer_idx`` from the chosen query rows to the visual tokens."""
+        x, (cos, sin) = self._attn_input(layer_idx, hidden_states)
+        return self._rows_from(layer_idx, x, cos, sin, queries, self._fw.attn_keys.get(layer_idx))
+
+    def _llm_qkv(self, layer_idx: int, queries: str, hidden_states: torch.Tensor):
+        """(q [B, Hq, Nq, hd] of the chosen query rows, k and v [B, Hkv, Lc, hd] of every current token)
+        of already-run layer ``layer_idx``, q and k with its RoPE (`LLMLayerContext.layer_qkv`)."""
         fw = self._fw
+        x, (cos, sin) = self._attn_input(layer_idx, hidden_states)
+        qpos, _ = self._query_rows(x, queries)
+        q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, fw.attn_keys.get(layer_idx))
         attn = self.spec.text_attention(layer_idx)
+        v_raw = fw.attn_values.get(layer_idx)
+        if v_raw is None or v_raw.shape[:2] != x.shape[:2]:
+            v_raw = attn.v(x)
         B, Lc, _ = x.shape
-        key_mask = self._current(fw.key_mask)
+        v = v_raw.view(B, Lc, -1, attn.head_dim).transpose(1, 2)  # [B, Hkv, Lc, hd]
+        return q, k, v
+
+    def _query_rows(self, x: torch.Tensor, queries: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """([B, Nq] query positions in the current sequence, [B, Nq] which are real) for ``queries``."""
+        B, Lc, _ = x.shape
+        key_mask = self._current(self._fw.key_mask)
         if queries == "last":
             qpos = (torch.arange(Lc, device=x.device) * key_mask).argmax(1, keepdim=True)  # [B, 1]
-            qvalid = torch.ones_like(qpos, dtype=torch.bool)
-        elif queries == "instruction":
-            qpos = self._current_positions(fw.instruction_pos)
-            qvalid = qpos >= 0
-            qpos = qpos.clamp(min=0)
-        else:
-            raise ValueError(f"queries must be 'last' or 'instruction', got {queries!r}")
+            return qpos, torch.ones_like(qpos, dtype=torch.bool)
+        if queries == "instruction":
+            qpos = self._current_positions(self._fw.instruction_pos)
+            return qpos.clamp(min=0), qpos >= 0
+        raise ValueError(f"queries must be 'last' or 'instruction', got {queries!r}")
+
+    def _rope_qk(self, layer_idx: int, x, cos, sin, qpos: torch.Tensor, k_raw: torch.Tensor | None):
+        """(q [B, Hq, Nq, hd] at ``qpos``, k [B, Hkv, Lc, hd]) of layer ``layer_idx`` from its normed input
+        ``x``, RoPE applied; ``k_raw`` is its own key projection of ``x`` when captured (else recomputed)."""
+        attn = self.spec.text_attention(layer_idx)
+        B, Lc, _ = x.shape
         hd = attn.head_dim
         xq = gather_seq(x, qpos)  # [B, Nq, D]
         q = attn.q(xq).view(B, qpos.shape[1], -1, hd).transpose(1, 2)  # [B, Hq, Nq, hd]
@@ -96,6 +118,16 @@ class LLMStage:
         cos_b, sin_b = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
         q, _ = self.spec.apply_rope(q, q, gather_seq(cos_b, qpos), gather_seq(sin_b, qpos))
         k, _ = self.spec.apply_rope(k, k, cos_b, sin_b)
+        return q, k
+
+    def _rows_from(self, layer_idx: int, x, cos, sin, queries: str, k_raw: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, Nv] head-mean attention rows from layer input ``x`` (after its norm); ``k_raw`` is the
+        layer's own key projection of ``x`` when it was captured (else recomputed)."""
+        fw = self._fw
+        attn = self.spec.text_attention(layer_idx)
+        key_mask = self._current(fw.key_mask)
+        qpos, qvalid = self._query_rows(x, queries)
+        q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, k_raw)
         vis = fw.visual_pos
         rows = attention_rows(
             q, k, key_mask=key_mask, query_pos=qpos, key_start=vis[:, 0], key_len=vis.shape[1], scale=attn.scale
@@ -155,6 +187,7 @@ class LLMStage:
                 attention_rows=lambda layer, queries="last", h=hs: self._llm_attention_rows(layer, queries, h),
                 generators=fw.generators,
                 layer_rows=lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries),
+                layer_qkv=lambda layer, queries="last", h=hs: self._llm_qkv(layer, queries, h),
                 captures=fw.captures,
                 token_scores=fw.visual_scores,
             )

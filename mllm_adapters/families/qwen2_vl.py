@@ -1,10 +1,11 @@
 """Qwen2-VL (transformers' Qwen2VLForConditionalGeneration).
 
-What runs: ``pre_llm`` methods that score the merged units' features (random, divprune, pooling) and
-``llm`` methods with original positions (fastv, pdrop, transprune with ``positions="original"``).
-Refused with a ValueError naming the method: CLS-based methods (no CLS), methods reading the ViT's
-blocks (the engine does not run Qwen's ViT block by block yet), the vision stage, compact positions,
-video inputs. `tests/test_qwen_family.py` and the conformance suite check it.
+What runs: ``pre_llm`` methods on the merged units' features, reading the vision blocks they declare
+through probes captured while the tower runs (`mllm_adapters.engine.probes`: random, divprune, pooling,
+vflowopt, flowcut_qwen), and ``llm`` methods with original positions (fastv, pdrop, transprune).
+Refused with a ValueError naming the method: CLS-based methods (no CLS), the vision stage, compact
+positions, video inputs. `tests/test_qwen_family.py`, `tests/test_qwen_vision_probes.py` and the
+conformance suite check it.
 
 How the model feeds an image to the LLM (docs/qwen-internals.md): the processor resizes each image to
 a multiple of 2 x 2 patches, the ViT runs over its gh x gw patches (one attention segment per image),
