@@ -84,3 +84,6 @@ class ProgressiveSchedule:
     def count_at(self, layer: int) -> int:
         """Visual tokens kept from pruning layer ``layer`` on."""
         return self._schedule["counts"][self._schedule["layers"].index(layer)]
+
+    def llm_keep_count(self, layer: int) -> int:
+        return self.count_at(layer)

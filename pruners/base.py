@@ -239,8 +239,16 @@ class Pruner:
         return []
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
-        """Return [B, k] indices into the current visual tokens (``ctx.visual_pos``' axis) to keep."""
+        """Return [B, k] indices into the current visual tokens (``ctx.visual_pos``' axis) to keep; pick
+        them with ``ctx.keep_top(scores, self.llm_keep_count(ctx.layer))`` so each sample keeps its own
+        count."""
         raise NotImplementedError
+
+    def llm_keep_count(self, layer: int) -> int:
+        """Visual tokens of one image kept from in-LLM pruning layer ``layer`` on (after attach; the engine
+        asks a copy attached to each image's own token count): the budget, unless a schedule says
+        otherwise."""
+        return self.budget
 
     # ---- helpers -------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
@@ -431,3 +439,25 @@ class LLMLayerContext:
     layer_qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     token_scores: torch.Tensor | None = None
+    #: [B] visual tokens each sample keeps from this layer on (the engine's per-sample counts: the sum
+    #: over its images of the pruner's `Pruner.llm_keep_count` for an image of that size), or None
+    keep_counts: torch.Tensor | None = None
+    #: [B, Nv] set by `keep_top`: the slots it returned beyond a sample's count (the engine masks them)
+    fillers: torch.Tensor | None = None
+
+    def keep_top(self, scores: torch.Tensor, count: int) -> torch.Tensor:
+        """[B, k] indices of each sample's highest ``scores`` [B, Nv] among its real visual tokens, best
+        first: ``keep_counts[b]`` of them where the engine gives per-sample counts (k = the largest;
+        a sample's entries beyond its own count are filler slots, recorded in ``fillers``, which the
+        engine turns into inert slots masked from every later layer), else ``count`` for every sample."""
+        n = scores.shape[1]
+        if self.keep_counts is None:
+            return scores.topk(min(count, n), dim=1).indices
+        counts = self.keep_counts.to(scores.device)
+        k = min(int(counts.max()), n) if counts.numel() else 0
+        real = self.key_mask.gather(1, self.visual_pos)  # [B, Nv]
+        s = scores if bool(real.all()) else scores.masked_fill(~real, float("-inf"))
+        idx = s.topk(k, dim=1).indices  # [B, k] best first
+        fill = torch.arange(k, device=scores.device)[None, :] >= counts[:, None]  # [B, k]
+        self.fillers = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device).scatter(1, idx, fill)
+        return idx

@@ -17,6 +17,8 @@ from pruners.registry import register_pruner
 @register_pruner("fastv")
 class FastV(Pruner):
     stages = ("llm",)
+    #: 2: each sample keeps its own in-LLM count (its images' own sizes and schedules; inert fillers)
+    version = 2
     parameters = {
         "layer": Param(int, 2, doc="decoder layer K: layers K.. see only the kept tokens (1..L-1)"),
         "positions": Param(str, "original", choices=POSITIONS, doc="RoPE positions of the kept tokens"),
@@ -36,4 +38,4 @@ class FastV(Pruner):
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
         scores = ctx.attention_rows(self.params["layer"] - 1, "last")  # [B, Nv]
-        return scores.topk(min(self.budget, scores.shape[1]), dim=1).indices  # <= the current visual tokens
+        return ctx.keep_top(scores, self.budget)

@@ -134,4 +134,4 @@ class FlowCutQwen(Pruner):
         mag = vv.float().mean(1).abs().sum(-1)  # [B, Nv]
         score = (rows(q, kv) + rows(v_last, vv)) * mag
         score = score.masked_fill(~real[:, 0, 0], float("-inf"))
-        return score.topk(min(self.budget, score.shape[1]), dim=1).indices
+        return ctx.keep_top(score, self.budget)

@@ -51,6 +51,8 @@ class PDrop(ProgressiveSchedule, Pruner):
     """PyramidDrop; see the module docstring."""
 
     stages = ("llm",)
+    #: 2: each sample keeps its own in-LLM count (its images' own sizes and schedules; inert fillers)
+    version = 2
     parameters = {
         "layers": Param(list, None, item=int, doc="pruning layers K; null: 8/16/24 of 32 scaled to the model"),
         "lam": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.3, 1.0),
@@ -71,5 +73,4 @@ class PDrop(ProgressiveSchedule, Pruner):
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
         scores = ctx.attention_rows(ctx.layer - 1, "last")  # [B, Nv]
-        k = min(self.count_at(ctx.layer), scores.shape[1])  # <= the current visual tokens
-        return scores.topk(k, dim=1).indices
+        return ctx.keep_top(scores, self.count_at(ctx.layer))

@@ -108,6 +108,8 @@ class TransPrune(ProgressiveSchedule, Pruner):
     """TTV (+ IGA) progressive pruning inside the LLM; see the module docstring."""
 
     stages = ("llm",)
+    #: 2: each sample keeps its own in-LLM count (its images' own sizes and schedules; inert fillers)
+    version = 2
     parameters = {
         "layers": Param(list, None, item=int, doc="pruning layers K; null: the authors' 7/9/12 of 32 scaled to the model"),
         "ratios": Param(list, None, item=float, low=0, high=1, low_inclusive=False,
@@ -182,11 +184,11 @@ class TransPrune(ProgressiveSchedule, Pruner):
             ttv = torch.zeros(vis.shape, dtype=torch.float32, device=vis.device)
         for j in range(lo, ctx.layer):
             ttv = ttv + layer_ttv(caps.pop(j), ctx.key_mask).gather(1, vis)  # [B, Nv]; frees the capture
+        ttv = ttv.masked_fill(~ctx.key_mask.gather(1, vis), 0.0)  # slots the engine made inert carry none
         score = ttv / ttv.sum(1, keepdim=True).clamp(min=1e-12)  # [B, Nv]
         if self.params["use_iga"]:
             iga = ctx.layer_rows("instruction").float()  # [B, Nv]
             score = score + iga / iga.sum(1, keepdim=True).clamp(min=1e-12)
-        k = min(k, score.shape[1])  # <= the current visual tokens
-        keep = score.topk(k, dim=1).indices.sort(dim=1).values  # [B, k], original order
+        keep = ctx.keep_top(score, k).sort(dim=1).values  # [B, k], original order
         ctx.state["ttv"] = ttv.gather(1, keep)
         return keep

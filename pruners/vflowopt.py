@@ -140,6 +140,8 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
     """Importance map + recycling pre-LLM, progressive drops in the LLM; see the module docstring."""
 
     stages = ("pre_llm", "llm")
+    #: 2: each sample keeps its own in-LLM count (its images' own sizes and schedules; inert fillers)
+    version = 2
     #: ``search``: the authors' search space (r_2 is solved from the compute target through the budget)
     parameters = {
         "r_v": Param(float, None, low=0, high=1, low_inclusive=False, search=("float", 0.25, 0.375),
@@ -270,5 +272,4 @@ class VFlowOpt(ProgressiveSchedule, Pruner):
 
     def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
         scores = ctx.token_scores  # [B, Nv] pre-LLM importance of the current visual tokens
-        k = min(self.count_at(ctx.layer), scores.shape[1])  # <= the current visual tokens
-        return scores.topk(k, dim=1).indices
+        return ctx.keep_top(scores, self.count_at(ctx.layer))

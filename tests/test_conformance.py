@@ -512,7 +512,7 @@ def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch)
     def recorder(name, fn):
         def wrapped(self, ctx):
             out = fn(self, ctx)
-            recorded[name].append(_clone(out))
+            recorded[name].append((_clone(out), _clone(getattr(ctx, "fillers", None))))
             return out
         return wrapped
 
@@ -526,10 +526,12 @@ def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch)
     calls = {n: 0 for n in names}
 
     def replayer(name):
-        def replay(self, ctx):
+        def replay(self, ctx):  # the decision: the indices and the filler slots `keep_top` marked
             seq = recorded[name]
-            out = seq[calls[name] % len(seq)]
+            out, fillers = seq[calls[name] % len(seq)]
             calls[name] += 1
+            if fillers is not None:
+                ctx.fillers = fillers.clone()
             return _clone(out)
         return replay
 

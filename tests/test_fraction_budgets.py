@@ -85,19 +85,23 @@ def test_qwen_each_image_keeps_its_share():
         assert [len(k) for k in h.kept_indices] == [2, 4]
 
 
-def test_in_llm_fraction_needs_one_count_per_batch():
+@pytest.mark.parametrize("method", ["fastv", "pdrop"])
+def test_in_llm_fraction_counts_each_image_in_a_batch(method):
+    """An in-LLM method with a fraction budget keeps each image's own share in a batch of images of
+    different sizes (inert fillers pad the smaller count), exactly as each image alone."""
     model, processor = build_tiny_llava_next()
     imgs = images([(40, 60), (30, 80)])
     x = processor(images=imgs, text=PROMPTS, return_tensors="pt", padding=True)
-    with apply_pruner(model, "fastv", budget=0.25) as h:
-        with pytest.raises(ValueError, match=r"budget=0.25.*\[13, 18\]"):
-            logits(model, x)
-        same = processor(images=[imgs[0], imgs[0]], text=PROMPTS, return_tensors="pt", padding=True)
-        logits(model, same)  # both images resolve to 18
-        assert [len(k) for k in h.kept_indices] == [18, 18]
-        one = processor(images=imgs[1:], text=PROMPTS[1:], return_tensors="pt")
-        logits(model, one)
-        assert [len(k) for k in h.kept_indices] == [13]
+    with apply_pruner(model, method, budget=0.25) as h:
+        both = logits(model, x)[:, -1]
+        kept = [k.clone() for k in h.kept_indices]
+        assert [len(k) for k in kept] == [18, 13]  # 0.25 of 70 and of 52 tokens, rounded half up
+        assert h.batch_counts.llm_visual_width[-1] == 18
+        for i in range(2):
+            one = processor(images=imgs[i : i + 1], text=PROMPTS[i : i + 1], return_tensors="pt")
+            alone = logits(model, one)[:, -1]
+            assert (alone[0] - both[i]).abs().max() <= 1e-4
+            assert torch.equal(h.kept_indices[0], kept[i])
 
 
 def test_runner_takes_fractions(tmp_path):

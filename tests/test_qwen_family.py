@@ -154,7 +154,9 @@ def test_cached_generate_equals_recompute(qwen, method, budget, monkeypatch):
     def recorder(name, fn):
         def wrapped(self, ctx):
             out = fn(self, ctx)
-            recorded[name].append(out.clone() if isinstance(out, torch.Tensor) else out)
+            fillers = getattr(ctx, "fillers", None)  # the filler slots `keep_top` marked: part of the decision
+            recorded[name].append((out.clone() if isinstance(out, torch.Tensor) else out,
+                                   None if fillers is None else fillers.clone()))
             return out
         return wrapped
 
@@ -169,8 +171,10 @@ def test_cached_generate_equals_recompute(qwen, method, budget, monkeypatch):
 
     def replayer(name):
         def replay(self, ctx):
-            out = recorded[name][calls[name] % len(recorded[name])]
+            out, fillers = recorded[name][calls[name] % len(recorded[name])]
             calls[name] += 1
+            if fillers is not None:
+                ctx.fillers = fillers.clone()
             return out
         return replay
 
@@ -238,3 +242,27 @@ def test_a_second_thread_gets_a_clear_error(qwen):
         t.start()
         t.join()
     assert len(errors) == 1 and "thread" in str(errors[0])
+
+
+@pytest.mark.parametrize("budget", [2, 0.25])
+def test_progressive_schedules_count_from_each_images_own_units(qwen, budget):
+    """PDrop's stage counts follow each image's own unit count (8 and 12 here), int or fraction budget,
+    in a batch exactly as alone; the smaller count is padded with inert fillers
+    (``batch_counts.llm_visual_width``)."""
+    from pruners.base import resolve_budget
+    from pruners.pdrop import pdrop_schedule
+
+    model = qwen[0]
+    x = enc(qwen, [0, 1])
+    layers = model.config.text_config.num_hidden_layers
+    with apply_pruner(model, "pdrop", budget=budget) as h:
+        both = logits(model, x)[:, -1]
+        counts = [c.llm_visual for c in h.token_counts]
+        width = list(h.batch_counts.llm_visual_width)
+        for i, n in enumerate((8, 12)):
+            b = budget if isinstance(budget, int) else resolve_budget(budget, n)
+            assert counts[i] == pdrop_schedule(n, layers, b)["per_layer"]
+            alone = logits(model, enc(qwen, [i]))[:, -1]
+            assert (alone[0] - both[i]).abs().max() <= 1e-4
+            assert h.token_counts[0].llm_visual == counts[i]
+    assert width == [max(a, b) for a, b in zip(*counts)]

@@ -14,6 +14,7 @@ model give exactly their single-threaded results. Everything family-specific is 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import Any
 
@@ -207,6 +208,7 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
             attention_mask = torch.ones_like(input_ids)
         layouts = self.spec.image_layouts(kwargs)
         runs = self._image_runs(input_ids, layouts)
+        fw.sample_runs = [[r.n_packed for r in runs if r.sample == b] for b in range(input_ids.shape[0])]
         one_each = [r.sample for r in runs] == list(range(input_ids.shape[0]))
         if self.spec.vision_loop and one_each and all(r.layout.is_single_view for r in runs):
             starts = torch.tensor([r.start for r in runs], device=input_ids.device)
@@ -249,7 +251,6 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
             self._per_sample_counts(runs, input_ids.shape[0])
             self._fw.prompt_len = input_ids.shape[1]
             return
-        self._fw.llm_pruner = self._llm_pruner_for(runs)
         if "vision" in self.pruner.stages and len(self.pruner.stages) > 1:
             raise ValueError(
                 f"method {self.pruner.name!r} combines vision-stage pruning with {list(self.pruner.stages)}: "
@@ -271,20 +272,20 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
         self._rewrite_prompt(kwargs, input_ids, attention_mask, runs, per_image)
         self._per_sample_counts(runs, input_ids.shape[0])
 
-    def _llm_pruner_for(self, runs: list[ImageRun]) -> Pruner | None:
-        """With a fraction budget and an in-LLM stage, the pruner at this batch's count: every image must
-        resolve to the same count (one kept count per pruning layer and batch). None otherwise."""
+    def _image_keep_count(self, n: int, layer: int) -> int:
+        """Visual tokens an image of ``n`` tokens keeps from in-LLM layer ``layer`` on: all of them within
+        its budget, else the pruner's `llm_keep_count` on a copy attached to an image of that size (its
+        own schedule, and a fraction budget's own share)."""
         p = self.pruner
-        if p.budget_fraction is None or "llm" not in p.stages or not self._llm_layers:
-            return None
-        counts = sorted({p.budget_for(r.n_packed) for r in runs})
-        if len(counts) > 1:
-            raise ValueError(
-                f"method {p.name!r}: budget={p.budget_fraction} gives the images of this batch different token "
-                f"counts {counts} ({[r.n_packed for r in runs]} tokens); an in-LLM method keeps one count per batch: "
-                "use batches of images of one size (batch_size=1), or an int budget"
-            )
-        return self._tile_pruner(counts[0], None)
+        budget = p.budget_for(n)
+        if budget is None or budget >= n:
+            return n
+        key = ("llm", budget, n)
+        if key not in self._tile_pruners:
+            clone = type(p)(budget=budget, seed=p.seed, **p.params)
+            clone.attach(dataclasses.replace(self.info, num_visual_tokens=n))
+            self._tile_pruners[key] = clone
+        return min(n, self._tile_pruners[key].llm_keep_count(layer))
 
     def _per_sample_counts(self, runs: list[ImageRun], batch: int) -> None:
         """Turn the per-image ``handle.token_counts`` into per-sample ones (`TokenCounts.total`)."""

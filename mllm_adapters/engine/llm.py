@@ -160,14 +160,14 @@ class LLMStage:
             if fw.phase == "prefill":
                 hs = self._prefill_layer(i, hs, kwargs)
             else:
-                self._decode_layer(i, kwargs)
+                self._decode_layer(i, kwargs, hs.shape[1])
             return (hs, *rest), kwargs
 
         return hook
 
     def _prefill_layer(self, i: int, hs: torch.Tensor, kwargs: dict) -> torch.Tensor:
         fw = self._fw
-        pruner = fw.llm_pruner or self.pruner
+        pruner = self.pruner
         if fw.key_mask is None:  # no image went through the top-level hook
             return hs
         if i == self._llm_layers[0] and not fw.full_kwargs:
@@ -190,8 +190,10 @@ class LLMStage:
                 layer_qkv=lambda layer, queries="last", h=hs: self._llm_qkv(layer, queries, h),
                 captures=fw.captures,
                 token_scores=fw.visual_scores,
+                keep_counts=self._keep_counts(i),
             )
             keep = self._call_pruner(pruner.prune_llm, ctx).sort(dim=1).values  # [B, k] into visual tokens
+            fill = ctx.fillers.gather(1, keep) if ctx.fillers is not None else None  # [B, k] filler slots
             B, Lc = hs.shape[:2]
             vis = fw.visual_pos
             nv, k = vis.shape[1], keep.shape[1]
@@ -208,6 +210,8 @@ class LLMStage:
             if fw.visual_scores is not None:
                 fw.visual_scores = fw.visual_scores.gather(1, keep)
             fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
+            if fill is not None and bool(fill.any()):
+                self._hide_fillers(fill)
             fw.cur_kwargs = None
             idx = fw.visual_index
             rows = range(B) if fw.image_rows is None else fw.image_rows  # one entry per image
@@ -223,10 +227,49 @@ class LLMStage:
                 width[j] = k
         if fw.cur_cols is not None:
             fw.layer_cols[i] = fw.cur_cols
+            if fw.hidden_cols is not None:
+                fw.layer_hidden[i] = fw.hidden_cols.gather(1, fw.cur_cols)  # [B, Lc]
             if fw.cur_kwargs is None:
                 fw.cur_kwargs = self._slice_prefill_kwargs()
             kwargs.update(fw.cur_kwargs)
         return hs
+
+    def _keep_counts(self, layer: int) -> torch.Tensor | None:
+        """[B] visual tokens each sample keeps from ``layer`` on: the sum over its images of
+        `_image_keep_count`, at most its current real ones (None without the top hook's runs)."""
+        fw = self._fw
+        if fw.sample_runs is None:
+            return None
+        per = torch.tensor([sum(self._image_keep_count(n, layer) for n in ns) for ns in fw.sample_runs],
+                           device=fw.visual_index.device)
+        return torch.minimum(per, (fw.visual_index != INERT).sum(1))
+
+    def _hide_fillers(self, fill: torch.Tensor) -> None:
+        """Turn the kept filler slots ``fill`` [B, k] (over the new visual tokens) into inert slots: no
+        longer tokens of their sample, masked as keys from this layer on (prefill and decoding)."""
+        fw = self._fw
+        fw.visual_index = fw.visual_index.masked_fill(fill, INERT)
+        if fw.visual_scores is not None:
+            fw.visual_scores = fw.visual_scores.masked_fill(fill, float("-inf"))
+        cols = fw.cur_cols.gather(1, fw.visual_pos)  # [B, k] prompt columns of the visual tokens
+        hidden = fw.hidden_cols if fw.hidden_cols is not None else torch.zeros_like(fw.key_mask, dtype=torch.bool)
+        fw.hidden_cols = hidden.scatter(1, cols, hidden.gather(1, cols) | fill)
+        fw.key_mask = fw.key_mask.scatter(1, cols, fw.key_mask.gather(1, cols) & ~fill)
+
+    @staticmethod
+    def _hide_keys(mask: torch.Tensor | None, hidden: torch.Tensor, q_len: int) -> torch.Tensor:
+        """The 4D attention mask with keys ``hidden`` [B, Lk] masked (None: SDPA's skipped causal mask,
+        built here)."""
+        B, Lk = hidden.shape
+        if mask is None:
+            causal = torch.ones(q_len, Lk, dtype=torch.bool, device=hidden.device).tril(diagonal=Lk - q_len)
+            return causal[None, None] & ~hidden[:, None, None, :]
+        if mask.dim() != 4:
+            raise ValueError("an in-LLM method whose samples keep different token counts needs a 4D attention mask "
+                             "(attn_implementation 'sdpa' or 'eager')")
+        if mask.dtype == torch.bool:
+            return mask & ~hidden[:, None, None, :]
+        return mask.masked_fill(hidden[:, None, None, :], torch.finfo(mask.dtype).min)
 
     def _rows_next(self, i: int, hs: torch.Tensor, queries: str) -> torch.Tensor:
         """Attention rows of layer i itself, computed from its input (its norm, q/k projections, RoPE)."""
@@ -243,6 +286,8 @@ class LLMStage:
         kept = torch.zeros(B, L, dtype=torch.long, device=cols.device)
         kept.scatter_(1, cols, 1)
         dropped = 1 - kept  # [B, L]
+        if self._fw.hidden_cols is not None:  # inert fillers count as dropped
+            dropped = dropped | self._fw.hidden_cols.long()
         adv = self._advancing()
         if adv is not None:
             dropped = dropped * adv.long()
@@ -256,6 +301,9 @@ class LLMStage:
         mask = src.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             out["attention_mask"] = gather_seq(gather_seq(mask, cols, dim=2), cols, dim=3)
+        if fw.hidden_cols is not None:
+            out["attention_mask"] = self._hide_keys(out.get("attention_mask", mask), fw.hidden_cols.gather(1, cols),
+                                                    cols.shape[1])
         pos = src.get("position_ids")
         if pos is None:
             pos = torch.arange(fw.prompt_len, device=cols.device)[None, :]
@@ -270,24 +318,36 @@ class LLMStage:
             out["position_embeddings"] = (gather_seq(cos, cols), gather_seq(sin, cols))
         return out
 
-    def _decode_layer(self, i: int, kwargs: dict) -> None:
+    def _decode_layer(self, i: int, kwargs: dict, q_len: int) -> None:
         fw = self._fw
         cols = fw.layer_cols.get(i)
         if cols is None:
             return
         mask = kwargs.get("attention_mask")
+        hidden = fw.layer_hidden.get(i)  # [B, len(cols)] inert fillers among this layer's cached columns
         if isinstance(mask, torch.Tensor) and mask.dim() == 4:
             total = mask.shape[-1]
             B = cols.shape[0]
             new = torch.arange(fw.prompt_len, total, device=mask.device).expand(B, -1)
             key_cols = torch.cat([cols, new], dim=1)
-            kwargs["attention_mask"] = gather_seq(mask, key_cols, dim=3)
+            kwargs["attention_mask"] = mask = gather_seq(mask, key_cols, dim=3)
+        if hidden is not None:
+            if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+                steps = mask.shape[-1] - cols.shape[1]
+            else:  # no 4D mask: the layer's cache holds its prompt columns and the tokens decoded so far
+                cache = kwargs.get("past_key_values")
+                steps = (cache.get_seq_length(i) if cache is not None else cols.shape[1]) - cols.shape[1] + q_len
+            keys = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], steps)], dim=1)  # [B, Lk]
+            kwargs["attention_mask"] = self._hide_keys(mask, keys, q_len)
         if self.positions == "compact":
             adv = self._advancing()
             if adv is None:
                 shift = fw.prompt_len - cols.shape[1]
             else:  # [B, 1] dropped columns that advanced the position count
                 shift = (adv.sum(1) - adv.gather(1, cols).sum(1))[:, None]
+            if hidden is not None:  # inert fillers count as dropped
+                counted = hidden if adv is None else hidden & adv.gather(1, cols)
+                shift = shift + counted.sum(1, keepdim=True)
             pos = kwargs.get("position_ids")
             if pos is None:
                 raise ValueError("positions='compact' needs position_ids during decoding")

@@ -59,4 +59,7 @@ class Forward:
     pruner_state: dict[str, Any] = field(default_factory=dict)
     vision_qkv: dict[int, tuple[torch.Tensor, ...]] = field(default_factory=dict)  # ViT layer -> its own q, k, v
     generators: list[torch.Generator] = field(default_factory=list)
-    llm_pruner: Any = None  # the in-LLM stage's pruner for this forward (a fraction budget's batch count)
+    sample_runs: list[list[int]] | None = None  # per sample the token count of each of its images' runs
+    # prompt columns the LLM stage turned into inert slots (fillers of samples keeping fewer tokens):
+    hidden_cols: torch.Tensor | None = None  # [B, L] True = masked as keys from the layer it happened on
+    layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> hidden_cols on its cols
