@@ -61,7 +61,9 @@ class PreLLMDecision:
     merged:  optional [B, m, Dv] extra tokens (vision-feature space, before the projector), e.g. merged
              or recycled tokens. Appended after the kept tokens unless ``merged_anchor`` is given.
     merged_anchor: optional [B, m] indices (same axis as ``keep``) giving where each merged token sits
-             in raster order (VFlowOpt places a recycled token at its cell's most important token).
+             in raster order, right after that token (VFlowOpt places a recycled token at its cell's most
+             important token); -1 puts it before every token of the image (of the tile, on LLaVA-NeXT:
+             VisionZip's CLS token). Merged tokens sharing an anchor keep their order.
     info:    free-form facts for the results (e.g. ``{"text_similarity": "llm_embeddings"}``).
     scores:  optional [B, k + m] per-token scores (kept tokens in ``keep``'s order, then merged ones);
              the adapter carries them with the tokens into the LLM stage as

@@ -114,10 +114,15 @@ def test_pre_llm_equals_model_on_exact_tokens(tiny, batch, method):
     assert tokens.shape[1] == (BUDGET if method != "pooling" else 9)
     assert all(c.llm_visual == [tokens.shape[1]] * 4 for c in counts)
     feats = _vision_features(model, batch["pixel_values"])
+    lead = 1 if method == "visionzip" else 0  # VisionZip's CLS state comes first (the authors' order)
+    if lead:
+        with torch.no_grad():
+            hs = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True).hidden_states
+        assert torch.allclose(tokens[:, 0], hs[model.config.vision_feature_layer][:, 0], atol=1e-6)
     for b in range(2):
         k = kept[b]
         assert bool((k[1:] > k[:-1]).all())  # raster order
-        assert torch.allclose(tokens[b, : len(k)], feats[b, k], atol=1e-6)  # HF's own features
+        assert torch.allclose(tokens[b, lead : lead + len(k)], feats[b, k], atol=1e-6)  # HF's own features
         if method not in MERGING:
             assert len(k) == BUDGET
     if method == "pooling":  # 6 x 6 -> 3 x 3 average pooling of the feature grid, exactly
@@ -400,8 +405,13 @@ def test_visionzip_split_and_contextual_mean():
     dominant = torch.tensor([[0, 1]])
     merged, assign = contextual_tokens(feats, keys, dominant, 2)  # rest 2..7, step 3 -> targets 2 and 5
     assert assign.tolist() == [[-1, -1, 0, 0, 0, 1, 1, 1]]
-    assert torch.allclose(merged[0, 0], feats[0, 2:5].mean(0), atol=1e-6)
-    assert torch.allclose(merged[0, 1], feats[0, 5:8].mean(0), atol=1e-6)
+    # the authors' contextual token: its target plus the mean of the tokens assigned to it
+    assert torch.allclose(merged[0, 0], feats[0, 2] + feats[0, 3:5].mean(0), atol=1e-6)
+    assert torch.allclose(merged[0, 1], feats[0, 5] + feats[0, 6:8].mean(0), atol=1e-6)
+    keys2 = torch.stack([torch.tensor([0.0, 0.0, 1.0])] * 2 + [a, a, a, b, a, a])[None]  # target 5 gets none
+    merged2, assign2 = contextual_tokens(feats, keys2, dominant, 2)
+    assert assign2.tolist() == [[-1, -1, 0, 0, 0, 1, 0, 0]]
+    assert torch.allclose(merged2[0, 1], feats[0, 5], atol=1e-6)  # a target with none stays itself
 
 
 def test_divprune_greedy_maxmin_order():

@@ -149,8 +149,10 @@ class MultiView:
                 scores.append(sc[0, :k].float() if sc is not None else torch.zeros(k, device=feats.device))
                 if merged is not None and merged.shape[1]:
                     nm = merged.shape[1]
-                    if anchor is not None:
-                        keys.append(pidx[t * n2 + vp[anchor[0]]] * 2 + 1)
+                    if anchor is not None:  # after its anchor patch; -1: before the tile's first patch
+                        a = anchor[0]
+                        first = pidx[t * n2 + vp].min()
+                        keys.append(torch.where(a >= 0, pidx[t * n2 + vp[a.clamp(min=0)]] * 2 + 1, first * 2 - 1))
                     else:
                         keys.append(2 * lay.n_packed + tail + torch.arange(nm, device=feats.device))
                         tail += nm

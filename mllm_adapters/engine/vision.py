@@ -124,8 +124,9 @@ class VisionLoop:
             if decision.scores is not None:
                 k = keep.shape[1]
                 scores = torch.cat([decision.scores[:, :k].gather(1, order), decision.scores[:, k:]], dim=1)
-            if decision.merged_anchor is not None:
-                anchor = patch_index.gather(1, decision.merged_anchor)
+            if decision.merged_anchor is not None:  # -1: before every patch
+                a = decision.merged_anchor
+                anchor = torch.where(a >= 0, patch_index.gather(1, a.clamp(min=0)), torch.full_like(a, -1))
             features, patch_index = gather_seq(features, keep), patch_index.gather(1, keep)
             merged = decision.merged
             self.handle.info.update(decision.info)
