@@ -399,7 +399,7 @@ def run(cfg: DictConfig) -> list[Path]:
     cls = get_pruner_class(method)
     probe = cls(budget=None, seed=int(cfg.seed), **params)
     params = dict(probe.params)
-    variant = variant_label(cfg.method, method, params, dict(cls.defaults))
+    variant = variant_label(cfg.method, method, params, {**cls.defaults, **cls.fixed_params})
     seeds = settings.seeds
     if seeds is not None and not cls.uses_seed:
         log.info("seeds=%s: %r does not depend on its seed; it runs once (seed=%s)", seeds, method, cfg.seed)

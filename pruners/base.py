@@ -128,8 +128,33 @@ class Pruner:
         cls.defaults = {k: p.default for k, p in cls.parameters.items() if p.folds_into is None}
         cls.search_space = {k: p.search for k, p in cls.parameters.items() if p.search is not None}
 
+    #: a declared configuration's fixed parameter values (`Pruner.configuration`): not settable, recorded
+    fixed_params: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def configuration(cls, name: str, fixed: dict[str, Any], doc: str) -> type[Pruner]:
+        """A registered method that is this one with ``fixed`` parameter values (FasterVLM is vtc_cls at
+        the feature layer only): a few lines of data, not a copied class. Its other parameters stay
+        settable; the fixed ones are recorded in results like any parameter."""
+        from pruners.registry import register_pruner
+
+        for k, v in fixed.items():
+            if k not in cls.parameters:
+                raise TypeError(f"configuration {name!r}: {cls.__name__} has no parameter {k!r}")
+            cls.parameters[k].check(k, v, name)
+        body = {"parameters": {k: p for k, p in cls.parameters.items() if k not in fixed},
+                "fixed_params": {**cls.fixed_params, **fixed}, "__doc__": doc,
+                "__module__": cls.__module__, "__qualname__": f"{cls.__qualname__}[{name}]"}
+        return register_pruner(name)(type(f"{cls.__name__}_{name}", (cls,), body))
+
     def __init__(self, budget: int | None = None, seed: int = 0, **params: Any) -> None:
         declared = self.parameters
+        for k, v in self.fixed_params.items():  # copies of a configuration pass its fixed values back
+            if k in params:
+                if params[k] != v:
+                    raise ValueError(f"parameter {k!r} of method {self.name!r} is fixed to {v!r} (a declared "
+                                     f"configuration); got {params[k]!r}")
+                del params[k]
         unknown = sorted(set(params) - set(declared))
         if unknown:
             accepted = ", ".join(sorted(declared)) or "(none)"
@@ -154,7 +179,7 @@ class Pruner:
         self.seed = int(seed)
         given = {k: v for k, v in params.items() if declared[k].folds_into is None}
         #: the resolved parameters (defaults + given), as recorded in results
-        self.params: dict[str, Any] = {**copy.deepcopy(self.defaults), **given}
+        self.params: dict[str, Any] = {**copy.deepcopy(self.defaults), **given, **copy.deepcopy(self.fixed_params)}
         #: given flat spellings (``Param.folds_into``; null = not given), for ``check_params`` to fold
         #: into ``self.params``
         self.folded_params: dict[str, Any] = {k: v for k, v in params.items() if k not in given and v is not None}
