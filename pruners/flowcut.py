@@ -7,9 +7,10 @@ each tile with its share of the image budget on the patches that survive unpaddi
 (the budget is met in the ViT). After every ViT layer i before the feature layer F (the one LLaVA
 feeds the LLM, 22 of 24 for CLIP-L):
 1. signals over the current patches (CLS excluded): relation r = head-mean CLS attention;
-   semantic s = head-mean of the per-head softmax over patches of v_CLS . v_j (the
-   ``attention_rows`` op with values as queries/keys and scale 1); magnitude m = L1 norm of the
-   head-averaged value vector;
+   semantic s = head-mean of the per-head softmax of v_CLS . v_j over all tokens, CLS included, at
+   the patch columns (the ``attention_rows`` op with values as queries/keys and scale 1; the authors'
+   ``CLIPAttention_forward`` in flowcut 1.0.2, checked by tests/test_reference_flowcut.py); magnitude
+   m = L1 norm of the head-averaged value vector;
 2. score = (r / sum r + s / sum s) * m;
 3. cumulative flow: cum = score at layer 0, then cum = 0.5 * cum + 0.5 * score (carried with the
    kept tokens);
@@ -95,7 +96,8 @@ def flow_scores(
     if mask is None:
         mask = torch.ones(B, N, dtype=torch.bool, device=relation.device)
     vp = v[:, :, n_cls:]  # [B, H, N, Dh]
-    sem = ops.attention_rows(v[:, :, :1], vp, key_mask=mask, scale=1.0)[:, 0]  # [B, N]
+    keys = torch.cat([torch.ones(B, n_cls, dtype=torch.bool, device=mask.device), mask], dim=1)  # CLS + patches
+    sem = ops.attention_rows(v[:, :, :1], v, key_mask=keys, scale=1.0)[:, 0, n_cls:]  # [B, N]
     mag = vp.float().mean(dim=1).abs().sum(-1)  # [B, N]
     r = relation.float().masked_fill(~mask, 0.0)
     score = (r / r.sum(1, keepdim=True).clamp(min=1e-30) + sem / sem.sum(1, keepdim=True).clamp(min=1e-30)) * mag
@@ -108,6 +110,8 @@ class FlowCut(Pruner):
 
     stages = ("vision",)
     requires_cls = True
+    #: 2: the semantic softmax includes the CLS token, as the authors' code (version 1: patches only)
+    version = 2
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
