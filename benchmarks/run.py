@@ -308,6 +308,9 @@ def run_cell(
                 k_b = kept[b] if b < len(kept) else None
                 grid_b, cover_b = lm.recall_cover(sizes[b], grids[b])
                 rec = relevant_recall(k_b, list(s.relevant_patches(grid_b)), cover_b)
+                c_b = counts[b] if b < len(counts) else None
+                if k_b is not None and k_b.numel() == 0 and c_b is not None and c_b.merged:
+                    rec = None  # only merged tokens reach the LLM (pooling, prumerge): recall is not defined
                 visual_in.append(n_in)
                 equiv.append(e)
                 for i, v in enumerate(c.counts.llm_visual or [n_in] * n_layers):
