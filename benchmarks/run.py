@@ -417,9 +417,14 @@ def run(cfg: DictConfig) -> list[Path]:
     if AUTO in budgets and not probe.chooses_budget:
         raise ValueError(f"budgets: {AUTO!r} is for methods that choose their own token count (e.g. recoverable "
                          f"with method.params.mode=adaptive); {method!r} with these params does not")
-    if probe.chooses_budget and counts:
-        raise ValueError(f"budgets: {method!r} with these params chooses its own token count; accepted: null "
-                         f"and {AUTO!r}, got {counts}")
+    if probe.chooses_budget and counts:  # may still take counts (prumerge's mode=auto: fixed with a budget)
+        try:
+            takes_counts = not cls(budget=counts[0], seed=int(cfg.seed), **params).chooses_budget
+        except ValueError:
+            takes_counts = False
+        if not takes_counts:
+            raise ValueError(f"budgets: {method!r} with these params chooses its own token count; accepted: null "
+                             f"and {AUTO!r}, got {counts}")
     if method == "none" and budgets != [None]:
         log.info("method 'none' keeps every token: only its budget=null cell is run (asked: %s)", budgets)
         budgets = [None]

@@ -293,6 +293,12 @@ def test_auto_budget_runs_a_method_that_chooses_its_own_count(tmp_path):
         _run(tmp_path, "method=fastv", "budgets=[auto]", "n_samples=4")
     with pytest.raises(ValueError, match=r"chooses its own token count; accepted: null and 'auto', got \[9\]"):
         _run(tmp_path, "method=recoverable", "method.params.mode=adaptive", "budgets=[9]", "n_samples=4")
+    # a method whose default chooses its count without a budget and takes one when given (prumerge's
+    # mode=auto) runs both in one sweep: `make sweep` needs no per-method budgets
+    both = _run(tmp_path, "method=prumerge", "budgets=[9,auto]", "n_samples=2")
+    by_budget = {store.read_metrics(p)["budget"]: p for p in both}
+    assert sorted(by_budget, key=str) == [9, "auto"]
+    assert all(r["relevant_recall"] is None for r in _rows(by_budget[9]))  # only merged tokens reach the LLM
     with pytest.raises(ValueError, match=r"budgets: 'most' is not a positive int, a fraction in \(0, 1\), null or 'auto'"):
         runner.validate_budgets(["most"], N_VIS, "tiny")
 
