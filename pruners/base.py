@@ -9,7 +9,8 @@ Stages (see `../shared/specs/README.md`):
 - ``pre_llm``: on the selected vision features (CLS dropped, before the projector); the pruner
   returns the patches to keep and optionally merged tokens. The LLM sees a shorter, contiguous prompt.
 - ``llm``: before decoder layer K (after K full layers); the pruner returns which of the current
-  visual tokens continue. Later layers (and their KV cache) see only those.
+  visual tokens continue, optionally with extra (merged) tokens inserted after them (`LLMDecision`).
+  Later layers (and their KV cache) see only those.
 """
 
 from __future__ import annotations
@@ -75,6 +76,27 @@ class PreLLMDecision:
     merged_anchor: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LLMDecision:
+    """What an in-LLM pruner may return instead of a plain [B, k] index tensor.
+
+    keep:    [B, k] indices into the current visual tokens (``ctx.visual_pos``' axis), as a plain return;
+             pick them with ``ctx.keep_top`` (its filler slots are honoured as for a plain return).
+    merged:  optional [B, m, D] hidden states of extra tokens (e.g. SparseVLM's recycled cluster means)
+             inserted right after the kept visual tokens, in this order. From layer K on they are visual
+             tokens like the kept ones (grid index -1 in ``ctx.visual_index``; a later stage may keep or
+             drop them) and they enter the KV cache. Their positions: ``positions="compact"`` numbers them
+             right after the last kept visual token (the tokens after them shift by their count);
+             ``"original"`` gives each the original position of its sample's last visual token.
+    merged_counts: optional [B] real merged tokens per sample (the first ``merged_counts[b]`` of
+             ``merged[b]``); the slots beyond are padding, turned into inert slots. None: all m are real.
+    """
+
+    keep: torch.Tensor
+    merged: torch.Tensor | None = None
+    merged_counts: torch.Tensor | None = None
 
 
 class Pruner:
@@ -262,13 +284,14 @@ class Pruner:
 
     def llm_capture_layers(self) -> list[int]:
         """Decoder layers whose attention/MLP sub-layer inputs and outputs are captured at prefill
-        (``ctx.captures[layer]`` = {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D])."""
+        (``ctx.captures[layer]`` = {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D], and
+        "layer_in", the decoder layer's own input: for layer 0 the LLM's input embeddings)."""
         return []
 
-    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor:
+    def prune_llm(self, ctx: LLMLayerContext) -> torch.Tensor | LLMDecision:
         """Return [B, k] indices into the current visual tokens (``ctx.visual_pos``' axis) to keep; pick
         them with ``ctx.keep_top(scores, self.llm_keep_count(ctx.layer))`` so each sample keeps its own
-        count."""
+        count. An `LLMDecision` adds merged tokens after the kept ones."""
         raise NotImplementedError
 
     def llm_keep_count(self, layer: int) -> int:
@@ -446,8 +469,9 @@ class LLMLayerContext:
                    [B, Hkv, Lc, hd] of every current token) of an already-run decoder layer declared in
                    ``llm_attention_layers()``, q and k with the layer's RoPE (Hq = Hkv x groups under
                    GQA): for scores other than softmax rows over all keys (FlowCut's).
-    captures:      {layer: {"attn_in", "attn_out", "mlp_in", "mlp_out"}, each [B, L, D]}: sub-layer
-                   inputs/outputs of the layers in ``llm_capture_layers()``.
+    captures:      {layer: {"attn_in", "attn_out", "mlp_in", "mlp_out", "layer_in"}, each [B, L, D]}:
+                   sub-layer inputs/outputs (and the layer's own input) of the layers in
+                   ``llm_capture_layers()``, over that layer's sequence.
     state:         dict that lives for one forward pass, shared by every stage of the pruner.
     token_scores:  [B, Nv] scores the pre-LLM stage attached to the current visual tokens, or None.
     """

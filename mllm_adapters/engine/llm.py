@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from mllm_adapters.engine.state import INERT, gather_seq
-from pruners.base import LLMLayerContext
+from pruners.base import LLMDecision, LLMLayerContext
 from pruners.ops import attention_rows
 
 
@@ -55,8 +55,13 @@ class LLMStage:
                 cap = self._fw.captures.setdefault(i, {})
                 cap["mlp_in"], cap["mlp_out"] = args[0], output
 
+        def layer_hook(module, args, kwargs):
+            if self._fw.phase == "prefill":
+                self._fw.captures.setdefault(i, {})["layer_in"] = args[0] if args else kwargs.get("hidden_states")
+
         self._hooks.append(attn_module.register_forward_hook(attn_hook, with_kwargs=True))
         self._hooks.append(mlp.register_forward_hook(mlp_hook))
+        self._hooks.append(self.spec.decoder_layers()[i].register_forward_pre_hook(layer_hook, with_kwargs=True))
 
     def _attn_input(self, layer_idx: int, hidden_states: torch.Tensor):
         """(x, (cos, sin)) captured at layer ``layer_idx``'s attention: its normed input [B, Lc, D] and RoPE
@@ -192,7 +197,11 @@ class LLMStage:
                 token_scores=fw.visual_scores,
                 keep_counts=self._keep_counts(i),
             )
-            keep = self._call_pruner(pruner.prune_llm, ctx).sort(dim=1).values  # [B, k] into visual tokens
+            out = self._call_pruner(pruner.prune_llm, ctx)
+            merged = counts = None
+            if isinstance(out, LLMDecision):
+                out, merged, counts = out.keep, out.merged, out.merged_counts
+            keep = out.sort(dim=1).values  # [B, k] into visual tokens
             fill = ctx.fillers.gather(1, keep) if ctx.fillers is not None else None  # [B, k] filler slots
             B, Lc = hs.shape[:2]
             vis = fw.visual_pos
@@ -210,8 +219,13 @@ class LLMStage:
             if fw.visual_scores is not None:
                 fw.visual_scores = fw.visual_scores.gather(1, keep)
             fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
+            if merged is not None and merged.shape[1] > 0:  # real visual tokens before this layer's fillers
+                live = fw.key_mask.gather(1, base.gather(1, vis))
             if fill is not None and bool(fill.any()):
                 self._hide_fillers(fill)
+            if merged is not None and merged.shape[1] > 0:
+                hs = self._insert_merged(hs, vis, base, live, merged, counts)
+                k = fw.visual_pos.shape[1]
             fw.cur_kwargs = None
             idx = fw.visual_index
             rows = range(B) if fw.image_rows is None else fw.image_rows  # one entry per image
@@ -232,6 +246,49 @@ class LLMStage:
             if fw.cur_kwargs is None:
                 fw.cur_kwargs = self._slice_prefill_kwargs()
             kwargs.update(fw.cur_kwargs)
+        return hs
+
+    def _insert_merged(self, hs: torch.Tensor, vis_before: torch.Tensor, cols_before: torch.Tensor,
+                       live: torch.Tensor, merged: torch.Tensor, counts: torch.Tensor | None) -> torch.Tensor:
+        """Insert the merged tokens ``merged`` [B, m, D] (``counts`` [B] real ones each, None = all) right
+        after the kept visual tokens of the current sequence ``hs``. Each gets a virtual column (appended
+        to the prompt's column space) whose host, the last real visual prompt column before this
+        layer's drop, stands in for its mask row/column and original position; padding slots become
+        inert. ``vis_before`` [B, Nv] are the visual positions in ``cols_before`` [B, Lc0], the sequence
+        before the drop, and ``live`` [B, Nv] which of them were real tokens then (before this layer's
+        fillers were hidden, so the host does not depend on the batch). Returns the new hs."""
+        fw = self._fw
+        B, Lc, _ = hs.shape
+        m = merged.shape[1]
+        dev = hs.device
+        real = torch.ones(B, m, dtype=torch.bool, device=dev) if counts is None else (
+            torch.arange(m, device=dev)[None, :] < counts.to(dev)[:, None])
+        width = fw.key_mask.shape[1]  # columns so far (prompt + earlier virtual ones)
+        host = fw.col_host if fw.col_host is not None else torch.arange(width, device=dev).expand(B, -1)
+        # the host: the last visual slot before the drop that is a real token (else the slot before the run)
+        prev_cols = cols_before.gather(1, vis_before)  # [B, Nv] columns of the visual slots before the drop
+        nv = vis_before.shape[1]
+        last = torch.where(live, torch.arange(nv, device=dev)[None, :], -1).max(1).values  # [B]
+        before = cols_before.gather(1, (vis_before[:, 0] - 1).clamp(min=0)[:, None])[:, 0]
+        host_col = torch.where(last >= 0, prev_cols.gather(1, last.clamp(min=0)[:, None])[:, 0], before)
+        host_col = host.gather(1, host_col[:, None])  # [B, 1] a prompt column
+        virt = width + torch.arange(m, device=dev)  # [m]
+        # the new sequence: ..., kept visual slots, merged slots, the rest
+        k = fw.visual_pos.shape[1]
+        ins = vis_before[:, :1] + k  # [B, 1] where the merged slots go
+        s = torch.arange(Lc + m, device=dev)[None, :]
+        src = torch.where(s < ins, s, torch.where(s < ins + m, Lc + s - ins, s - m))  # [B, Lc + m]
+        hs = gather_seq(torch.cat([hs, merged.to(hs.dtype)], 1), src)
+        fw.cur_cols = torch.cat([fw.cur_cols, virt.expand(B, m)], 1).gather(1, src)
+        fw.col_host = torch.cat([host, host_col.expand(B, m)], 1)
+        fw.key_mask = torch.cat([fw.key_mask, real], 1)
+        hidden = fw.hidden_cols if fw.hidden_cols is not None else torch.zeros_like(fw.key_mask[:, :width])
+        fw.hidden_cols = torch.cat([hidden, ~real], 1)
+        fw.visual_index = torch.cat([fw.visual_index, torch.where(real, -1, INERT)], 1)
+        if fw.visual_scores is not None:
+            fw.visual_scores = torch.cat([fw.visual_scores, torch.zeros_like(real, dtype=fw.visual_scores.dtype)
+                                          .masked_fill(~real, float("-inf"))], 1)
+        fw.visual_pos = vis_before[:, :1] + torch.arange(k + m, device=dev)[None, :]
         return hs
 
     def _keep_counts(self, layer: int) -> torch.Tensor | None:
@@ -296,6 +353,8 @@ class LLMStage:
 
     def _slice_prefill_kwargs(self) -> dict:
         fw, cols = self._fw, self._fw.cur_cols
+        if fw.col_host is not None:
+            return self._slice_merged_kwargs()
         src = fw.full_kwargs
         out: dict[str, Any] = {}
         mask = src.get("attention_mask")
@@ -318,6 +377,58 @@ class LLMStage:
             out["position_embeddings"] = (gather_seq(cos, cols), gather_seq(sin, cols))
         return out
 
+    def _slice_merged_kwargs(self) -> dict:
+        """`_slice_prefill_kwargs` once merged tokens exist: every column is read through its host
+        (`Forward.col_host`) for the mask and original positions, and the mask is made causal over the
+        current sequence (which orders a merged token after its host and before the tokens after it)."""
+        fw, cols = self._fw, self._fw.cur_cols
+        hcols = fw.col_host.gather(1, cols)  # [B, Lc] prompt columns
+        src = fw.full_kwargs
+        Lc = cols.shape[1]
+        out: dict[str, Any] = {}
+        mask = src.get("attention_mask")
+        causal = torch.ones(Lc, Lc, dtype=torch.bool, device=cols.device).tril()
+        if isinstance(mask, torch.Tensor) and mask.dim() == 4:
+            m = gather_seq(gather_seq(mask, hcols, dim=2), hcols, dim=3)
+            if m.dtype == torch.bool:
+                m = m & causal
+            else:
+                m = m.masked_fill(~causal, torch.finfo(m.dtype).min)
+            out["attention_mask"] = m
+        out["attention_mask"] = self._hide_keys(out.get("attention_mask", mask), fw.hidden_cols.gather(1, cols), Lc)
+        pos = src.get("position_ids")
+        if pos is None:
+            pos = torch.arange(fw.prompt_len, device=cols.device)[None, :]
+        if self.positions == "compact":
+            new_pos = self._compact_positions_merged(cols, pos)
+            out["position_ids"] = new_pos
+            out["position_embeddings"] = self.spec.rotary(src["position_embeddings"][0], new_pos)
+        else:
+            out["position_ids"] = gather_seq(pos, hcols)
+            cos, sin = src["position_embeddings"]
+            out["position_embeddings"] = (gather_seq(cos, hcols), gather_seq(sin, hcols))
+        return out
+
+    def _compact_positions_merged(self, cols: torch.Tensor, orig_pos: torch.Tensor) -> torch.Tensor:
+        """Compact positions with merged tokens: a prompt column's `_compact_positions` value plus the real
+        merged tokens before it in the current sequence; a merged token its host's value plus the real
+        merged tokens up to it (so the first comes right after the last kept visual token)."""
+        fw = self._fw
+        P = fw.prompt_len
+        B = cols.shape[0]
+        is_prompt = cols < P
+        kept = torch.zeros(B, P + 1, dtype=torch.long, device=cols.device)
+        kept.scatter_(1, cols.clamp(max=P), 1)  # every virtual column marks the spare column P
+        dropped = 1 - kept[:, :P]
+        dropped = dropped | fw.hidden_cols[:, :P].long()
+        adv = self._advancing()
+        if adv is not None:
+            dropped = dropped * adv.long()
+        hcols = fw.col_host.gather(1, cols)
+        base = orig_pos.expand(B, -1).gather(1, hcols) - dropped.cumsum(1).gather(1, hcols)
+        merged_real = (~is_prompt & ~fw.hidden_cols.gather(1, cols)).long()  # [B, Lc]
+        return base + merged_real.cumsum(1)
+
     def _decode_layer(self, i: int, kwargs: dict, q_len: int) -> None:
         fw = self._fw
         cols = fw.layer_cols.get(i)
@@ -329,7 +440,8 @@ class LLMStage:
             total = mask.shape[-1]
             B = cols.shape[0]
             new = torch.arange(fw.prompt_len, total, device=mask.device).expand(B, -1)
-            key_cols = torch.cat([cols, new], dim=1)
+            host = cols if fw.col_host is None else fw.col_host.gather(1, cols)  # merged tokens: their host's
+            key_cols = torch.cat([host, new], dim=1)
             kwargs["attention_mask"] = mask = gather_seq(mask, key_cols, dim=3)
         if hidden is not None:
             if isinstance(mask, torch.Tensor) and mask.dim() == 4:
@@ -339,7 +451,15 @@ class LLMStage:
                 steps = (cache.get_seq_length(i) if cache is not None else cols.shape[1]) - cols.shape[1] + q_len
             keys = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], steps)], dim=1)  # [B, Lk]
             kwargs["attention_mask"] = self._hide_keys(mask, keys, q_len)
-        if self.positions == "compact":
+        if self.positions == "compact" and fw.col_host is not None:
+            shift = self._merged_decode_shift(cols, hidden)
+            pos = kwargs.get("position_ids")
+            if pos is None:
+                raise ValueError("positions='compact' needs position_ids during decoding")
+            new_pos = pos - shift
+            kwargs["position_ids"] = new_pos
+            kwargs["position_embeddings"] = self.spec.rotary(kwargs["position_embeddings"][0], new_pos)
+        elif self.positions == "compact":
             adv = self._advancing()
             if adv is None:
                 shift = fw.prompt_len - cols.shape[1]
@@ -354,3 +474,20 @@ class LLMStage:
             new_pos = pos - shift
             kwargs["position_ids"] = new_pos
             kwargs["position_embeddings"] = self.spec.rotary(kwargs["position_embeddings"][0], new_pos)
+
+    def _merged_decode_shift(self, cols: torch.Tensor, hidden: torch.Tensor | None) -> torch.Tensor:
+        """[B, 1] compact-position shift of a layer caching ``cols`` (with merged tokens): the prompt's
+        advancing columns minus the real ones it caches, kept or merged."""
+        fw = self._fw
+        P = fw.prompt_len
+        is_prompt = cols < P
+        live = ~hidden if hidden is not None else torch.ones_like(is_prompt)
+        adv = self._advancing()
+        if adv is None:
+            total = torch.full((cols.shape[0],), P, dtype=torch.long, device=cols.device)
+            kept_adv = (is_prompt & live).sum(1)
+        else:
+            total = adv.long().sum(1)
+            kept_adv = (adv.gather(1, cols.clamp(max=P - 1)) & is_prompt & live).sum(1)
+        merged_real = (~is_prompt & live).sum(1)
+        return (total - kept_adv - merged_real)[:, None]

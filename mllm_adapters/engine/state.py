@@ -63,3 +63,7 @@ class Forward:
     # prompt columns the LLM stage turned into inert slots (fillers of samples keeping fewer tokens):
     hidden_cols: torch.Tensor | None = None  # [B, L] True = masked as keys from the layer it happened on
     layer_hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> hidden_cols on its cols
+    # tokens an in-LLM stage inserted (`pruners.base.LLMDecision.merged`) get *virtual* columns appended to
+    # the prompt's column space (prompt_len, prompt_len + 1, ...): key_mask and hidden_cols grow with them
+    col_host: torch.Tensor | None = None  # [B, L + M] the prompt column standing in for each column's
+    # mask row/column and original position (itself for prompt columns; None until a token is merged)
