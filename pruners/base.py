@@ -488,6 +488,9 @@ class LLMLayerContext:
     generators: list[torch.Generator]
     layer_rows: Callable[..., torch.Tensor] | None = None
     layer_qkv: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+    #: the LLM's final norm (before the LM head) as a function of hidden states [B, L, D], or None:
+    #: DART compares hidden states through it, as its authors do
+    final_norm: Callable[[torch.Tensor], torch.Tensor] | None = None
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     token_scores: torch.Tensor | None = None
     #: [B] visual tokens each sample keeps from this layer on (the engine's per-sample counts: the sum

@@ -193,6 +193,7 @@ class LLMStage:
                 generators=fw.generators,
                 layer_rows=lambda queries="last", h=hs, i=i: self._rows_next(i, h, queries),
                 layer_qkv=lambda layer, queries="last", h=hs: self._llm_qkv(layer, queries, h),
+                final_norm=self.spec.final_norm(),
                 captures=fw.captures,
                 token_scores=fw.visual_scores,
                 keep_counts=self._keep_counts(i),
