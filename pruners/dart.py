@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
-from pruners.params import POSITIONS, Param
+from pruners.params import POSITIONS, Param, check_decoder_layer
 from pruners.registry import register_pruner
 
 #: ``key_norm`` choices: how a key's L1 norm is taken (`key_l1`)
@@ -153,12 +153,7 @@ class DART(Pruner):
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
-        k = self.params["layer"]
-        if not 1 <= k < info.llm_num_layers:
-            raise ValueError(
-                f"dart: parameter layer={k!r} is outside this model's decoder layers; accepted: an int in "
-                f"1..{info.llm_num_layers - 1} (layers before K see every token)"
-            )
+        check_decoder_layer("dart", self.params["layer"], info.llm_num_layers)
 
     def llm_layers(self) -> list[int]:
         return [self.params["layer"]]

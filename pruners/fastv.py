@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
-from pruners.params import POSITIONS, Param
+from pruners.params import POSITIONS, Param, check_decoder_layer
 from pruners.registry import register_pruner
 
 
@@ -26,12 +26,7 @@ class FastV(Pruner):
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
-        k = self.params["layer"]
-        if not 1 <= k < info.llm_num_layers:
-            raise ValueError(
-                f"fastv: parameter layer={k!r} is outside this model's decoder layers; accepted: an int in "
-                f"1..{info.llm_num_layers - 1} (layers before K see every token)"
-            )
+        check_decoder_layer("fastv", self.params["layer"], info.llm_num_layers)
 
     def llm_layers(self) -> list[int]:
         return [self.params["layer"]]

@@ -39,7 +39,7 @@ import torch
 
 from pruners.base import LLMLayerContext, ModelInfo, PreLLMContext, PreLLMDecision, Pruner
 from pruners.flowcut import entropy_ratio, flowcut_cut
-from pruners.params import Param
+from pruners.params import Param, check_decoder_layer
 from pruners.registry import register_pruner
 
 
@@ -70,12 +70,7 @@ class FlowCutQwen(Pruner):
 
     def attach(self, info: ModelInfo) -> None:
         super().attach(info)
-        k = self.params["layer"]
-        if not 1 <= k < info.llm_num_layers:
-            raise ValueError(
-                f"flowcut_qwen: parameter layer={k!r} is outside this model's decoder layers; accepted: an int "
-                f"in 1..{info.llm_num_layers - 1} (layers before K see every token)"
-            )
+        check_decoder_layer("flowcut_qwen", self.params["layer"], info.llm_num_layers)
 
     # ---- before the LLM: the vision encoder's flow ------------------------------------------------
     def vision_probe_layers(self) -> list[int]:

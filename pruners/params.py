@@ -209,3 +209,14 @@ def layer_index(method: str, name: str, value: int | None, n_layers: int, last: 
             f"(counted back from the end of the {n_layers}-layer {what})"
         )
     return s
+
+
+def check_decoder_layer(method: str, k: int, n_layers: int, param: str = "layer") -> int:
+    """An in-LLM pruning layer K given as parameter ``param``: a ValueError naming it unless
+    1 <= K < n_layers (layers before K see every token). Returns K."""
+    if not 1 <= k < n_layers:
+        raise ValueError(
+            f"{method}: parameter {param}={k!r} is outside this model's decoder layers; accepted: an int in "
+            f"1..{n_layers - 1} (layers before K see every token)"
+        )
+    return k

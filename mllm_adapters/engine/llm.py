@@ -364,19 +364,25 @@ class LLMStage:
         if fw.hidden_cols is not None:
             out["attention_mask"] = self._hide_keys(out.get("attention_mask", mask), fw.hidden_cols.gather(1, cols),
                                                     cols.shape[1])
+        self._slice_positions(out, cols, cols, self._compact_positions)
+        return out
+
+    def _slice_positions(self, out: dict, cols: torch.Tensor, src_cols: torch.Tensor, compact) -> None:
+        """Position ids and RoPE tables of the current columns ``cols`` into ``out``: renumbered by
+        ``compact(cols, positions)`` for compact positions, else the full prompt's read at ``src_cols``
+        (the columns themselves, or the hosts of merged tokens)."""
+        fw, src = self._fw, self._fw.full_kwargs
         pos = src.get("position_ids")
         if pos is None:
             pos = torch.arange(fw.prompt_len, device=cols.device)[None, :]
         if self.positions == "compact":
-            new_pos = self._compact_positions(cols, pos)
+            new_pos = compact(cols, pos)
             out["position_ids"] = new_pos
-            hs_dummy = src["position_embeddings"][0]
-            out["position_embeddings"] = self.spec.rotary(hs_dummy, new_pos)
+            out["position_embeddings"] = self.spec.rotary(src["position_embeddings"][0], new_pos)
         else:
-            out["position_ids"] = gather_seq(pos, cols)
+            out["position_ids"] = gather_seq(pos, src_cols)
             cos, sin = src["position_embeddings"]
-            out["position_embeddings"] = (gather_seq(cos, cols), gather_seq(sin, cols))
-        return out
+            out["position_embeddings"] = (gather_seq(cos, src_cols), gather_seq(sin, src_cols))
 
     def _slice_merged_kwargs(self) -> dict:
         """`_slice_prefill_kwargs` once merged tokens exist: every column is read through its host
@@ -397,17 +403,7 @@ class LLMStage:
                 m = m.masked_fill(~causal, torch.finfo(m.dtype).min)
             out["attention_mask"] = m
         out["attention_mask"] = self._hide_keys(out.get("attention_mask", mask), fw.hidden_cols.gather(1, cols), Lc)
-        pos = src.get("position_ids")
-        if pos is None:
-            pos = torch.arange(fw.prompt_len, device=cols.device)[None, :]
-        if self.positions == "compact":
-            new_pos = self._compact_positions_merged(cols, pos)
-            out["position_ids"] = new_pos
-            out["position_embeddings"] = self.spec.rotary(src["position_embeddings"][0], new_pos)
-        else:
-            out["position_ids"] = gather_seq(pos, hcols)
-            cos, sin = src["position_embeddings"]
-            out["position_embeddings"] = (gather_seq(cos, hcols), gather_seq(sin, hcols))
+        self._slice_positions(out, cols, hcols, self._compact_positions_merged)
         return out
 
     def _compact_positions_merged(self, cols: torch.Tensor, orig_pos: torch.Tensor) -> torch.Tensor:
