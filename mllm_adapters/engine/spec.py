@@ -149,6 +149,17 @@ class FamilySpec:
         """What pruners may know about the model (validates that the model is one the spec handles)."""
         raise NotImplementedError
 
+    def checkpoint(self) -> tuple[str | None, tuple[float, ...], tuple[float, ...]]:
+        """(the folder or hub id the model was loaded from, or None; the per-channel pixel mean and std
+        its image processor normalises with: the checkpoint's ``preprocessor_config.json``, else the
+        processor's defaults, OpenAI CLIP's for every family here) for `ModelInfo`."""
+        from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        from mllm_adapters.engine.processor_stats import pixel_stats
+
+        folder = getattr(self.model, "name_or_path", None) or getattr(self.config, "_name_or_path", None) or None
+        return (folder, *pixel_stats(folder, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD))
+
     def check_pruner(self, pruner: Pruner) -> None:
         """Refuse, with a ValueError naming what is supported, a method this family cannot run."""
 

@@ -11,10 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mllm_adapters.engine.layout import ImageLayout
-from mllm_adapters.engine.processor_stats import pixel_stats
 from mllm_adapters.engine.spec import AttentionParts, FamilySpec
 from mllm_adapters.families._hf_parts import LlamaStyleDecoder, PixelsThroughGenerate
 from mllm_adapters.registry import register_family
@@ -71,10 +69,7 @@ class LlavaSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
         if hs_index == 0:
             raise ValueError("vision_feature_layer selects the embeddings; no ViT layer to prune")
         side = _side(self.config)
-        checkpoint_dir = (getattr(self.model, "name_or_path", None)
-                          or getattr(self.config, "_name_or_path", None) or None)
-        # the processor's normalisation; CLIPImageProcessor (and LLaVA-NeXT's) defaults to OpenAI CLIP's
-        pixel_mean, pixel_std = pixel_stats(checkpoint_dir, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
         return ModelInfo(
             family=self.name,
             num_visual_tokens=self.max_visual_tokens(self.config),

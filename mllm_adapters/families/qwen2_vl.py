@@ -24,11 +24,9 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.qwen2_vl.modeling_qwen2_vl import apply_rotary_pos_emb, apply_rotary_pos_emb_vision
-from transformers.utils.constants import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from mllm_adapters.engine.layout import ImageLayout
 from mllm_adapters.engine.probes import ImageEncoding, VisionBlockProbe, segment_ids
-from mllm_adapters.engine.processor_stats import pixel_stats
 from mllm_adapters.engine.spec import FamilySpec
 from mllm_adapters.families._hf_parts import LlamaStyleDecoder, PixelsThroughGenerate
 from mllm_adapters.registry import register_family
@@ -162,10 +160,7 @@ class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
 
     def model_info(self) -> ModelInfo:
         vcfg, tcfg = self.config.vision_config, self.config.text_config
-        checkpoint_dir = (getattr(self.model, "name_or_path", None)
-                          or getattr(self.config, "_name_or_path", None) or None)
-        # the processor's normalisation; Qwen2VLImageProcessor defaults to OpenAI CLIP's
-        pixel_mean, pixel_std = pixel_stats(checkpoint_dir, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD)
+        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
         return ModelInfo(
             family=self.name,
             num_visual_tokens=self.max_visual_tokens(self.config),
