@@ -158,8 +158,8 @@ class LLMStage:
     def _make_layer_hook(self, i: int):
         def hook(module, args, kwargs):
             fw = self._fw
-            if fw.visual_pos is None or fw.visual_pos.shape[1] == 0:
-                return None
+            if fw.visual_pos is None or (fw.visual_pos.shape[1] == 0 and fw.cur_cols is None and not fw.layer_cols):
+                return None  # no visual token ever (a batch without images); after an exit keep slicing
             hs = args[0] if args else kwargs.pop("hidden_states")
             rest = args[1:] if args else ()
             if fw.phase == "prefill":
@@ -179,7 +179,7 @@ class LLMStage:
             fw.full_kwargs = {"attention_mask": kwargs.get("attention_mask"),
                          "position_ids": kwargs.get("position_ids"),
                          "position_embeddings": kwargs.get("position_embeddings")}
-        if i in self._llm_layers and not pruner.keeps_all:
+        if i in self._llm_layers and not pruner.keeps_all and fw.visual_pos.shape[1] > 0:
             ctx = LLMLayerContext(
                 layer=i,
                 hidden_states=hs,
