@@ -448,23 +448,18 @@ class LLMStage:
                 steps = (cache.get_seq_length(i) if cache is not None else cols.shape[1]) - cols.shape[1] + q_len
             keys = torch.cat([hidden, hidden.new_zeros(hidden.shape[0], steps)], dim=1)  # [B, Lk]
             kwargs["attention_mask"] = self._hide_keys(mask, keys, q_len)
-        if self.positions == "compact" and fw.col_host is not None:
-            shift = self._merged_decode_shift(cols, hidden)
-            pos = kwargs.get("position_ids")
-            if pos is None:
-                raise ValueError("positions='compact' needs position_ids during decoding")
-            new_pos = pos - shift
-            kwargs["position_ids"] = new_pos
-            kwargs["position_embeddings"] = self.spec.rotary(kwargs["position_embeddings"][0], new_pos)
-        elif self.positions == "compact":
-            adv = self._advancing()
-            if adv is None:
-                shift = fw.prompt_len - cols.shape[1]
-            else:  # [B, 1] dropped columns that advanced the position count
-                shift = (adv.sum(1) - adv.gather(1, cols).sum(1))[:, None]
-            if hidden is not None:  # inert fillers count as dropped
-                counted = hidden if adv is None else hidden & adv.gather(1, cols)
-                shift = shift + counted.sum(1, keepdim=True)
+        if self.positions == "compact":
+            if fw.col_host is not None:
+                shift = self._merged_decode_shift(cols, hidden)
+            else:
+                adv = self._advancing()
+                if adv is None:
+                    shift = fw.prompt_len - cols.shape[1]
+                else:  # [B, 1] dropped columns that advanced the position count
+                    shift = (adv.sum(1) - adv.gather(1, cols).sum(1))[:, None]
+                if hidden is not None:  # inert fillers count as dropped
+                    counted = hidden if adv is None else hidden & adv.gather(1, cols)
+                    shift = shift + counted.sum(1, keepdim=True)
             pos = kwargs.get("position_ids")
             if pos is None:
                 raise ValueError("positions='compact' needs position_ids during decoding")
