@@ -109,6 +109,10 @@ class Pruner:
     name: ClassVar[str] = ""
     stages: ClassVar[tuple[str, ...]] = ()
     requires_cls: ClassVar[bool] = False
+    #: (parameter, what to pass instead) when the method needs [CLS] only with that parameter set to
+    #: ``"cls"`` (vispruner's ``importance``, fopru's ``significance``): refused at attach on encoders
+    #: without one, naming the alternative
+    cls_param: ClassVar[tuple[str, str] | None] = None
     #: Behaviour version: bump it whenever the method's output for the same inputs changes. It is part
     #: of every result cell's identity, so cells computed by the old behaviour are never reused.
     version: ClassVar[int] = 1
@@ -220,6 +224,12 @@ class Pruner:
                 f"method {self.name!r} scores tokens with the vision encoder's [CLS] token, but the vision encoder "
                 f"of this {info.family} model has none; use a method that does not need CLS (e.g. random, pooling, "
                 f"divprune, fastv)"
+            )
+        if self.cls_param is not None and self.params[self.cls_param[0]] == "cls" and not info.has_cls:
+            param, instead = self.cls_param
+            raise ValueError(
+                f"method {self.name!r} with {param}='cls' scores tokens by the vision encoder's [CLS] attention, "
+                f"but the vision encoder of this {info.family} model has no [CLS] token; pass {instead}"
             )
         if self.budget_fraction is not None:  # the model's count; the engine resolves each image's own
             self.budget = resolve_budget(self.budget_fraction, info.num_visual_tokens)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from pruners import ops
-from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.base import PreLLMContext, PreLLMDecision, Pruner
 from pruners.params import Param
 from pruners.registry import register_pruner
 
@@ -83,6 +83,7 @@ class FoPru(Pruner):
     stages = ("pre_llm",)
     #: False: the default significance needs no [CLS]; ``attach`` refuses ``significance="cls"`` itself
     requires_cls = False
+    cls_param = ("significance", "significance='auto' or significance='received'")
     parameters = {
         "strategy": Param(str, "rank", choices=STRATEGIES, search=("categorical", list(STRATEGIES)),
                           doc="'rank': globally most significant tokens; 'row': most significant whole rows"),
@@ -90,15 +91,6 @@ class FoPru(Pruner):
                               doc="'auto': column or row means of the patch attention, the higher-variance "
                                   "one (reference implementation); 'received': column means; 'cls': [CLS] row"),
     }
-
-    def attach(self, info: ModelInfo) -> None:
-        if self.params["significance"] == "cls" and not info.has_cls:
-            raise ValueError(
-                f"method {self.name!r} with significance='cls' scores tokens by the vision encoder's [CLS] "
-                f"attention, but the vision encoder of this {info.family} model has no [CLS] token; pass "
-                f"significance='auto' or significance='received'"
-            )
-        super().attach(info)
 
     def vision_probe_layers(self) -> list[int]:
         return [self.info.vision_feature_layer]

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from pruners.base import ModelInfo, PreLLMContext, PreLLMDecision, Pruner
+from pruners.base import PreLLMContext, PreLLMDecision, Pruner
 from pruners.params import Param
 from pruners.registry import register_pruner
 
@@ -118,6 +118,8 @@ class VisPruner(Pruner):
     stages = ("pre_llm",)
     #: False on purpose: ``importance="received"`` needs no [CLS]; ``attach`` refuses ``"cls"`` itself
     requires_cls = False
+    cls_param = ("importance", "importance='received' (the mean attention each token receives from all tokens, "
+                               "the authors' variant for encoders without [CLS])")
     conformance_opt_outs = {"*:qwen2_vl": _NO_CLS_REASON, "*:qwen2_5_vl": _NO_CLS_REASON}
     parameters = {
         "important_ratio": Param(float, IMPORTANT_RATIO, low=0, high=1, search=("float", 0.0, 1.0),
@@ -126,16 +128,6 @@ class VisPruner(Pruner):
                             doc="importance signal: 'cls' ([CLS] attention, the paper's) or 'received' "
                                 "(mean attention each token receives; the author's variant without [CLS])"),
     }
-
-    def attach(self, info: ModelInfo) -> None:
-        if self.params["importance"] == "cls" and not info.has_cls:
-            raise ValueError(
-                f"method {self.name!r} with importance='cls' ranks tokens by the vision encoder's [CLS] "
-                f"attention, but the vision encoder of this {info.family} model has no [CLS] token; pass "
-                f"importance='received' (the mean attention each token receives from all tokens, the "
-                f"authors' variant for encoders without [CLS])"
-            )
-        super().attach(info)
 
     def vision_probe_layers(self) -> list[int]:
         return [self.info.vision_feature_layer]
