@@ -122,6 +122,9 @@ class Pruner:
     #: (``{"pre_llm_equals_kept_tokens": "merges tokens: no kept-token prompt to compare with"}``);
     #: tests/test_conformance.py lists the invariant names.
     conformance_opt_outs: ClassVar[dict[str, str]] = {}
+    #: Parameters the conformance suite attaches with, when the defaults refuse models the method has
+    #: found nothing for (``{"schedule": "depth_scaled"}``: gsearch's documented depth-scaled default)
+    conformance_params: ClassVar[dict[str, Any]] = {}
     #: parameter name -> its typed declaration (`pruners.params.Param`); anything else passed to the
     #: constructor is an error. The only place a pruner lists its parameters.
     parameters: ClassVar[dict[str, Param]] = {}

@@ -17,7 +17,11 @@ LLaVA-NeXT), the two prompts different lengths (left padding).
 Invariants (test ``test_<name>`` each; a pruner class may opt out of one in
 ``conformance_opt_outs = {"<name>": "<reason>"}``, or for one family only with the key
 ``"<name>:<family>"``, e.g. ``"pre_llm_equals_kept_tokens:llava_next"``;
-such a case is skipped with that reason, nothing else is ever skipped):
+such a case is skipped with that reason, nothing else is ever skipped). A method that refuses every
+family with its default parameters (dyvte without router weights) declares it with the key ``"*"``;
+the suite then checks, on every family, that attaching raises a ValueError naming the method. A method
+whose default refuses but which has a documented setting for models without a found one (gsearch's
+depth-scaled schedule) declares it in ``conformance_params``; every case attaches with those:
 
 - keep_all_equals_unpruned: budget=None and budget=the model's visual tokens give bitwise the unpruned
   logits (a configuration that ``chooses_budget`` treats None as "the method decides", not checked);
@@ -84,7 +88,7 @@ from PIL import Image
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import mllm_adapters
-from mllm_adapters import apply_pruner
+from mllm_adapters import apply_pruner as _apply_pruner
 from mllm_adapters.registry import get_family, supported_model_classes
 from pruners import available_pruners, get_pruner_class
 from tests._adapter_helpers import IMAGE_INPUTS, greedy_recompute
@@ -120,6 +124,13 @@ GEN_STEPS = 3
 SEED = 0
 
 
+def apply_pruner(model, method: str, **kwargs):
+    """`mllm_adapters.apply_pruner` with the method's declared ``conformance_params`` (a setting the suite
+    must pass because the default refuses every tiny model, e.g. gsearch's schedule); given keywords win."""
+    params = dict(get_pruner_class(method).conformance_params) if method in available_pruners() else {}
+    return _apply_pruner(model, method, **{**params, **kwargs})
+
+
 # ---- the two axes ----------------------------------------------------------------------------------
 FAMILIES = mllm_adapters.available_families()
 PRUNERS = [p for p in available_pruners() if not p.startswith("_")]
@@ -142,18 +153,19 @@ def check_opt_out(pruner: str, family: str, invariant: str) -> None:
 def refused(families, pruner: str, family: str, invariant: str) -> bool:
     """True when the pruner is declared to refuse the family, after checking that it does: attaching
     raises a ValueError naming the method and leaves nothing attached. Declared by ``requires_cls`` on
-    a family without CLS, or by the opt-out key ``"*:<family>"`` with its reason. Otherwise applies the
+    a family without CLS, or by the opt-out key ``"*:<family>"`` (``"*"``: every family) with its reason.
+    The refusal is checked with the method's defaults (not its ``conformance_params``). Otherwise applies the
     invariant's own opt-outs (`check_opt_out`) and returns False."""
     cls = get_pruner_class(pruner)
     fam = families[family]
-    reason = cls.conformance_opt_outs.get(f"*:{family}")
+    reason = cls.conformance_opt_outs.get(f"*:{family}", cls.conformance_opt_outs.get("*"))
     if reason is None and cls.requires_cls and not fam.has_cls:
         reason = "scores with [CLS]; the family's vision encoder has none"
     if reason is None:
         check_opt_out(pruner, family, invariant)
         return False
     with pytest.raises(ValueError) as e:
-        apply_pruner(fam.model, pruner, budget=fam.budget)
+        _apply_pruner(fam.model, pruner, budget=fam.budget)  # the method's defaults: what a user gets
     assert pruner in str(e.value), f"{pruner} refuses {family} without naming the method: {e.value}"
     assert_nothing_attached(fam.model)
     return True
