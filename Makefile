@@ -17,7 +17,7 @@ LOCK := requirements.lock
 LOCK_EXTRAS := test,lmms,slurm,ray
 LOCK_VENV := .venv-lock
 
-.PHONY: help setup lock test test-fast bench sweep leaderboard perf lint train-embedded clean-venv
+.PHONY: help setup lock test test-fast bench sweep leaderboard perf gpu-check lint train-embedded clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -66,6 +66,9 @@ leaderboard: setup  ## aggregate results/ into leaderboard.csv, auc.csv, plots/
 
 perf: setup  ## speed and memory tables (ARGS=--help for the options)
 	$(PY) -m benchmarks.perf $(ARGS)
+
+gpu-check: setup  ## on a CUDA machine: Triton kernels compiled vs references, CUDA perf, suite (one report)
+	$(PY) -m benchmarks.gpu_check $(ARGS)
 
 lint: setup  ## ruff over the code and tests
 	$(PY) -m ruff check pruners mllm_adapters benchmarks tests

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         "name (e.g. tiny-next)")
     p.add_argument("--image-size", default=None,
                    help="model part, anyres models: image HxW in px (default: the largest pinpoint, the longest run)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="cpu (default) or cuda: Triton vs reference per op and the model prefill timed with CUDA "
+                        "events; without a CUDA GPU a clear skip line")
     p.add_argument("--out", default="results/perf/perf.json", help="where to write the figures as JSON")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
@@ -67,11 +70,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if unknown:
         raise SystemExit(f"--parts accepts ops and model, got {unknown}")
     torch.set_num_threads(args.threads)
+    from benchmarks.perf import git_commit
+
     report: dict[str, Any] = {
-        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
-        "torch": torch.__version__, "machine": platform.processor() or platform.machine(),
-        "threads": args.threads, "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "commit": git_commit(),
+        "torch": torch.__version__, "machine": f"{platform.node()} {platform.processor() or platform.machine()}",
+        "threads": args.threads, "device": args.device, "dtype": "float32 (model part; ops: per row)",
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     }
+    out = Path(args.out)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        report["skipped"] = "no CUDA GPU (torch.cuda.is_available() is False): nothing was timed"
+        print(f"skipped: --device cuda: {report['skipped']}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {out}")
+        return report
 
     if "ops" in parts:
         from benchmarks.perf.ops import attention_memory, op_timings
@@ -101,10 +115,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             raise SystemExit(f"--image-size takes HxW (e.g. 672x672), got {args.image_size!r}")
         report["model"] = model_perf(
             text_layers=args.text_layers, vision_layers=args.vision_layers, methods=methods, budgets=budgets,
-            repeats=args.repeats, model=args.model, image_size=size,
+            repeats=args.repeats, model=args.model, image_size=size, device=args.device,
         )
 
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))
     print(f"wrote {out}")

@@ -221,8 +221,9 @@ class OverheadTimer:
     cores; with one torch thread the two agree on an idle machine).
     """
 
-    def __init__(self, adapter: Any) -> None:
+    def __init__(self, adapter: Any, cuda: bool = False) -> None:
         self.adapter = adapter
+        self.cuda = cuda  # synchronise around each timed call: GPU work is asynchronous
         self.ms = 0.0
         self.cpu_ms = 0.0
         self._depth = 0
@@ -234,10 +235,14 @@ class OverheadTimer:
             if self._depth:  # nested (a pruner call inside a hooked layer): counted by the outer one
                 return fn(*args, **kwargs)
             self._depth += 1
+            if self.cuda:
+                torch.cuda.synchronize()
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
+                if self.cuda:
+                    torch.cuda.synchronize()
                 self.ms += (time.perf_counter() - t0) * 1e3
                 self.cpu_ms += (time.process_time() - c0) * 1e3
                 self._depth -= 1
@@ -246,8 +251,19 @@ class OverheadTimer:
 
 
 def _prefill_ms(model: Any, inputs: dict[str, torch.Tensor]) -> tuple[float, float]:
-    """(wall ms, process CPU ms) of one prefill (forward with cache, logits of the last position)."""
+    """(wall ms, process CPU ms) of one prefill (forward with cache, logits of the last position). On a
+    CUDA model the first is the GPU time between two CUDA events (the host CPU time stays the second)."""
+    cuda = next(model.parameters()).device.type == "cuda"
     with torch.inference_mode():
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            c0 = time.process_time()
+            start.record()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end), (time.process_time() - c0) * 1e3
         t0, c0 = time.perf_counter(), time.process_time()
         model(**inputs, use_cache=True, logits_to_keep=1)
         return (time.perf_counter() - t0) * 1e3, (time.process_time() - c0) * 1e3
@@ -262,11 +278,13 @@ def model_perf(
     verbose: bool = True,
     model: str = "llava-1.5",
     image_size: tuple[int, int] | None = None,
+    device: str = "cpu",
 ) -> dict[str, Any]:
     """Overhead fraction and realised speed-up vs FLOPs bound; prints a table, returns the figures.
 
     ``model``: a shaped model (`SHAPED`, ``text_layers`` / ``vision_layers`` deep) or a ``conf/model``
-    name; ``image_size``: (height, width) px of the image for anyres models (default `default_image_size`).
+    name; ``image_size``: (height, width) px of the image for anyres models (default `default_image_size`);
+    ``device``: ``cpu`` or ``cuda`` (prefills timed with CUDA events, the pruning code synchronised).
     """
     from benchmarks.flops import sample_cost
     from benchmarks.perf.__main__ import print_table
@@ -281,6 +299,10 @@ def model_perf(
         raise ValueError(f"--image-size is for models whose image tokens depend on the image's size (LLaVA-NeXT, "
                          f"Qwen); {model!r} takes one fixed grid")
     inputs = make_inputs(lm, image_size)
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        lm.model.to(device)
+        inputs = {k: v.to(device) for k, v in inputs.items()}
     n_vis = int((inputs["input_ids"] == int(cfg.image_token_id)).sum())  # the image's placeholders
     n_text = int(inputs["input_ids"].shape[1]) - n_vis
     budgets = perf_budgets(lm, n_vis, budgets)
@@ -303,7 +325,7 @@ def model_perf(
             else:
                 handle = apply_pruner(lm.model, method, budget=budget, **params.get(method, {}))
                 try:
-                    timer = OverheadTimer(handle.adapter)
+                    timer = OverheadTimer(handle.adapter, cuda=cuda)
                     w, u = _prefill_ms(lm.model, inputs)
                     ov_wall[c].append(timer.ms)
                     ov_cpu[c].append(timer.cpu_ms)
@@ -350,8 +372,9 @@ def model_perf(
         views = (f"{lm.image_layout(image_size).n_tiles} tiles" if lm.spec.vision_loop
                  else f"{n_vis} merged units")  # Qwen: the processor's grid
         desc += f", image {image_size[0]} x {image_size[1]} px ({views})"
+    desc += f", {torch.cuda.get_device_name(device)}" if cuda else f", CPU threads={torch.get_num_threads()}"
     result = {
-        "model": f"{desc}, CPU threads={torch.get_num_threads()}",
+        "model": desc, "device": str(device), "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         "prompt_tokens": n_text + n_vis, "visual_tokens": n_vis, "budgets": budgets, "repeats": repeats,
         "build_s": build_s, "unpruned_prefill_ms": base_w, "unpruned_prefill_cpu_ms": base_c,
         "flops_7b_over_this_model": to_7b, "rows": rows,
