@@ -36,8 +36,8 @@ LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula as Llama's.
 
 Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
 ``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
-lists: C(n) = 4 n d^2 + 2 n^2 d + k n d m with k = 2 (FastV) or 3 (SparseVLM); see
-``shared/specs/flops.md``.
+lists: C(n) = 4 n d^2 + 2 n^2 d + k n d m with k = 2 (FastV) or 3 (SparseVLM). These definitions,
+equivalent tokens and the LLaVA-1.5-7B reference figures: docs/flops.md.
 """
 
 from __future__ import annotations

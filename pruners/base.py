@@ -4,7 +4,7 @@ A pruner never touches transformers internals. The adapter (`mllm_adapters/`) ru
 calls the pruner at the stage(s) it declares, handing it a context object whose expensive fields
 (attention rows, q/k/v, embeddings) are computed only when the pruner asks for them.
 
-Stages (see `../shared/specs/README.md`):
+Stages (how the engine runs each: docs/engine.md; what ``budget`` counts at each: docs/flops.md):
 - ``vision``: after chosen ViT layers; the pruner returns which patch tokens continue (CLS is kept).
 - ``pre_llm``: on the selected vision features (CLS dropped, before the projector); the pruner
   returns the patches to keep and optionally merged tokens. The LLM sees a shorter, contiguous prompt.

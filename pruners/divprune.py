@@ -1,13 +1,14 @@
 """`divprune` (DivPrune, CVPR'25): keep a maximally diverse subset of the visual tokens.
 
-Spec: shared/specs/baselines.md. Greedy max-min diversity with distance 1 - cosine similarity:
-start from the token whose nearest other token is farthest away (its second-smallest distance,
-the smallest being 0 to itself), then repeatedly add the token whose distance to the selected set
-(min over the set) is largest. Pre-LLM; no attention needed, so it works with any vision encoder.
+Greedy max-min diversity with distance 1 - cosine similarity: start from the token whose nearest
+other token is farthest away (its second-smallest distance, the smallest being 0 to itself), then
+repeatedly add the token whose distance to the selected set (min over the set) is largest.
+Pre-LLM; no attention needed, so it works with any vision encoder.
 
 ``space`` chooses the embeddings compared: ``"projected"`` (default: the visual tokens the LLM
 receives, after the projector, as DivPrune's LLaVA integration does) or ``"vision"`` (the features
 before the projector). The selection is a set; the adapter re-sorts it into raster order.
+Published numbers and the embedded-model results: docs/methods/divprune.md.
 """
 
 from __future__ import annotations

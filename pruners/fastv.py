@@ -1,8 +1,9 @@
 """`fastv` (FastV, ECCV'24): inside the LLM after layer K, keep the visual tokens the last token
-attends to most at layer K-1 (head-mean). Spec: shared/specs/baselines.md.
+attends to most at layer K-1 (head-mean).
 
 Only one attention row is computed (from layer K-1's q/k), so the model can run SDPA or
 FlashAttention everywhere. Kept tokens keep their original RoPE positions by default.
+Signal, budget, parameters and published numbers: docs/methods/fastv.md.
 """
 
 from __future__ import annotations

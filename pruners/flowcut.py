@@ -1,32 +1,26 @@
 """`flowcut` (FlowCut, arXiv 2505.19536): prune patch tokens progressively INSIDE the ViT by their
 information flow, so the vision encoder itself gets cheaper.
 
-Spec: shared/specs/flowcut.md (LLaVA-1.5 path). On LLaVA-NeXT the adapter runs it per anyres tile,
-each tile with its share of the image budget on the patches that survive unpadding
-(`mllm_adapters/engine/views.py`); the authors' anyres second prune inside the LLM is not implemented
-(the budget is met in the ViT). After every ViT layer i before the feature layer F (the one LLaVA
-feeds the LLM, 22 of 24 for CLIP-L):
-1. signals over the current patches (CLS excluded): relation r = head-mean CLS attention;
-   semantic s = head-mean of the per-head softmax of v_CLS . v_j over all tokens, CLS included, at
-   the patch columns (the ``attention_rows`` op with values as queries/keys and scale 1; the authors'
-   ``CLIPAttention_forward`` in flowcut 1.0.2, checked by tests/test_reference_flowcut.py); magnitude
-   m = L1 norm of the head-averaged value vector;
-2. score = (r / sum r + s / sum s) * m;
-3. cumulative flow: cum = score at layer 0, then cum = 0.5 * cum + 0.5 * score (carried with the
-   kept tokens);
-4. schedule: with rpl = F - i - 1 layers left, prune only where rpl is even, by
-   cut = round((N - budget) / sqrt(rpl) * (1 - (H / log N)^2)), H the entropy of r / sum r (peaked
-   CLS attention cuts more), and straight to ``budget`` at rpl == 0; keep the top (N - cut) by cum
-   (``select_and_gather``), CLS always kept.
+After every ViT layer i before the feature layer F (the one LLaVA feeds the LLM, 22 of 24 for CLIP-L),
+over the current patches (CLS excluded):
+1. relation r = head-mean CLS attention; semantic s = head-mean of the per-head softmax of
+   v_CLS . v_j over all tokens, CLS included, at the patch columns (the ``attention_rows`` op with
+   values as queries/keys and scale 1, as the authors' ``CLIPAttention_forward`` in flowcut 1.0.2,
+   checked by tests/test_reference_flowcut.py); magnitude m = L1 norm of the head-averaged value vector;
+2. score = (r / sum r + s / sum s) * m; cumulative flow cum = score at layer 0, then
+   0.5 * cum + 0.5 * score (carried with the kept tokens);
+3. with rpl = F - i - 1 layers left, prune only where rpl is even, by
+   cut = round((N - budget) / sqrt(rpl) * (1 - (H / log N)^2)), H the entropy of r / sum r, and
+   straight to ``budget`` at rpl == 0; keep the top (N - cut) by cum (``select_and_gather``), CLS
+   always kept.
 The LLM receives the ``budget`` surviving patch features. ``handle.token_counts[b].vision`` lists the
-tokens entering each ViT layer, from which the ViT FLOPs saving follows.
+tokens entering each ViT layer.
 
-Batches: each image follows its own schedule (its own entropies), as with the authors' batch size
-1. Where images of a batch keep different counts, the shorter rows are padded (-1) and the adapter
-masks the padding as keys, so a batch gives the same result as the images alone; the ViT then
-computes the padded length (``handle.batch_counts.vision_width``), per-image counts are in
-``handle.token_counts[b].vision``. (The authors' code instead applies the largest cut of the
-batch to every image, which makes results depend on batch composition.)
+Batches: each image follows its own schedule; shorter rows are padded (-1) and the adapter masks the
+padding as keys, so a batch equals its images alone (the ViT computes the padded length,
+``handle.batch_counts.vision_width``). The authors apply the batch's largest cut to every image. On
+LLaVA-NeXT the adapter runs it per anyres tile (`mllm_adapters/engine/views.py`); the authors' second
+prune inside the LLM is not implemented. Deviations and published numbers: docs/methods/flowcut.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""`pdrop` (PyramidDrop, CVPR'25): progressive in-LLM pruning at stage ends. Spec:
-shared/specs/baselines.md.
+"""`pdrop` (PyramidDrop, CVPR'25): progressive in-LLM pruning at stage ends.
 
 The LLM is split into stages; at the end of each (layers 8, 16, 24 of LLaVA-1.5's 32, scaled to the
 model's depth) the image tokens are ranked by the attention the last instruction token (the last
@@ -10,6 +9,7 @@ Budget = tokens after the last stage. ``lam=None`` (default) derives the ratio s
 at the budget, lam = (budget / N) ** (1 / stages): the authors' lambda = 0.5 at 72 of 576 tokens
 with three stages. An explicit ``lam`` sets the earlier stages to round(N * lam**s) (never below the
 budget) and the last to the budget. Kept tokens keep their original positions by default.
+Parameters, equivalent tokens and published numbers: docs/methods/pdrop.md.
 """
 
 from __future__ import annotations

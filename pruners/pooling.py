@@ -1,6 +1,6 @@
 """`pooling`: spatial average pooling of the patch grid down to about ``budget`` tokens.
 
-Spec: shared/specs/baselines.md (the "downsampling" baseline of VTC-Bench). Pre-LLM. The grid
+The "downsampling" baseline of VTC-Bench (docs/methods/pooling.md). Pre-LLM. The grid
 (rows x cols) is partitioned into an output grid of (h, w) near-equal blocks with h * w <= budget,
 as square as the grid allows; each output token is the mean of its block's features (before the
 projector), computed with the ``merge_tokens`` op. Output tokens are in raster order of the blocks.

@@ -1,36 +1,29 @@
 """`recoverable` (Recoverable Compression, arXiv 2409.01179, AAAI'25): keep the patches the ViT
 [CLS] attends to, recover the ones the question points at, merge the rest.
 
-Spec: shared/specs/recoverable.md. Pre-LLM, training-free, needs a vision encoder with [CLS]:
+Pre-LLM, training-free, needs a vision encoder with [CLS]:
 1. Visual score a: [CLS] attention to the patches at ``score_layer`` (default: the feature layer
-   LLaVA feeds the LLM; see "Deviations"), single-head attention recomputed from the concatenated
-   q/k projections as PruMerge does (``attention="single_head"``) or the usual head mean.
+   LLaVA feeds the LLM), single-head attention from the concatenated q/k projections as PruMerge does
+   (``attention="single_head"``) or the head mean.
 2. Visual keep: the top tokens by a.
-3. Text recovery: similarity t between each patch and the question; among the tokens not kept,
-   recover the top ones by t. t = cosine between the CLIP text embedding of the question's first
-   line (EOT token through the text projection) and each patch feature through the vision tower's
-   post-layernorm and the CLIP visual projection. Without a text tower (or without the question
-   text), t = cosine between the projected visual tokens and the mean of the LLM's input embeddings
-   of the tokens after the image; ``PreLLMDecision.info["text_similarity"]`` says which was used.
-4. Merge: among the remaining tokens the top ones by a become cluster centres; every other remaining
-   token joins its most similar centre (cosine of the score layer's keys), each centre keeping at
-   most ``neighbours`` of them, ranked by key similarity + ``text_weight`` * t; each cluster becomes
-   the a-weighted mean of its members (centre included); plus one token = the a-weighted mean of all
-   remaining non-centres. Means use the ``merge_tokens`` op, top-k the ``select_and_gather`` op.
+3. Text recovery: among the tokens not kept, the top ones by the question-patch similarity t: with a
+   CLIP text tower and the question text, the cosine between the text embedding of the question's
+   first line and each patch feature through the ViT's post-layernorm and visual projection; else the
+   cosine between the projected visual tokens and the mean LLM input embedding of the tokens after the
+   image (``PreLLMDecision.info["text_similarity"]`` says which).
+4. Merge: the top remaining tokens by a become centres; each other remaining token joins its most
+   key-similar centre, a centre keeping at most ``neighbours`` members ranked by key similarity +
+   ``text_weight`` * t; each cluster becomes its a-weighted mean, plus one a-weighted mean of all
+   remaining non-centres (``merge_tokens`` op; top-k by ``select_and_gather``).
 5. LLM input: kept + recovered tokens in raster order, then the merged tokens.
 
-Modes. ``mode="fixed"``: exactly ``budget`` tokens = visual keep + ``recover_share`` * budget
-recovered + ``merge_share`` * budget merged. ``mode="adaptive"`` (paper): the number kept is the
-number of high outliers of a by the local outlier factor (LOF > ``lof_threshold`` and above the
-median), the number recovered the number of high LOF outliers of t among the rest, and merged tokens
-make up ``merge_share`` of the total; ``budget`` must be None. In a batch the per-image counts
-differ, so the batch uses the largest count of each part (images below it take their next-ranked
-tokens): adaptive results depend on batch composition; the per-image counts are in ``info``.
+Modes: ``mode="fixed"`` splits exactly ``budget`` tokens by ``recover_share`` and ``merge_share``
+(`fixed_split`); ``mode="adaptive"`` (``budget=None``) counts the local-outlier-factor outliers of a and
+t (`high_outliers`), and a batch takes the largest per-image count of each part, so adaptive results
+depend on the batch (per-image counts in ``info["adaptive_counts"]``).
 
-Deviations (why): the score layer defaults to the feature layer, not the ViT's last layer, because
-LLaVA never runs the last layer and its CLS row is only informative when the pooled output was
-trained (shared/notes/embedded-model.md); the adaptive outlier rule and the split shares of the
-fixed mode are our reading of the paper, which gives no exact constants.
+Deviations (the score layer; the outlier rule and shares are our reading of the paper), every
+parameter and the published numbers: docs/methods/recoverable.md.
 """
 
 from __future__ import annotations

@@ -1,33 +1,26 @@
 """`transprune` (TransPrune, arXiv 2507.20630): progressive in-LLM pruning by Token Transition
-Variation (TTV) plus Instruction-Guided Attention (IGA). Spec: shared/specs/transprune.md.
+Variation (TTV) plus Instruction-Guided Attention (IGA).
 
-What it scores, per visual token j, at each pruning layer K:
-- TTV: for every decoder layer in the window, for its attention and MLP sub-layers separately,
-  x = the sub-layer input after its RMSNorm, y = the sub-layer output (residual update):
+At each pruning layer K, per visual token j:
+- TTV: for every decoder layer of the window and each of its attention and MLP sub-layers,
+  x = the sub-layer input after its RMSNorm, y = its output (residual update):
   ||y_j|| / ||x_j|| * softmax_over_tokens(1 - cos(x_j, y_j)), summed over both sub-layers and over
-  the layers of the window. Computed by the fused op ``pruners.ops.transition_variation``.
+  layers ``ttv_start``..K-1 (sums carried with the surviving tokens across pruning points).
+  Computed by the fused op ``pruners.ops.transition_variation``.
 - IGA: attention of the instruction tokens after the image to the visual tokens, from layer K's own
   q/k projections (with RoPE) applied to its input, head mean and mean over those queries
   (``ctx.layer_rows("instruction")``: only these rows are computed).
-- score = TTV / sum(TTV) + IGA / sum(IGA) (sums over the current visual tokens); ``use_iga=False`` is
-  the paper's "TTV alone" variant. The top tokens are kept, in original order. No merging.
+- score = TTV / sum(TTV) + IGA / sum(IGA); ``use_iga=False`` is the paper's "TTV alone". The top tokens
+  are kept, in original order. No merging.
 
-Schedule: after layers 7, 9, 12 (1-indexed, i.e. K = 7, 9, 12) of the 32-layer LLaVA-1.5 keep 87.5%,
-62.5% and 12.5% of the 576 image tokens (576 -> 504 -> 360 -> 72, about 236 equivalent tokens).
-``layers`` and ``ratios`` expose it; the defaults scale the layers to the model's depth
-(`transprune_schedule`). The count after the LAST pruning layer is the ``budget``; ``ratios`` give the
-fractions of the original image tokens kept at the earlier pruning layers (never fewer than budget).
+Schedule (`transprune_schedule`): the authors' K = 7, 9, 12 of LLaVA-1.5's 32 layers keeping 87.5%,
+62.5% and 12.5% of the 576 image tokens (576 -> 504 -> 360 -> 72), scaled to the model's depth. The
+count after the LAST pruning layer is the ``budget``; ``ratios`` are the fractions of the original
+image tokens kept at the earlier ones (never fewer than the budget). Positions: compact (the authors')
+by default where the family defines it.
 
-TTV window (interpretation of "accumulated over a layer window, authors 7..12"): TTV is summed over
-every layer from ``ttv_start`` (default: the layer just before the first pruning point, 1-indexed
-layer 7 on LLaVA-1.5) up to the current pruning point; sums are carried with the surviving tokens
-across pruning points, so the score at K=12 covers layers 7..12 (1-indexed).
-
-Positions: the authors renumber kept tokens contiguously, which is the default here
-(``positions="compact"``); ``positions="original"`` keeps the original RoPE positions (as FastV does).
-Measured on the shipped embedded model (shapes eval, 1,000 samples, budget 18 of 144, default
-schedule): accuracy 0.571 compact vs 0.592 original (unpruned 0.595; TTV-only compact 0.554), a
-difference within about one standard error of the difference (~0.022), so the authors' choice stays.
+The TTV window's reading, the positions measurement on the embedded model, every parameter and the
+published numbers: docs/methods/transprune.md.
 """
 
 from __future__ import annotations

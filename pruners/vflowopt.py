@@ -1,33 +1,26 @@
 """`vflowopt` (VFlowOpt, ICCV'25, arXiv 2508.05211): importance map from the vision encoder,
-pre-LLM pruning with spatial recycling, progressive drops inside the LLM. Spec: shared/specs/vflowopt.md.
+pre-LLM pruning with spatial recycling, progressive drops inside the LLM.
 
-1. Importance (pre-LLM stage, ViT layer ``vision_layer``): A = head-mean softmax attention of that
-   layer (``PreLLMContext.vision_attention``: all 1+N tokens on CLIP, CLS being one more token; on Qwen
-   the N merged units, the 2x2 patches' attention pooled the way the merger pools them). Global tokens: received attention (column mean of A) > t x its mean. Context
-   relevance c_j = mean over global tokens g of A[g, j] (every token counts as global when none
-   passes the threshold). Patch entropy e_j: grey (mean of R, G, B after undoing the processor's
-   normalisation), 256-bin histogram of the patch's pixels, Shannon entropy in bits.
-   importance_j = c_j + alpha * softmax(e)_j.
-2. Pre-LLM pruning with recycling: ``n_v`` tokens reach the LLM, recycled ones included. The
-   lowest-importance tokens are dropped; dropped tokens are grouped by an m x m cell of the patch grid
-   (m in patches, may be fractional) and each cell's dropped tokens become ONE recycled token, their
-   importance-weighted mean (``pruners.ops.merge_tokens``; weights = importance clamped at a tiny
-   positive floor), placed at the cell's most important dropped token. The kept count k is the largest
-   with k + (cells holding dropped tokens) <= n_v. A recycled token carries its anchor's importance
-   into the LLM. If even k = 0 leaves more cells than n_v, the n_v cells with the most important
-   anchors are recycled and the rest discarded.
-3. Inside the LLM: at layers k_1 < k_2 (authors: 9 and 18 of 28, scaled to the model's depth) keep the
-   tokens with the highest pre-LLM importance (``ctx.token_scores``), original positions.
+1. Importance (pre-LLM stage, ViT layer ``vision_layer``): from A = that layer's head-mean attention
+   (``PreLLMContext.vision_attention``), context relevance c_j = mean of A[g, j] over the global tokens
+   g (received attention > t x its mean; all tokens when none passes), plus ``alpha`` x the softmax of
+   each patch's grey-level entropy (`patch_entropy`).
+2. Pre-LLM pruning with recycling: ``n_v`` tokens reach the LLM, recycled ones included. The dropped
+   (lowest-importance) tokens of each m x m grid cell become ONE recycled token, their
+   importance-weighted mean (``pruners.ops.merge_tokens``), placed at the cell's most important dropped
+   token and carrying its importance; the kept count k is the largest with
+   k + (cells holding dropped tokens) <= n_v (`recycle_plan`).
+3. Inside the LLM: at layers k_1 < k_2 keep the tokens with the highest pre-LLM importance
+   (``ctx.token_scores``), original positions.
 
-Counts. ``budget`` = tokens after k_2. With ``r_v`` set: n_v = round(r_v N), n_1 = round(n_v r_1),
-and the last ratio is solved as r_2 = budget / n_1 (the tuner therefore solves r_2 by choosing the
-budget that meets its compute target, as the authors do). With ``r_v=None`` (default) the authors'
-10%-setting LLM ratios are used (r_1 = 1.0, r_2 = 0.6) and n_v = ceil(budget / (r_1 r_2)).
+Counts (`vflowopt_schedule`): ``budget`` = tokens after k_2; with ``r_v`` set, n_v = round(r_v N),
+n_1 = round(n_v r_1) and r_2 = budget / n_1; with ``r_v=None`` (default), r_1 = 1.0, r_2 = 0.6 and
+n_v = ceil(budget / (r_1 r_2)). In a batch, a sample's lowest-ranked kept tokens may travel as
+single-token "recycled" tokens so that every sample has the same kept / recycled split (its LLM input is
+unchanged; only ``handle.kept_indices`` lists fewer grid indices).
 
-Batches: samples may split n_v differently between kept and recycled tokens; the adapter needs one
-split per batch, so a sample's lowest-ranked kept tokens may be passed as single-token "recycled"
-tokens (the mean of one token is that token, at its own position): the LLM input is identical to a
-batch of one, only ``handle.kept_indices`` lists fewer grid indices for that sample.
+Every definition in full, the parameters, the tuning step (`benchmarks/tune.py`) and the authors'
+settings: docs/methods/vflowopt.md.
 """
 
 from __future__ import annotations
@@ -105,7 +98,7 @@ def patch_entropy(
 
 
 def recycle_plan(importance: torch.Tensor, cell: torch.Tensor, n_v: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Per sample: rank tokens and split them into kept / recycled-by-cell (see module docstring, step 2).
+    """Per sample: rank tokens and split them into kept / recycled-by-cell (module docstring, step 2).
 
     importance: [N] (one sample), cell: [N] cell id per token, n_v: tokens that reach the LLM.
     Returns (order [N]: token indices by decreasing importance, assign [N]: -1 for kept or discarded

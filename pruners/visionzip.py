@@ -1,7 +1,7 @@
 """`visionzip` (VisionZip, CVPR'25): dominant tokens by [CLS] attention plus a few contextual tokens
 that summarise the rest, as the authors' code (visionzip 0.1.3, `CLIPVisionTower_VisionZip.forward`)
 computes them; docs/methods-pre-llm.md (visionzip) has the details and the reference test
-(tests/test_reference_authors.py) compares it with that code.
+(tests/test_reference_visionzip.py) compares it with that code.
 
 Pre-LLM, both signals from the ViT layer whose output LLaVA feeds the LLM (layer -2 of CLIP-L):
 - dominant: the [CLS] token's state at that layer plus the ``dominant - 1`` patches with the highest

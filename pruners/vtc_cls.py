@@ -1,12 +1,14 @@
 """`vtc_cls` (VTC-CLS, arXiv 2412.05819): keep the patches the ViT [CLS] token attends to most,
 summed over the ViT layers from ``start_layer`` up to the feature layer LLaVA feeds the LLM.
 
-Spec: shared/specs/vtc_cls.md. Pre-LLM, no merging, the ViT runs in full. The kept patches are
-taken from LLaVA's own features (layer -2, CLS dropped) and the adapter re-sorts them into raster
-order, so the LLM sees a shorter contiguous prompt. Needs a vision encoder with a [CLS] token.
+Pre-LLM, no merging, the ViT runs in full. The kept patches are taken from LLaVA's own features
+(layer -2, CLS dropped) and the adapter re-sorts them into raster order, so the LLM sees a shorter
+contiguous prompt. Needs a vision encoder with a [CLS] token.
 
 Scores come from ``ctx.cls_attention(layer)`` (one head-mean CLS row per layer, computed by the
 ``attention_rows`` op, never the full attention map); the top-k uses ``select_and_gather``.
+The layer choice, parameters and published numbers (and `fastervlm`, a configuration of this
+method): docs/methods/vtc_cls.md.
 """
 
 from __future__ import annotations

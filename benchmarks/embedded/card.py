@@ -259,7 +259,7 @@ def write_card(asset: Path, run: Path, res: dict, stage1_run: Path | None = None
              "pooled (last-layer CLS) output; `text_tower/visual_projection.safetensors` holds the ViT-side projection.")
     L.append(f"- Folder size: {size_mb:.1f} MB (fp16 safetensors).\n")
     L.append("## Training\n")
-    L.append("Two stages (the reasons are measured in `shared/notes/embedded-model.md`): (1) the ViT alone with dense "
+    L.append("Two stages (the reasons are measured in `docs/embedded-model.md`): (1) the ViT alone with dense "
              "per-patch targets on hidden_states[-2] (colour, shape, digit, object centre, cell row/column), CLS heads "
              "(colour x shape / digit presence, per-colour counts) and, late, a CLIP contrastive loss (weight 0.3) "
              "against generated captions; with `--conj` (continuing a finished vision stage via `--s1-init`), also "

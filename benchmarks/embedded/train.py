@@ -1,7 +1,7 @@
 """Train the embedded default model: ``python -m benchmarks.embedded.train [--out runs/embedded] ...``.
 
-Two stages (why: see ../shared/notes/embedded-model.md; a naive end-to-end recipe stays at the
-answer prior for CPU-hours):
+Two stages (why: docs/embedded-model.md; a naive end-to-end recipe stays at the answer prior for
+CPU-hours):
 
 1. Vision stage: the CLIP ViT alone, with dense per-patch targets on hidden_states[-2] (exactly what
    LLaVA feeds its projector: colour / shape / digit class, object centre, cell row / column), heads on
