@@ -24,22 +24,7 @@ from typing import Any
 
 import torch
 
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
-    return str(v)
-
-
-def print_table(rows: list[dict[str, Any]], cols: list[str] | None = None) -> None:
-    if not rows:
-        return
-    cols = cols or list(rows[0])
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---|" * len(cols))
-    for r in rows:
-        print("| " + " | ".join(_fmt(r.get(c, "")) for c in cols) + " |")
-    print()
+from benchmarks.perf.table import print_table
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -287,7 +287,7 @@ def model_perf(
     ``device``: ``cpu`` or ``cuda`` (prefills timed with CUDA events, the pruning code synchronised).
     """
     from benchmarks.flops import sample_cost
-    from benchmarks.perf.__main__ import print_table
+    from benchmarks.perf.table import print_table
     from mllm_adapters import apply_pruner
 
     t0 = time.perf_counter()
