@@ -44,8 +44,15 @@ COLUMNS = [
     "delta_vs_best", "delta_vs_best_ci95_lo", "delta_vs_best_ci95_hi", "tflops_prefill", "flops_rel", "prefill_ms",
     "decode_ms_per_token", "kv_cache_mb", "peak_mem_mb", "n_samples", "seed", "params", "weights", "config_hash",
 ]
+#: the per-cell diagnostics (docs/benchmarks.md "Diagnostics"): the last prompt token's visual attention
+#: share and Modality Dominance Index (layer means) of this cell and of the unpruned reference ("_before"),
+#: the share of the kept visual tokens that are attention sinks and the share of the sinks kept
+DIAGNOSTIC_COLUMNS = ["attn_visual_share", "attn_visual_share_before", "mdi", "mdi_before", "sink_share_of_kept",
+                      "sinks_kept"]
 EXTRAS = ["relevant_recall", "vision_tflops", "llm_tflops", "projector_tflops", "overhead_tflops",
-          "visual_tokens_in", "within_budget"]
+          "visual_tokens_in", "within_budget", *DIAGNOSTIC_COLUMNS]
+#: text columns after `EXTRAS` (not averaged: a point keeps its first seed's): why the sink shares are empty
+TEXT_EXTRAS = ["sink_reason"]
 #: cells.csv (one row per cell), in this order; ``cell`` is the folder relative to results_dir.
 CELL_COLUMNS = [c for c in COLUMNS if c not in ("accuracy_std", "n_seeds") and not c.startswith("delta_")]
 CELL_COLUMNS.insert(CELL_COLUMNS.index("seed") + 1, "method_seed")
@@ -129,7 +136,7 @@ def cell_row(cell: Path, metrics: dict[str, Any], scores: dict[str, float], resu
     """One cells.csv row from a cell's metrics.json, with the defaults of fields older cells lack:
     ``variant`` = the method, ``method_seed`` = ``seed``, ``accuracy_ci95`` = the Wilson interval
     of its predictions."""
-    row: dict[str, Any] = {c: metrics.get(c) for c in CELL_COLUMNS + EXTRAS}
+    row: dict[str, Any] = {c: metrics.get(c) for c in CELL_COLUMNS + EXTRAS + TEXT_EXTRAS}
     row["variant"] = metrics.get("variant") or metrics["method"]
     row["method_seed"] = metrics.get("method_seed", metrics.get("seed"))
     row["params"] = json.dumps(metrics.get("params", {}), sort_keys=True)
@@ -160,7 +167,7 @@ def load(results_dir: str | Path) -> tuple[pd.DataFrame, Scores, list[tuple[Path
             continue
         rows.append(row)
         scores[row["config_hash"]] = cell_scores
-    df = pd.DataFrame(rows, columns=None if rows else CELL_COLUMNS + EXTRAS)
+    df = pd.DataFrame(rows, columns=None if rows else CELL_COLUMNS + EXTRAS + TEXT_EXTRAS)
     if df.empty:
         return df, scores, unreadable
     # "auto" cells (the method chose its token count; see equiv_tokens and params) have no numeric budget
@@ -299,11 +306,11 @@ def warn_shared_variants(points: pd.DataFrame) -> None:
 
 
 def _ordered(df: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """``columns``, then `EXTRAS` and the family accuracies, sorted by model, task, method, variant,
+    """``columns``, then `EXTRAS`, `TEXT_EXTRAS` and the family accuracies, sorted by model, task, method, variant,
     sample set and budget (unpruned first, then descending)."""
     df = df.sort_values(["model", "task", "method", "variant", "n_samples", "seed", "budget"],
                         ascending=[True, True, True, True, True, True, False], na_position="first", kind="stable")
-    return df[columns + EXTRAS + _families(df)].reset_index(drop=True)
+    return df[columns + EXTRAS + TEXT_EXTRAS + _families(df)].reset_index(drop=True)
 
 
 def tables(results_dir: str | Path) -> Tables:

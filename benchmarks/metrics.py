@@ -13,6 +13,7 @@ positions back to image regions.
 
 from __future__ import annotations
 
+import math
 import statistics
 import threading
 import time
@@ -240,3 +241,97 @@ def relevant_recall(
         return sum(1 for p in relevant if p in kept_set) / len(relevant)
     rows = cover[torch.as_tensor(list(relevant), dtype=torch.long)].tolist()  # [R, c]
     return sum(1 for toks in rows if any(t in kept_set for t in toks if t >= 0)) / len(relevant)
+
+
+# ---- diagnostics: modality attention share and visual attention sinks ---------------------------
+# What the engine records (`mllm_adapters/engine/diagnostics.py`) turned into prediction-row fields and a
+# cell's summaries; the formulas and what they follow are in docs/benchmarks.md ("Diagnostics").
+
+def _mean(values: Iterable[float | None]) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return sum(vals) / len(vals) if vals else None
+
+
+def diagnostics_row(d: Any, with_sinks: bool) -> dict[str, Any]:
+    """A prediction row's diagnostics fields from one sample's `SampleDiagnostics` ``d``: per decoder
+    layer the last prompt token's visual and text attention shares, the counts of visual and text keys
+    it attends to, the layer's MDI; with ``with_sinks`` (the unpruned reference) its sink statistics."""
+    n = len(d.visual_share)
+    row: dict[str, Any] = {
+        "attn_visual_share": list(d.visual_share), "attn_text_share": list(d.text_share),
+        "attn_n_visual": list(d.n_visual), "attn_n_text": list(d.n_text), "mdi": [d.mdi(i) for i in range(n)],
+    }
+    if with_sinks:
+        row["sink_stats"] = {
+            "layers": list(d.sink_layers), "first_token_dims": sorted(d.first_token_dims),
+            "first_token_max": float(d.first_token_max), "first_token_argmax": int(d.first_token_argmax),
+            "visual_max": float(d.visual_max),
+            "visual_hits": {str(t): sorted(ds) for t, ds in sorted(d.visual_hits.items())},
+        }
+    return row
+
+
+def attention_summary(rows: Sequence[dict[str, Any]], n_layers: int) -> dict[str, Any]:
+    """A cell's summaries over the samples with a visual key in the layer: per layer the mean visual share
+    and the MDI of the mean shares and counts, (mean A_T / mean |T|) / (mean A_O / mean |O|) (a ratio of
+    means: one sample paying almost nothing to its image does not dominate it); then ``attn_visual_share``,
+    the layer mean of the visual share, and ``mdi``, the geometric layer mean of the MDI (the mean of a
+    ratio on the log scale, where MDI 10 and 0.1 average to 1)."""
+    per_layer, mdi = [], []
+    for i in range(n_layers):
+        present = [r for r in rows if r.get("attn_n_visual") and (r["attn_n_visual"][i] or 0) > 0]
+        vs = _mean(r["attn_visual_share"][i] for r in present)
+        per_layer.append(vs)
+        ts, nv, nt = (_mean(r[k][i] for r in present) for k in ("attn_text_share", "attn_n_visual", "attn_n_text"))
+        mdi.append((ts / nt) / (vs / nv) if vs and nt and nv and ts is not None else None)
+    logs = [math.log(m) for m in mdi if m is not None and m > 0]
+    return {"attn_visual_share_per_layer": per_layer, "attn_visual_share": _mean(per_layer),
+            "mdi_per_layer": mdi, "mdi": math.exp(sum(logs) / len(logs)) if logs else None}
+
+
+def find_sinks(rows: Sequence[dict[str, Any]], tau: float, hidden_size: int | None = None
+               ) -> tuple[list[int], list[list[int]], str | None]:
+    """(the model's sink dimensions, per row its sink visual tokens, why there are none or None) from the
+    unpruned reference's rows (their ``sink_stats``), as the sink paper finds them: a dimension is a sink
+    dimension when the first prompt token's |rms-normalised activation| reaches ``tau`` in it at some
+    examined layer (union over samples); a visual token is a sink when it reaches ``tau`` in a sink
+    dimension at some examined layer (phi(x) = max over the sink dimensions >= tau)."""
+    stats = [r.get("sink_stats") for r in rows]
+    recorded = [s for s in stats if s is not None]
+    if not recorded:
+        return [], [[] for _ in rows], "no sink statistics recorded (diagnostics off in the reference cell)"
+    layers = sorted({i for s in recorded for i in s["layers"]})
+    if not layers:
+        return [], [[] for _ in rows], "no layer examined for sinks (the model has fewer than 3 decoder layers)"
+    dims = sorted({d for s in recorded for d in s["first_token_dims"]})
+    where = f"layers {layers[0]}-{layers[-1]}" if len(layers) > 1 else f"layer {layers[0]}"
+    if not dims:
+        top = max(recorded, key=lambda s: s["first_token_max"])
+        reason = (f"no sink dimension: max |rms-normalised activation| of the first prompt token over {where} is "
+                  f"{top['first_token_max']:.3g} (dim {top['first_token_argmax']}) < tau {tau:g}")
+        if hidden_size and hidden_size ** 0.5 < tau:
+            reason += (f"; an rms-normalised activation is at most sqrt(hidden_size) = {hidden_size ** 0.5:.3g} "
+                       f"for hidden size {hidden_size}")
+        return [], [[] for _ in rows], reason
+    sink_dims = set(dims)
+    sinks = [[] if s is None else sorted(int(t) for t, ds in s["visual_hits"].items() if sink_dims & set(ds))
+             for s in stats]
+    if not any(sinks):
+        vmax = max(s["visual_max"] for s in recorded)
+        return dims, sinks, (f"no visual sink token: sink dimensions {dims} found (first prompt token), but no visual "
+                             f"token reaches tau {tau:g} in them over {where} (largest visual |rms-normalised "
+                             f"activation| in any dimension {vmax:.3g})")
+    return dims, sinks, None
+
+
+def sink_shares(kept: Sequence[int] | None, n_reaching: int | None, sinks: Sequence[int]
+                ) -> tuple[float | None, float | None]:
+    """(share of the visual tokens reaching the LLM's last layer that are sinks, share of the sinks kept)
+    for one sample: |kept & sinks| / n_reaching and |kept & sinks| / |sinks| (merged tokens reach the LLM
+    but are never sinks; ``kept`` None = every token kept); (None, None) without sinks."""
+    if not sinks:
+        return None, None
+    s = set(sinks)
+    hit = len(s) if kept is None else len(s & set(kept))
+    n = n_reaching if n_reaching is not None else (len(s) if kept is None else len(kept))
+    return (hit / n if n else None), hit / len(s)

@@ -39,7 +39,14 @@ from benchmarks.flops import sample_cost
 from benchmarks.intervals import paired_bootstrap, paired_scores, ratio_of_means, wilson_interval
 from benchmarks.launch import watch_sweep_parent
 from benchmarks.method_configs import register_method_configs
-from benchmarks.metrics import measure_runtime, relevant_recall
+from benchmarks.metrics import (
+    attention_summary,
+    diagnostics_row,
+    find_sinks,
+    measure_runtime,
+    relevant_recall,
+    sink_shares,
+)
 from benchmarks.models import LoadedModel, load_model, peek_config, size_dependent, visual_tokens_of
 from benchmarks.settings import check_settings
 
@@ -173,7 +180,20 @@ def cell_config(
     base["method"] = {"name": method, "params": params, "variant": variant or method, "seed": seed}
     base["code"] = code_identity(method)
     base["budget"] = budget
+    # the diagnostics recorded (docs/benchmarks.md "Diagnostics"): with their version, so cells computed
+    # without them (or by an older recorder) are recomputed rather than reused without these fields
+    base["diagnostics"] = diagnostics_identity(bool(base.get("diagnostics")))
     return base
+
+
+def diagnostics_identity(enabled: bool) -> dict[str, Any] | bool:
+    """What a cell's config records of the diagnostics: False when off, else their version and the sink
+    threshold (`mllm_adapters.engine.diagnostics`)."""
+    if not enabled:
+        return False
+    from mllm_adapters.engine.diagnostics import DIAGNOSTICS_VERSION, SINK_TAU
+
+    return {"version": DIAGNOSTICS_VERSION, "sink_tau": SINK_TAU}
 
 
 # ---- devices ----------------------------------------------------------------------------------
@@ -273,6 +293,11 @@ def run_cell(
     t0 = time.perf_counter()
     handle = apply_pruner(model, method, budget=None if budget == AUTO else budget,
                           seed=int(ccfg["method"]["seed"]), tokenizer=tok, **params)
+    diag_cfg = ccfg.get("diagnostics")
+    if diag_cfg:  # observes the prefill only (the same outputs); off again for the runtime measurement
+        handle.record_diagnostics = True
+        handle.sink_tau = float(diag_cfg.get("sink_tau", handle.sink_tau))
+        handle.diagnostics_sinks = budget is None  # sinks are found in the unpruned reference only
     rows: list[dict[str, Any]] = []
     flops_parts: dict[str, float] = defaultdict(float)
     ref_total = 0.0
@@ -292,6 +317,7 @@ def run_cell(
             counts = list(handle.token_counts)  # [B] TokenCounts
             kept = list(handle.kept_indices)
             kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
+            diag = handle.diagnostics if diag_cfg else None
             overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
             sizes = [(s.image.height, s.image.width) for s in batch]  # [B] (h, w) px, as the processor saw them
             grids = lm.image_grids(enc)  # [B] the image's own token grid (Qwen) or None
@@ -325,8 +351,13 @@ def run_cell(
                 }
                 if kept_by_layer:  # in-LLM methods: the kept set entering each pruning layer
                     row["kept_by_layer"] = {str(layer): [ks[b].tolist()] for layer, ks in sorted(kept_by_layer.items())}
+                if diag is not None and b < len(diag.samples):
+                    row.update(diagnostics_row(diag.samples[b], with_sinks=budget is None))
+                    # visual tokens entering the last decoder layer (merged ones included): the sink shares' base
+                    row["llm_visual_last"] = int((c.counts.llm_visual or [n_in] * n_layers)[-1])
                 rows.append(row)
         handle.count_overhead_flops = False
+        handle.record_diagnostics = False  # latency / memory are measured without the recorder
         lat = ccfg["latency"]
         n_lat = min(int(lat["n_samples"]), len(samples))
         warm = int(lat["warmup"])
@@ -373,6 +404,8 @@ def run_cell(
         "flops_rel": flops["total"] / (ref_total / n),
         "relevant_recall": sum(recalls) / len(recalls) if recalls else None,
         **runtime,
+        "diagnostics": diag_cfg or False,
+        **(attention_summary(rows, n_layers) if diag_cfg else {}),
         "pruner_info": info,
         "device": str(lm.device),
         "num_threads": torch.get_num_threads(),
@@ -457,8 +490,10 @@ def run(cfg: DictConfig) -> list[Path]:
             metrics["config_hash"] = digest
             metrics["weights"] = lm.weights
             metrics["image_processor"] = lm.image_processor_settings
-            add_relative(metrics, rows, _reference_cell(results_dir, cfg, lm.weights) if ccfg["budget"] is not None
-                         else None)
+            reference = _reference_cell(results_dir, cfg, lm.weights) if ccfg["budget"] is not None else None
+            add_relative(metrics, rows, reference)
+            if ccfg.get("diagnostics"):
+                add_diagnostics(metrics, rows, reference, lm.model.config)
             files = {
                 store.CONFIG: OmegaConf.to_yaml(OmegaConf.create({**ccfg, "config_hash": digest})),
                 store.PREDICTIONS: "".join(json.dumps(r) + "\n" for r in rows),
@@ -490,6 +525,56 @@ def add_relative(metrics: dict[str, Any], rows: list[dict[str, Any]], reference:
     metrics["accuracy_rel"] = metrics["accuracy"] / (sum(ref) / len(ref))
     ci = paired_bootstrap(ours, ref, ratio_of_means, seed=int(metrics["seed"]))
     metrics["accuracy_rel_ci95"] = None if ci is None else list(ci)
+
+
+def add_diagnostics(metrics: dict[str, Any], rows: list[dict[str, Any]], reference: Path | None,
+                    model_config: Any = None) -> None:
+    """The diagnostics "before" and the sink shares (docs/benchmarks.md "Diagnostics").
+
+    Before: the unpruned reference cell's attention summaries (``attn_visual_share_before``,
+    ``mdi_before`` and their ``_per_layer``), the reference cell's own for itself. Sinks: found in the
+    reference (`find_sinks`: ``sink_dims`` and per sample ``sinks``, written into its rows); every cell
+    then gets per sample ``sink_share_of_kept`` and ``sinks_kept`` (its final kept tokens, row["kept"],
+    against the reference's sinks of the same sample id) and their means over the samples that have
+    sinks; both None with ``sink_reason`` when there are none to count."""
+    tau = float((metrics.get("diagnostics") or {}).get("sink_tau", 20.0))
+    text = getattr(model_config, "text_config", model_config)
+    hidden = getattr(text, "hidden_size", None)
+    if metrics["budget"] is None:
+        ref_metrics, ref_rows = metrics, rows
+        dims, sinks, reason = find_sinks(rows, tau, hidden)
+        metrics["sink_dims"] = dims
+        for r, s in zip(rows, sinks):
+            r["sinks"] = s
+    elif reference is None:
+        ref_metrics, ref_rows = {}, []
+        dims, reason = [], "no unpruned reference cell (method none, budget null) of these samples yet"
+    else:
+        ref_metrics, ref_rows = store.read_metrics(reference), store.read_predictions(reference)
+        dims = ref_metrics.get("sink_dims") or []
+        reason = ref_metrics.get("sink_reason")
+        if "sink_dims" not in ref_metrics:
+            reason = "the reference cell has no sink statistics"
+    for key in ("attn_visual_share", "mdi"):
+        metrics[f"{key}_before"] = ref_metrics.get(key)
+        metrics[f"{key}_per_layer_before"] = ref_metrics.get(f"{key}_per_layer")
+    metrics["sink_dims"] = dims
+    metrics["sink_tau"] = tau
+    ref_sinks = {r["id"]: r.get("sinks") or [] for r in ref_rows}
+    share, kept_frac = [], []
+    for r in rows:
+        k = r.get("kept")
+        a, b = sink_shares(None if k is None else k[0], r.get("llm_visual_last"), ref_sinks.get(r["id"], []))
+        r["sink_share_of_kept"], r["sinks_kept"] = a, b
+        if b is not None:
+            share.append(a)
+            kept_frac.append(b)
+    metrics["sink_samples"] = len(kept_frac)
+    metrics["sink_share_of_kept"] = sum(v for v in share if v is not None) / len(share) if share else None
+    metrics["sinks_kept"] = sum(kept_frac) / len(kept_frac) if kept_frac else None
+    if reason is None and not kept_frac:
+        reason = "no sample of this cell has a sink in the reference (none matched by sample id)"
+    metrics["sink_reason"] = None if kept_frac else reason
 
 
 def print_summary(paths: list[Path]) -> None:

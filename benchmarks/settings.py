@@ -43,6 +43,7 @@ class RunSettings:
     device: str
     budgets: list[Any]
     seeds: list[int] | None
+    diagnostics: bool = False
 
 
 def _int(name: str, value: Any, low: int, accepted: str, allow_none: bool = False) -> int | None:
@@ -119,7 +120,11 @@ def check_settings(cfg: Any) -> RunSettings:
     if not budgets:
         raise ValueError("budgets=[] runs nothing; accepted: a non-empty list of null (unpruned), 'auto' "
                          "or visual-token counts, e.g. budgets=[null,72,36,18]")
+    diagnostics = cfg.get("diagnostics", False)
+    if not isinstance(diagnostics, bool):
+        raise ValueError(f"diagnostics={diagnostics!r} is not supported; accepted: true (record the attention-share "
+                         "and attention-sink diagnostics of every cell) or false")
     check_model_config(cfg.get("model"))
-    return RunSettings(batch_size=batch_size, n_samples=n_samples, latency=latency, results_dir=results_dir,
+    return RunSettings(diagnostics=diagnostics, batch_size=batch_size, n_samples=n_samples, latency=latency, results_dir=results_dir,
                        num_threads=num_threads, device=device, budgets=list(budgets),
                        seeds=check_seeds(cfg.get("seeds")))

@@ -114,8 +114,14 @@ class PruningHandle:
     overhead_flops: FLOPs spent inside the pruner's own code (scoring, selection, merging) in the last
                    prefill, counted by torch.utils.flop_counter when ``count_overhead_flops`` is True.
     info:          facts the pruner reported (e.g. which text encoder a text-guided method used).
+    diagnostics:   with ``record_diagnostics`` True, the last prefill's `PrefillDiagnostics`
+                   (`mllm_adapters/engine/diagnostics.py`: per layer the last prompt token's visual/text
+                   attention shares, and the sink statistics); None otherwise. ``record_diagnostics``
+                   (default False) only observes: outputs are bitwise the same either way.
+                   ``sink_tau`` is the sink threshold it records at (default 20, the sink paper's);
+                   ``diagnostics_sinks`` False records the attention shares only.
 
-    These six describe the calling thread's last prefill (one value per thread, `_PerThread`), so
+    These seven describe the calling thread's last prefill (one value per thread, `_PerThread`), so
     concurrent forwards on one pruned model each see their own.
     """
 
@@ -125,12 +131,16 @@ class PruningHandle:
     batch_counts = _PerThread(BatchCounts)
     overhead_flops = _PerThread(int)
     info = _PerThread(dict)
+    diagnostics = _PerThread(lambda: None)
 
     def __init__(self, pruner: Pruner, adapter: Any = None) -> None:
         self._local = threading.local()
         self.pruner = pruner
         self.adapter = adapter
         self.count_overhead_flops = False
+        self.record_diagnostics = False
+        self.diagnostics_sinks = True  # with record_diagnostics: the sink statistics too
+        self.sink_tau = 20.0
         self.removed = False
 
     def __repr__(self) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllm_adapters.engine.diagnostics import Diagnostics
 from mllm_adapters.engine.encoded import EncodedImages
 from mllm_adapters.engine.layout import ImageRun
 from mllm_adapters.engine.llm import LLMStage
@@ -37,7 +38,7 @@ from pruners.base import Pruner, sample_generators
 _TOWERS_LOCK = threading.Lock()
 
 
-class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
+class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage, Diagnostics):
     """Attach one pruner to a model of any registered family (see the module docstring)."""
 
     def __init__(self, spec: FamilySpec, pruner: Pruner, handle: PruningHandle) -> None:
@@ -124,6 +125,7 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        self._diag_installed = False
         self._fw = Forward()
 
     # ---- pruner calls (optionally FLOP-counted) -----------------------------------------------
@@ -174,6 +176,7 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
         self.handle.overhead_flops = 0
         self.handle.kept_by_layer = {}
         self.handle.info = {}
+        self.handle.diagnostics = None
         return True
 
     def _check_thread(self) -> None:
@@ -200,6 +203,8 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
         if not self.spec.has_images(kwargs):
             self.handle.kept_indices = []
             fw.prompt_len = input_ids.shape[1] if input_ids is not None else 0
+            if self.handle.record_diagnostics:
+                self._diag_begin(kwargs)
             return args, kwargs
         if input_ids is None:
             raise ValueError("pruning needs input_ids (with image placeholder tokens), not inputs_embeds")
@@ -215,6 +220,8 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage):
             self._uniform_prefill(kwargs, pixel_values, input_ids, attention_mask, starts)
         else:
             self._ragged_prefill(kwargs, pixel_values, input_ids, attention_mask, runs)
+        if self.handle.record_diagnostics:
+            self._diag_begin(kwargs)  # observes the LLM prompt; never changes it
         return args, kwargs
 
     def _uniform_prefill(self, kwargs, pixel_values, input_ids, attention_mask, image_start) -> None:

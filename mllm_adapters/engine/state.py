@@ -67,3 +67,8 @@ class Forward:
     # the prompt's column space (prompt_len, prompt_len + 1, ...): key_mask and hidden_cols grow with them
     col_host: torch.Tensor | None = None  # [B, L + M] the prompt column standing in for each column's
     # mask row/column and original position (itself for prompt columns; None until a token is merged)
+    # opt-in diagnostics (`engine/diagnostics.py`; only while ``handle.record_diagnostics``)
+    diag: Any = None  # this prefill's `PrefillDiagnostics`
+    diag_visual: torch.Tensor | None = None  # [B, L] visual columns of the LLM prompt
+    diag_real: torch.Tensor | None = None  # [B, L] its real tokens (the forward's attention mask)
+    diag_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its k_proj output, until used
