@@ -144,16 +144,23 @@ def variant_label(method_cfg: Any, method: str, params: dict[str, Any], defaults
     return method if not changed else f"{method}[{','.join(f'{k}={v}' for k, v in changed.items())}]"
 
 
-def code_identity(method: str) -> dict[str, Any]:
+def code_identity(method: str, params: dict[str, Any] | None = None) -> dict[str, Any]:
     """What code computed a cell: the method's declared ``version``, the adapters' ``ENGINE_VERSION``
-    and the locked environment's digest. Part of the cell hash: a behaviour change, an adapter change
-    or an upgrade (`make lock`) never reuses old cells."""
+    and the locked environment's digest, plus the digests of files the method reads with these
+    ``params`` (`Pruner.content_identity`, e.g. dyvte's router weights, as ``files``). Part of the cell
+    hash: a behaviour change, an adapter change, an upgrade (`make lock`) or retrained files under the
+    same path never reuse old cells."""
     from benchmarks.lockfile import lock_digest
     from mllm_adapters import ENGINE_VERSION
     from pruners import get_pruner_class
 
-    return {"method_version": int(get_pruner_class(method).version), "engine_version": ENGINE_VERSION,
-            "lock": lock_digest()}
+    cls = get_pruner_class(method)
+    out: dict[str, Any] = {"method_version": int(cls.version), "engine_version": ENGINE_VERSION,
+                           "lock": lock_digest()}
+    files = cls(budget=None, **(params or {})).content_identity() if params is not None else {}
+    if files:
+        out["files"] = dict(files)
+    return out
 
 
 def cell_config(
@@ -178,7 +185,7 @@ def cell_config(
         method, params, variant, method_seed = "none", {}, None, None
     seed = int(base["seed"]) if method_seed is None else int(method_seed)
     base["method"] = {"name": method, "params": params, "variant": variant or method, "seed": seed}
-    base["code"] = code_identity(method)
+    base["code"] = code_identity(method, params)
     base["budget"] = budget
     # the diagnostics recorded (docs/benchmarks.md "Diagnostics"): with their version, so cells computed
     # without them (or by an older recorder) are recomputed rather than reused without these fields

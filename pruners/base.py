@@ -215,6 +215,12 @@ class Pruner:
         self.info: ModelInfo | None = None
         self.check_params()
 
+    def content_identity(self) -> dict[str, str]:
+        """Digests of the files the method reads that define its behaviour (dyvte's router weights), by
+        parameter name; {} for methods that read none. Part of every result cell's identity, so files
+        retrained or replaced under the same path never reuse old cells."""
+        return {}
+
     def check_params(self) -> None:
         """Constraints between parameters (each declared value is already checked): raise a ValueError
         naming the parameters involved. Model-dependent checks belong in ``attach(info)``."""

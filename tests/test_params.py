@@ -103,10 +103,20 @@ def test_wrong_type_is_refused_naming_the_parameter(method, name, param):
 
 @pytest.mark.parametrize("method,name,param", DECLARED, ids=IDS)
 def test_default_is_accepted(tiny, method, name, param):
+    """Each declared default passes its own check and attaches (with the method's ``conformance_params``
+    for the others: gsearch's schedule); a method refusing every model without its files (``"*"``
+    opt-out: dyvte without weights) must accept the default at construction and refuse at attach."""
     model, _ = tiny
-    budget = None if get_pruner_class(method)(budget=None).chooses_budget else 6
-    with apply_pruner(model, method, budget=budget, **{name: param.default}) as h:
-        assert h.pruner.params == get_pruner_class(method)(budget=budget).params
+    cls = get_pruner_class(method)
+    budget = None if cls(budget=None).chooses_budget else 6
+    if "*" in cls.conformance_opt_outs or name in cls.conformance_params:  # the default is what refuses
+        assert cls(budget=budget, **{name: param.default}).params == cls(budget=budget).params
+        with pytest.raises(ValueError, match=method):
+            apply_pruner(model, method, budget=budget, **{name: param.default})
+        return
+    fixed = {k: v for k, v in cls.conformance_params.items() if k != name}
+    with apply_pruner(model, method, budget=budget, **fixed, **{name: param.default}) as h:
+        assert h.pruner.params == cls(budget=budget, **fixed).params
 
 
 # ---- Param itself ---------------------------------------------------------------------------------
