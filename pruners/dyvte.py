@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from pruners.base import LLMLayerContext, ModelInfo, Pruner
+from pruners.fingerprint import file_digest
 from pruners.params import Param
 from pruners.registry import register_pruner
 from pruners.vte import vte_layer
@@ -121,23 +122,6 @@ def exit_probability(bank: RouterBank, layer: int, features: torch.Tensor) -> to
 
 
 # ---- model identity and weights -------------------------------------------------------------------
-_DIGESTS: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file (memoised by path, size and mtime within the process)."""
-    p = Path(path).resolve()
-    st = p.stat()
-    key = (str(p), st.st_size, st.st_mtime_ns)
-    if key not in _DIGESTS:
-        h = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 22), b""):
-                h.update(chunk)
-        _DIGESTS[key] = h.hexdigest()
-    return _DIGESTS[key]
-
-
 def model_identity(info: ModelInfo, weight_files: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """What ``router.json`` records of the model a router was trained on: family, LLM depth and width,
     the sha256 of the checkpoint's ``config.json`` and of the ``weight_files`` (names in the checkpoint
@@ -149,8 +133,8 @@ def model_identity(info: ModelInfo, weight_files: list[str] | tuple[str, ...] = 
         "family": info.family,
         "llm_hidden_size": int(info.llm_hidden_size),
         "llm_num_layers": int(info.llm_num_layers),
-        "config_sha256": file_sha256(cfg) if cfg is not None and cfg.is_file() else None,
-        "weights_sha256": {f: (file_sha256(folder / f) if local and (folder / f).is_file() else None)
+        "config_sha256": file_digest(cfg) if cfg is not None and cfg.is_file() else None,
+        "weights_sha256": {f: (file_digest(folder / f) if local and (folder / f).is_file() else None)
                            for f in weight_files},
     }
 
@@ -288,7 +272,7 @@ def load_router(folder: str | Path, n_layers: int | None = None) -> LoadedRouter
         if not isinstance(thr, (int, float)) or not 0.0 < float(thr) < 1.0:
             raise ValueError(f"dyvte: weights: {ROUTER_JSON} threshold={thr!r}; accepted: 0 < threshold < 1")
         return LoadedRouter(bank, float(thr), meta, folder, "prunebench", meta.get("model"),
-                            {ROUTER_FILE: file_sha256(w_path)})
+                            {ROUTER_FILE: file_digest(w_path)})
     files = _authors_files(folder) if folder.is_dir() else []
     if not files:
         raise ValueError(
@@ -303,7 +287,7 @@ def load_router(folder: str | Path, n_layers: int | None = None) -> LoadedRouter
                     sd[k] = fh.get_tensor(k)
     bank = bank_from_authors(sd, n_layers)
     return LoadedRouter(bank, AUTHORS_THRESHOLD, {"format": "authors"}, folder, "authors", None,
-                        {f.name: file_sha256(f) for f in files})
+                        {f.name: file_digest(f) for f in files})
 
 
 def check_identity(router: LoadedRouter, info: ModelInfo) -> None:
@@ -383,7 +367,7 @@ class DyVTE(Pruner):
         folder = resolve_weights(w)
         h = hashlib.sha256()
         for f in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() != ".md"):
-            h.update(f"{f.relative_to(folder).as_posix()}:{file_sha256(f)}\n".encode())
+            h.update(f"{f.relative_to(folder).as_posix()}:{file_digest(f)}\n".encode())
         return {"weights": h.hexdigest()}
 
     @property

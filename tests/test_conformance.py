@@ -551,7 +551,8 @@ def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch)
         for n in names:
             assert recorded[n], f"{pruner} declares stage of {n} but the adapter never called it"
             mp.setattr(cls, n, replayer(n))
-        ref = greedy_recompute(model, fam.batch, GEN_STEPS, pruner, {"budget": fam.budget})
+        ref = greedy_recompute(model, fam.batch, GEN_STEPS, pruner,
+                               {**get_pruner_class(pruner).conformance_params, "budget": fam.budget})
     for n in names:
         assert calls[n] == GEN_STEPS * len(recorded[n]), f"{n}: {calls[n]} calls in {GEN_STEPS} recomputed prefills"
     assert (cached - ref).abs().max() <= 1e-4
