@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -169,12 +170,12 @@ class Diagnostics:
             x = kwargs.get("hidden_states", args[0] if args else None)
             k_raw = fw.diag_keys.pop(i, None)
             with torch.no_grad():
-                self._diag_shares(i, x, kwargs["position_embeddings"], k_raw)
+                self._diag_shares(i, x, kwargs["position_embeddings"], k_raw, kwargs.get("past_key_values"))
             return None
 
         return hook
 
-    def _diag_shares(self, i: int, x: torch.Tensor, rope, k_raw: torch.Tensor | None) -> None:
+    def _diag_shares(self, i: int, x: torch.Tensor, rope, k_raw: torch.Tensor | None, cache: Any = None) -> None:
         B, Lc, _ = x.shape
         current = self._diag_current(Lc)
         if current is None:
@@ -185,7 +186,7 @@ class Diagnostics:
         ar = torch.arange(Lc, device=x.device)
         qpos = (ar * real).argmax(1, keepdim=True)  # [B, 1] the last real token
         cos, sin = rope
-        q, k = self._rope_qk(i, x, cos, sin, qpos, k_raw)
+        q, k = self._rope_qk(i, x, cos, sin, qpos, k_raw, cache)  # the layer just wrote its keys to cache
         row = attention_rows(q, k, key_mask=real, query_pos=qpos,
                              scale=self.spec.text_attention(i).scale)[:, 0]  # [B, Lc]
         allowed = real & (ar[None, :] <= qpos)

@@ -27,6 +27,8 @@ class LLMStage:
             if self._fw.phase == "prefill":
                 hs = kwargs.get("hidden_states", args[0] if args else None)
                 self._fw.attn_inputs[i] = (hs, kwargs["position_embeddings"])
+                # the KV cache the layer is about to write its rotated keys into (`_cached_keys`)
+                self._fw.attn_caches[i] = kwargs.get("past_key_values")
 
         return hook
 
@@ -80,7 +82,8 @@ class LLMStage:
     def _llm_attention_rows(self, layer_idx: int, queries: str, hidden_states: torch.Tensor) -> torch.Tensor:
         """[B, Nv] head-mean attention of layer ``layer_idx`` from the chosen query rows to the visual tokens."""
         x, (cos, sin) = self._attn_input(layer_idx, hidden_states)
-        return self._rows_from(layer_idx, x, cos, sin, queries, self._fw.attn_keys.get(layer_idx))
+        return self._rows_from(layer_idx, x, cos, sin, queries, self._fw.attn_keys.get(layer_idx),
+                               self._fw.attn_caches.get(layer_idx))
 
     def _llm_qkv(self, layer_idx: int, queries: str, hidden_states: torch.Tensor):
         """(q [B, Hq, Nq, hd] of the chosen query rows, k and v [B, Hkv, Lc, hd] of every current token)
@@ -88,7 +91,7 @@ class LLMStage:
         fw = self._fw
         x, (cos, sin) = self._attn_input(layer_idx, hidden_states)
         qpos, _ = self._query_rows(x, queries)
-        q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, fw.attn_keys.get(layer_idx))
+        q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, fw.attn_keys.get(layer_idx), fw.attn_caches.get(layer_idx))
         attn = self.spec.text_attention(layer_idx)
         v_raw = fw.attn_values.get(layer_idx)
         if v_raw is None or v_raw.shape[:2] != x.shape[:2]:
@@ -109,30 +112,65 @@ class LLMStage:
             return qpos.clamp(min=0), qpos >= 0
         raise ValueError(f"queries must be 'last' or 'instruction', got {queries!r}")
 
-    def _rope_qk(self, layer_idx: int, x, cos, sin, qpos: torch.Tensor, k_raw: torch.Tensor | None):
+    def _rope_qk(self, layer_idx: int, x, cos, sin, qpos: torch.Tensor, k_raw: torch.Tensor | None,
+                 cache: Any = None):
         """(q [B, Hq, Nq, hd] at ``qpos``, k [B, Hkv, Lc, hd]) of layer ``layer_idx`` from its normed input
-        ``x``, RoPE applied; ``k_raw`` is its own key projection of ``x`` when captured (else recomputed)."""
+        ``x``, RoPE applied. The lean scoring path (docs/engine.md "Scoring"): q is projected and rotated
+        for the query rows only; k is the layer's own rotated keys from the KV cache it wrote in this
+        prefill (``cache``: no projection, no RoPE, nothing allocated), else its key projection ``k_raw``
+        (captured, or recomputed) rotated once (`_rotate_keys`: one [B, Hkv, Lc, hd] tensor)."""
         attn = self.spec.text_attention(layer_idx)
         B, Lc, _ = x.shape
         hd = attn.head_dim
         xq = gather_seq(x, qpos)  # [B, Nq, D]
         q = attn.q(xq).view(B, qpos.shape[1], -1, hd).transpose(1, 2)  # [B, Hq, Nq, hd]
-        if k_raw is None or k_raw.shape[:2] != x.shape[:2]:
-            k_raw = attn.k(x)
-        k = k_raw.view(B, Lc, -1, hd).transpose(1, 2)  # [B, Hkv, Lc, hd]
-        cos_b, sin_b = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])
-        q, _ = self.spec.apply_rope(q, q, gather_seq(cos_b, qpos), gather_seq(sin_b, qpos))
-        k, _ = self.spec.apply_rope(k, k, cos_b, sin_b)
+        cos_b, sin_b = cos.expand(B, *cos.shape[1:]), sin.expand(B, *sin.shape[1:])  # [B, Lc, hd]
+        q = self.spec.rotate(q, gather_seq(cos_b, qpos), gather_seq(sin_b, qpos))
+        k = self._cached_keys(cache, layer_idx, B, Lc)
+        if k is None:
+            if k_raw is None or k_raw.shape[:2] != x.shape[:2]:
+                k_raw = attn.k(x)
+            k = self._rotate_keys(k_raw.view(B, Lc, -1, hd).transpose(1, 2), cos_b, sin_b)  # [B, Hkv, Lc, hd]
         return q, k
 
-    def _rows_from(self, layer_idx: int, x, cos, sin, queries: str, k_raw: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def _cached_keys(cache: Any, layer_idx: int, B: int, Lc: int) -> torch.Tensor | None:
+        """Layer ``layer_idx``'s rotated keys [B, Hkv, Lc, hd] from a transformers cache that holds exactly
+        this prefill's Lc positions for it (a longer entry holds earlier turns, a shorter one a sliding
+        window: None, as for no cache, a cache of another kind, or a layer that has not run yet)."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or layer_idx >= len(layers):
+            return None
+        keys = getattr(layers[layer_idx], "keys", None)
+        if not isinstance(keys, torch.Tensor) or keys.dim() != 4 or keys.shape[0] != B or keys.shape[2] != Lc:
+            return None
+        return keys
+
+    #: keys rotated per chunk of this many positions (bounds the temporaries of RoPE to a chunk)
+    ROPE_CHUNK = 256
+
+    def _rotate_keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on keys ``k`` [B, Hkv, Lc, hd] with tables [B, Lc, hd], written chunk by chunk into one
+        output tensor: one extra [B, Hkv, Lc, hd] alive, the formula's temporaries only per chunk."""
+        Lc = k.shape[2]
+        if Lc <= self.ROPE_CHUNK:
+            return self.spec.rotate(k, cos, sin)
+        out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        for s in range(0, Lc, self.ROPE_CHUNK):
+            e = min(s + self.ROPE_CHUNK, Lc)
+            out[:, :, s:e] = self.spec.rotate(k[:, :, s:e], cos[:, s:e], sin[:, s:e])
+        return out
+
+    def _rows_from(self, layer_idx: int, x, cos, sin, queries: str, k_raw: torch.Tensor | None = None,
+                   cache: Any = None) -> torch.Tensor:
         """[B, Nv] head-mean attention rows from layer input ``x`` (after its norm); ``k_raw`` is the
-        layer's own key projection of ``x`` when it was captured (else recomputed)."""
+        layer's own key projection of ``x`` when it was captured (else recomputed), ``cache`` the KV
+        cache holding its rotated keys once it ran (`_rope_qk`)."""
         fw = self._fw
         attn = self.spec.text_attention(layer_idx)
         key_mask = self._current(fw.key_mask)
         qpos, qvalid = self._query_rows(x, queries)
-        q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, k_raw)
+        q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, k_raw, cache)
         vis = fw.visual_pos
         rows = attention_rows(
             q, k, key_mask=key_mask, query_pos=qpos, key_start=vis[:, 0], key_len=vis.shape[1], scale=attn.scale

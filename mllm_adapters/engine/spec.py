@@ -269,3 +269,9 @@ class FamilySpec:
     def apply_rope(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
+
+    def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE applied to one tensor [B, H, n, hd] with tables [B, n, hd], bitwise as ``apply_rope``
+        rotates it (the scoring path rotates query rows and keys separately, each once). Default: the
+        first output of ``apply_rope(t, t)``; specs override it to compute it once."""
+        return self.apply_rope(t, t, cos, sin)[0]

@@ -54,6 +54,7 @@ class Forward:
     cur_kwargs: dict[str, Any] | None = None  # the same sliced to cur_cols (None = not computed yet)
     attn_inputs: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     attn_keys: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its k_proj output [B, L, Hkv*hd]
+    attn_caches: dict[int, Any] = field(default_factory=dict)  # layer -> the KV cache it writes (None: no cache)
     attn_values: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> its v_proj output [B, L, Hkv*hd]
     captures: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict)
     pruner_state: dict[str, Any] = field(default_factory=dict)

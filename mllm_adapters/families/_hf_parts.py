@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
 
 from mllm_adapters.engine.spec import AttentionParts
 
@@ -58,3 +58,8 @@ class LlamaStyleDecoder:
 
     def apply_rope(self, q, k, cos, sin):
         return self.rope_fn(q, k, cos, sin)
+
+    def rotate(self, t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # the formula of transformers' apply_rotary_pos_emb (Llama's and Qwen2-VL's: M-RoPE is mixed
+        # into cos/sin already), for one tensor: the same ops in the same order, so bitwise its output
+        return (t * cos.unsqueeze(1)) + (rotate_half(t) * sin.unsqueeze(1))
