@@ -59,6 +59,7 @@ from benchmarks.tune import (
     objective,
     output_dir,
     selection,
+    write_method_yaml,
 )
 
 log = logging.getLogger("prunebench.schedule_search")
@@ -144,7 +145,6 @@ def g_search(calib: Calibration, min_fidelity: float = 0.99, seed: int = 0, firs
 def write_schedule_config(result: SearchResult, out_dir: Path, name: str, found_on: str | None,
                           searched: dict[str, Any], run_args: str = "", note: str | None = None) -> Path:
     """Write ``<out_dir>/<name>.yaml``: a runner-compatible gsearch config plus its ``searched:`` record."""
-    from omegaconf import OmegaConf
 
     body = {
         "name": "gsearch",
@@ -174,13 +174,7 @@ def write_schedule_config(result: SearchResult, out_dir: Path, name: str, found_
         + (f"# NOTE: {note}\n" if note else
            f"# Benchmark it: python -m benchmarks.run method={name} budgets=[null,auto,36]{more}\n")
     )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / f"{name}.yaml"
-    tmp = path.with_suffix(".yaml.tmp")
-    tmp.write_text(header + OmegaConf.to_yaml(OmegaConf.create(body)))
-    tmp.replace(path)
-    return path
+    return write_method_yaml(Path(out_dir), name, header, body)
 
 
 # ---- command line -----------------------------------------------------------------------------------

@@ -432,7 +432,6 @@ def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] 
     be wrong. Written atomically, replacing a file of that name: callers decide whether that is allowed
     (`output_dir`).
     """
-    from omegaconf import OmegaConf
 
     name = name or f"{result.method}_tuned_{target_tag(result.kind, result.target)}"
     body = {
@@ -462,7 +461,14 @@ def write_tuned_config(result: TuneResult, out_dir: Path, extra: dict[str, Any] 
            f"# Benchmark it: python -m benchmarks.run method={name} budgets=[{result.budget}]{more}\n"
            f"# Re-check the objective: python -m benchmarks.tune mode=evaluate method={name}{more}\n")
     )
-    out_dir = Path(out_dir)
+    return write_method_yaml(Path(out_dir), name, header, body)
+
+
+def write_method_yaml(out_dir: Path, name: str, header: str, body: dict[str, Any]) -> Path:
+    """``out_dir/<name>.yaml``: the ``header`` comment lines, then ``body`` as YAML, written atomically
+    (a temporary file renamed into place). Shared by the tuner and `benchmarks.schedule_search`."""
+    from omegaconf import OmegaConf
+
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"{name}.yaml"
     tmp = path.with_suffix(".yaml.tmp")
