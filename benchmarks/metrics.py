@@ -1,6 +1,6 @@
 """Runtime measurements of one cell: prefill / decode latency, KV-cache bytes, peak memory.
 
-Conventions (``shared/specs/flops.md``): prefill time is one forward pass (vision encoder + projector
+Conventions (docs/flops.md "Latency" and "KV-cache memory"): prefill time is one forward pass (vision encoder + projector
 + LLM prefill to the first token's logits), decode time is per generated token (between consecutive
 tokens of greedy ``generate()``, the pruner's cache in place); both are medians over a few samples after
 warm-up, timed with CUDA events on GPU and ``time.perf_counter`` on CPU. KV bytes are read from the

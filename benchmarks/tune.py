@@ -3,7 +3,7 @@
     python -m benchmarks.tune method=vflowopt target_equiv_tokens=36 calib_samples=32 n_trials=60 \\
         model=embedded task=shapes
 
-Objective (shared/specs/vflowopt.md): on a calibration set, the mean cosine similarity between the
+Objective (docs/methods/vflowopt.md "Flow-guided tuning"): on a calibration set, the mean cosine similarity between the
 final-layer hidden state (after the LLM's final norm) of the LAST prompt token at prefill with and
 without pruning. Higher = the pruned model's information flow into the answer is better preserved.
 

@@ -2,7 +2,7 @@
 
 Progressive pruners (TransPrune, PDrop, VFlowOpt) are defined by the decoder layers K_1 < K_2 < ...
 after which they drop tokens and the visual-token count kept at each. These helpers turn that into
-the per-layer counts and layer-averaged "equivalent tokens" of ``shared/specs/flops.md`` and scale a
+the per-layer counts and layer-averaged "equivalent tokens" of docs/flops.md ("Equivalent tokens") and scale a
 published layer schedule (given for a reference depth, e.g. 32 layers of LLaVA-1.5) to models of
 other depths, so the issue's definition tests run without a model.
 """
@@ -60,7 +60,7 @@ def layer_counts(n_visual: int, n_layers: int, layers: Sequence[int], counts: Se
 
 
 def equivalent_tokens(per_layer: Sequence[int]) -> float:
-    """Layer-averaged visual tokens, sum_l n_vis(l) / L (``shared/specs/flops.md``)."""
+    """Layer-averaged visual tokens, sum_l n_vis(l) / L (docs/flops.md "Equivalent tokens")."""
     return sum(per_layer) / len(per_layer)
 
 

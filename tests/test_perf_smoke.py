@@ -16,3 +16,37 @@ def test_model_perf_runs_on_tiny_configs(model):
     for r in rows:
         assert r["flops_bound"] > 1.0  # pruning lowers the analytic prefill FLOPs
         assert r["llm_visual_tokens"] and min(r["llm_visual_tokens"]) <= r["budget"]
+
+
+def test_scoring_perf_three_ways_agree():
+    """`make perf`'s scoring part on a narrow layer: our scoring row equals the eager map's row, the
+    memory table has its goal columns."""
+    from benchmarks.perf.scoring import scoring_perf
+
+    result = scoring_perf(sizes=(48,), repeats=1, verbose=False, shape=(256, 4, 512))
+    (row,) = result["three_way"]
+    assert row["N"] == 48 and row["max_abs_diff_vs_map_row"] < 1e-5
+    (mem,) = result["scoring_memory"]
+    assert {"cached_over_op", "uncached_extra_keys", "cached_of_layer"} <= set(mem)
+    assert mem["op_peak_mb"] > 0 and mem["cached_peak_mb"] > 0
+
+
+def test_vision_scoring_perf_cls_row_equals_map_row():
+    """The vision side: the CLS row via the engine's path equals the row of the eager attention map."""
+    from benchmarks.perf.scoring import vision_scoring_perf
+
+    result = vision_scoring_perf(views=(1,), repeats=1, verbose=False)
+    (row,) = result["rows"]
+    assert row["views"] == 1 and row["max_abs_diff_vs_map_row"] < 1e-5
+    assert row["eager_maps_peak_mb"] > 0 and row["cls_row_peak_mb"] > 0
+
+
+def test_model_perf_all_methods_lists_refusals():
+    """``--methods all``: every registered method is timed or listed with the reason it refuses."""
+    from pruners import available_pruners
+
+    every = [m for m in available_pruners() if m != "none"]
+    result = model_perf(model="tiny", methods=every, budgets=[8], repeats=1, verbose=False)
+    timed = {r["method"] for r in result["rows"]}
+    assert timed | set(result["refused"]) == set(every) and not timed & set(result["refused"])
+    assert "weights" in result["refused"].get("dyvte", "")  # no routers for this model: says which parameter

@@ -8,7 +8,14 @@ Parts:
          the FLOPs bound on a LLaVA-1.5-shaped model (real hidden sizes, a few layers, random weights;
          --model llava-next: LLaVA-NeXT-shaped, anyres; --model qwen2.5-vl-7b-shape: Qwen2.5-VL-7B-shaped,
          a 448 x 448 image by default; or a conf/model name such as tiny-next or tiny-qwen2-vl);
-         see ``benchmarks/perf/model.py``.
+         ``--methods all``: every registered method (those that refuse the model are listed with the
+         reason); see ``benchmarks/perf/model.py``.
+  scoring (d) one Llama-7B-shaped decoder layer three ways (SDPA; SDPA + prunebench's scoring step; the
+         peer way, eager with full attention maps) at N = 576, 1,440, 2,880 visual tokens; (e) the
+         scoring step users run against the attention_rows op (memory, time); (f) the vision side: a
+         CLIP-L/14-336 layer's CLS row three ways; see ``benchmarks/perf/scoring.py``.
+  batch  (g) samples per second of the embedded model's generate() at batch 1 / 4 / 16 (the runner's
+         own loop); see ``benchmarks/perf/batch.py``.
 
 Figures are printed as markdown tables and written to ``results/perf/perf.json`` (``--out``).
 """
@@ -26,17 +33,24 @@ import torch
 
 from benchmarks.perf.table import print_table
 
+PARTS = ("ops", "model", "scoring", "batch")
+
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.perf", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--parts", default="ops,model", help="comma list of: ops, model (default: ops,model)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)} (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable on shared machines)")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per op timing (torch.utils.benchmark)")
     p.add_argument("--text-layers", type=int, default=2, help="model part: LLM decoder layers (hidden 4096)")
     p.add_argument("--vision-layers", type=int, default=2, help="model part: CLIP-L/14-336 layers")
     p.add_argument("--repeats", type=int, default=3, help="model part: timed prefills per configuration")
-    p.add_argument("--methods", default="fastv,random", help="model part: pruners to time")
+    p.add_argument("--methods", default="fastv,random",
+                   help="model part: pruners to time (comma list, or 'all': every registered method)")
+    p.add_argument("--scoring-sizes", default="576,1440,2880",
+                   help="scoring part: visual tokens N of the decoder-layer comparison")
+    p.add_argument("--batch-sizes", default="1,4,16", help="batch part: batch sizes")
+    p.add_argument("--batch-samples", type=int, default=64, help="batch part: samples per timed pass")
     p.add_argument("--budgets", default=None,
                    help="model part: visual tokens kept per image (default 1/3, 2/9, 1/9 of the image's tokens: "
                         "192,128,64 of LLaVA-1.5's 576); checked as the runner checks budgets")
@@ -51,9 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="results/perf/perf.json", help="where to write the figures as JSON")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.parts.split(",") if s.strip()]
-    unknown = sorted(set(parts) - {"ops", "model"})
+    unknown = sorted(set(parts) - set(PARTS))
     if unknown:
-        raise SystemExit(f"--parts accepts ops and model, got {unknown}")
+        raise SystemExit(f"--parts accepts {', '.join(PARTS)}; got {unknown}")
     torch.set_num_threads(args.threads)
     from benchmarks.perf import git_commit
 
@@ -95,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         budgets = [int(b) for b in args.budgets.split(",") if b.strip()] if args.budgets else None
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if methods == ["all"]:
+            from pruners import available_pruners
+
+            methods = [m for m in available_pruners() if m != "none"]
         size = tuple(int(v) for v in args.image_size.lower().split("x")) if args.image_size else None
         if size is not None and len(size) != 2:
             raise SystemExit(f"--image-size takes HxW (e.g. 672x672), got {args.image_size!r}")
@@ -102,6 +120,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             text_layers=args.text_layers, vision_layers=args.vision_layers, methods=methods, budgets=budgets,
             repeats=args.repeats, model=args.model, image_size=size, device=args.device,
         )
+
+    if "scoring" in parts:
+        from benchmarks.perf.scoring import scoring_perf, vision_scoring_perf
+
+        sizes = tuple(int(v) for v in args.scoring_sizes.split(",") if v.strip())
+        report["scoring"] = scoring_perf(sizes=sizes, repeats=args.repeats)
+        report["vision_scoring"] = vision_scoring_perf(repeats=args.repeats)
+
+    if "batch" in parts:
+        from benchmarks.perf.batch import batch_perf
+
+        sizes = tuple(int(v) for v in args.batch_sizes.split(",") if v.strip())
+        report["batch"] = batch_perf(batch_sizes=sizes, n_samples=args.batch_samples, repeats=args.repeats)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2, default=str))

@@ -309,7 +309,20 @@ def model_perf(
     build_s = time.perf_counter() - t0
     n_layers = int(cfg.text_config.num_hidden_layers)
     params = {"fastv": {"layer": min(2, n_layers - 1)}}  # FastV's K=2 when the model has >2 layers
+    from pruners import get_pruner_class
 
+    for m in methods:  # a method's declared stand-in parameters (e.g. gsearch's depth-scaled schedule)
+        declared = get_pruner_class(m).conformance_params
+        if declared and "*" not in declared:
+            params.setdefault(m, dict(declared))
+
+    refused: dict[str, str] = {}
+    for m in methods:  # methods that cannot run on this model (weights for another model, ...) say why
+        try:
+            apply_pruner(lm.model, m, budget=budgets[0], **params.get(m, {})).remove()
+        except (ValueError, NotImplementedError, TypeError) as err:
+            refused[m] = str(err).splitlines()[0]
+    methods = [m for m in methods if m not in refused]
     configs: list[tuple[str, int | None]] = [("none", None)] + [(m, b) for m in methods for b in budgets]
     wall: dict[tuple, list[float]] = {c: [] for c in configs}
     cpu: dict[tuple, list[float]] = {c: [] for c in configs}
@@ -348,7 +361,7 @@ def model_perf(
         bound = flops_base / sample.flops.total
         sw, sc = base_w / med(wall[c]), base_c / med(cpu[c])
         rows.append({
-            "method": method, "budget": budget, "prefill_ms": med(wall[c]), "prefill_cpu_ms": med(cpu[c]),
+            "method": method, "params": params.get(method) or None, "budget": budget, "prefill_ms": med(wall[c]), "prefill_cpu_ms": med(cpu[c]),
             "overhead_ms": med(ov_wall[c]), "overhead_cpu_ms": med(ov_cpu[c]),
             "overhead_fraction": med(ov_cpu[c]) / base_c,
             "projected_fraction_7b": None if to_7b is None else med(ov_cpu[c]) / (base_c * to_7b),
@@ -377,7 +390,7 @@ def model_perf(
         "model": desc, "device": str(device), "dtype": str(next(lm.model.parameters()).dtype).replace("torch.", ""),
         "prompt_tokens": n_text + n_vis, "visual_tokens": n_vis, "budgets": budgets, "repeats": repeats,
         "build_s": build_s, "unpruned_prefill_ms": base_w, "unpruned_prefill_cpu_ms": base_c,
-        "flops_7b_over_this_model": to_7b, "rows": rows,
+        "flops_7b_over_this_model": to_7b, "rows": rows, "refused": refused,
         "prefill_ms_all": {f"{m}@{b}": wall[(m, b)] for m, b in configs},
         "prefill_cpu_ms_all": {f"{m}@{b}": cpu[(m, b)] for m, b in configs},
     }
@@ -388,6 +401,13 @@ def model_perf(
         print_table(rows, ["method", "budget", "prefill_ms", "prefill_cpu_ms", "overhead_cpu_ms",
                            "overhead_fraction", "projected_fraction_7b", "speedup_wall", "speedup_cpu",
                            "flops_bound", "of_bound_wall", "of_bound_cpu"])
+        for m in methods:
+            if params.get(m):
+                print(f"- {m}: timed with {params[m]}")
+        for m, why in refused.items():
+            print(f"- {m}: not timed, it refuses this model: {why}")
+        if refused or any(params.get(m) for m in methods):
+            print()
         print("overhead_fraction = pruning-code CPU time / unpruned prefill CPU time on this model; "
               "projected_fraction_7b scales the unpruned time by FLOPs to 32 LLM + 24 ViT layers.\n"
               "speedup = unpruned / pruned prefill time; flops_bound = unpruned / pruned prefill FLOPs; "

@@ -76,14 +76,17 @@ def _timed(existing: tuple, fn, *args: Any, **kwargs: Any) -> tuple[Any, float, 
     return out, wall, cpu, m.peak_bytes
 
 
-def scoring_perf(sizes: tuple[int, ...] = SIZES, repeats: int = 3, verbose: bool = True) -> dict[str, Any]:
-    """The three-way table and the scoring-memory table; returns the figures."""
+def scoring_perf(sizes: tuple[int, ...] = SIZES, repeats: int = 3, verbose: bool = True,
+                 shape: tuple[int, int, int] = (4096, 32, 11008)) -> dict[str, Any]:
+    """The three-way table and the scoring-memory table; returns the figures. ``shape``: the layer's
+    (hidden, heads, MLP) widths (LLaMA-7B's by default; smaller in the smoke test)."""
     from transformers import DynamicCache
 
     from benchmarks.perf.table import print_table
     from pruners.ops import attention_rows
 
-    sdpa, eager = _layer(attn="sdpa"), _layer(attn="eager")
+    hidden, heads, mlp = shape
+    sdpa, eager = (_layer(hidden=hidden, heads=heads, mlp=mlp, attn=a) for a in ("sdpa", "eager"))
     eager.load_state_dict(sdpa.state_dict())
     weights = tuple(sdpa.parameters()) + tuple(eager.parameters())
     attn = sdpa.layers[0].self_attn
@@ -92,13 +95,16 @@ def scoring_perf(sizes: tuple[int, ...] = SIZES, repeats: int = 3, verbose: bool
     g = torch.Generator().manual_seed(0)
     for n in sizes:
         L = N_BEFORE + n + N_AFTER
-        h = torch.randn(1, L, 4096, generator=g) * 0.5
+        h = torch.randn(1, L, hidden, generator=g) * 0.5
         pos = torch.arange(L)[None]
         rope = sdpa.rotary_emb(h, position_ids=pos)  # what layer 0 receives
         stage = _stage(sdpa, n, L)
         ways: dict[str, dict[str, list[float]]] = {w: {"wall": [], "cpu": [], "peak": []} for w in
                                                   ("sdpa", "score_cached", "score_uncached", "op", "eager_maps")}
         keep: dict[str, Any] = {}
+        with torch.inference_mode():  # warm-up (allocator, lazy init) of both layers at this length
+            sdpa(inputs_embeds=h, position_ids=pos, past_key_values=DynamicCache(config=sdpa.config), use_cache=True)
+            eager(inputs_embeds=h, position_ids=pos, use_cache=False, output_attentions=True)
         for _ in range(repeats):
             with torch.inference_mode():
                 keys: dict[str, torch.Tensor] = {}
@@ -161,8 +167,9 @@ def scoring_perf(sizes: tuple[int, ...] = SIZES, repeats: int = 3, verbose: bool
             "cached_of_layer": med["score_cached"]["cpu"] / floor["cpu"],
             "uncached_ms": med["score_uncached"]["wall"], "uncached_of_layer": med["score_uncached"]["cpu"] / floor["cpu"],
         })
-    result = {"layer": "Llama-7B-shaped decoder layer (4096 hidden, 32 x 128 heads, MLP 11008), fp32, CPU threads="
-                       f"{torch.get_num_threads()}", "repeats": repeats, "three_way": rows_out, "scoring_memory": mem_out}
+    shaped = "Llama-7B-shaped decoder layer" if shape == (4096, 32, 11008) else "Llama decoder layer"
+    result = {"layer": f"{shaped} ({hidden} hidden, {heads} x {hidden // heads} heads, MLP {mlp}), fp32, CPU "
+                       f"threads={torch.get_num_threads()}", "repeats": repeats, "three_way": rows_out, "scoring_memory": mem_out}
     if verbose:
         print(f"## (d) one decoder layer three ways: {result['layer']}, 35 + N + 20 tokens, median of {repeats}\n")
         print_table(rows_out, ["N", "sdpa_cpu_ms", "scored_over_sdpa", "eager_maps_over_sdpa", "sdpa_peak_mb",
@@ -176,4 +183,98 @@ def scoring_perf(sizes: tuple[int, ...] = SIZES, repeats: int = 3, verbose: bool
                               "uncached_extra_keys", "cached_cpu_ms", "cached_of_layer", "uncached_of_layer"])
         print("Goals: cached_over_op <= 4, uncached_extra_keys <= 1 ([H, L, d] fp32 key tensors beyond the op), "
               "cached_of_layer <= 0.001.\n")
+    return result
+
+
+def _vision_tower(attn: str, tiny_text: bool = True) -> Any:
+    """A LLaVA model whose vision tower is one CLIP-L/14-336 layer (1024 wide, 16 heads, 577 tokens per
+    view; random weights) and whose LLM is tiny: only the vision side is timed."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=1, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768, hidden_act="quick_gelu")
+    text = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                       num_key_value_heads=2, vocab_size=32064, max_position_embeddings=4096)
+    cfg = LlavaConfig(vision_config=vision, text_config=text, image_token_id=32000, vision_feature_layer=-1)
+    cfg.vision_config._attn_implementation = attn
+    cfg._attn_implementation = attn
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(cfg).eval()
+
+
+def vision_scoring_perf(views: tuple[int, ...] = (1, 5), repeats: int = 3, verbose: bool = True) -> dict[str, Any]:
+    """The vision side: one CLIP-L/14-336 layer (embeddings + the layer) on ``views`` images or tiles
+    (1: LLaVA-1.5, 5: a LLaVA-NeXT 672 px image), three ways, interleaved, medians of ``repeats``:
+
+    - ``sdpa``: the embeddings and the layer under SDPA, run as the engine runs them (the floor);
+    - ``sdpa + cls row``: the path users run for a CLS-attention method (VTC-CLS, FasterVLM, VisionZip):
+      the engine's `VisionLoop._run_vision_layer` capturing the layer's own q/k projections, then
+      `VisionLoop._cls_attention` (the `attention_rows` op on the CLS query row);
+    - ``eager + maps``: the peer way, the tower with ``output_attentions=True`` (the full [H, T, T] map
+      the released code reads the CLS row from).
+    """
+    from benchmarks.perf.table import print_table
+    from mllm_adapters.engine.state import Forward
+    from mllm_adapters.engine.vision import VisionLoop
+    from mllm_adapters.families.llava import LlavaSpec
+
+    sdpa, eager = _vision_tower("sdpa"), _vision_tower("eager")
+    eager.load_state_dict(sdpa.state_dict())
+    spec = LlavaSpec(sdpa)
+    stage = VisionLoop()
+    stage.spec, stage.info = spec, spec.model_info()
+    vt_eager = eager.model.vision_tower
+    weights = tuple(sdpa.parameters()) + tuple(eager.parameters())
+    g = torch.Generator().manual_seed(0)
+    rows_out: list[dict[str, Any]] = []
+
+    def ours(px: torch.Tensor) -> torch.Tensor:
+        stage._fw = Forward()
+        hs = spec.embed(px)
+        stage._run_vision_layer(0, hs, None, capture=True)
+        return stage._cls_attention(0, hs)  # [V, 576]
+
+    for v in views:
+        px = torch.randn(v, 3, 336, 336, generator=g)
+        ways: dict[str, dict[str, list[float]]] = {w: {"wall": [], "cpu": [], "peak": []}
+                                                  for w in ("sdpa", "ours", "eager_maps")}
+        keep: dict[str, torch.Tensor] = {}
+        calls = (("sdpa", lambda px=px: spec.run_vision_block(0, spec.embed(px), None)),
+                 ("ours", lambda px=px: ours(px)),
+                 ("eager_maps", lambda px=px: vt_eager(px, output_attentions=True)))
+        with torch.inference_mode():
+            for _, fn in calls:  # warm-up (allocator, lazy init) of each way
+                fn()
+        for _ in range(repeats):
+            with torch.inference_mode():
+                for name, fn in calls:
+                    out, w, c, p = _timed((px, *weights), fn)
+                    if name == "ours":
+                        keep[name] = out
+                    elif name == "eager_maps":
+                        keep[name] = out.attentions[0][:, :, 0, 1:].mean(1)  # [V, 576]
+                    del out
+                    for k, val in zip(("wall", "cpu", "peak"), (w, c, p)):
+                        ways[name][k].append(val)
+        med = {w: {k: statistics.median(x) for k, x in d.items()} for w, d in ways.items()}
+        floor = med["sdpa"]
+        rows_out.append({
+            "views": v, "tokens_per_view": 577, "sdpa_ms": floor["wall"], "sdpa_cpu_ms": floor["cpu"],
+            "cls_row_over_sdpa": med["ours"]["cpu"] / floor["cpu"],
+            "eager_maps_over_sdpa": med["eager_maps"]["cpu"] / floor["cpu"],
+            "sdpa_peak_mb": floor["peak"] / MB, "cls_row_peak_mb": med["ours"]["peak"] / MB,
+            "eager_maps_peak_mb": med["eager_maps"]["peak"] / MB,
+            "peak_ratio_eager_over_cls_row": med["eager_maps"]["peak"] / med["ours"]["peak"],
+            "max_abs_diff_vs_map_row": float((keep["ours"] - keep["eager_maps"]).abs().max()),
+        })
+    result = {"layer": "CLIP-L/14-336 embeddings + one layer (1024 wide, 16 heads, 577 tokens per view), fp32, "
+                       f"CPU threads={torch.get_num_threads()}", "repeats": repeats, "rows": rows_out}
+    if verbose:
+        print(f"## (f) the vision side three ways: {result['layer']}, median of {repeats}\n")
+        print_table(rows_out, ["views", "sdpa_cpu_ms", "cls_row_over_sdpa", "eager_maps_over_sdpa", "sdpa_peak_mb",
+                               "cls_row_peak_mb", "eager_maps_peak_mb", "peak_ratio_eager_over_cls_row",
+                               "max_abs_diff_vs_map_row"])
+        print("cls_row = the tower under SDPA with the layer's q/k captured + the CLS row via attention_rows (what "
+              "VTC-CLS, FasterVLM and VisionZip run here); eager_maps = output_attentions=True (the peer way). "
+              "Ratios of process CPU time.\n")
     return result
