@@ -74,3 +74,34 @@ def test_refuses_a_folder_of_another_run(tmp_path):
     (run / "train.log").write_text("a run started by train.py directly\n")
     with pytest.raises(ValueError, match="not started by a recipe"):
         R.run_recipe(recipe, run)
+
+
+GOLDEN = Path(__file__).parent / "golden" / "embedded_tiny_recipe.json"
+
+
+def _weight_stats(folder: Path) -> dict[str, list[float]]:
+    """Per tensor of the exported best model: (sum, sum of squares) in float64, a fingerprint that any
+    change of the training computation moves far beyond float rounding."""
+    from safetensors.torch import load_file
+
+    sd = load_file(folder / "model.safetensors")
+    return {k: [float(v.double().sum()), float(v.double().square().sum())] for k, v in sorted(sd.items())}
+
+
+@pytest.mark.slow
+def test_tiny_recipe_trains_the_recorded_weights(tmp_path):
+    """The training code's refactors keep behaviour: the tiny recipe trains to the weights recorded in
+    tests/golden (regenerate with PRUNEBENCH_UPDATE_GOLDEN=1 only for a deliberate change of training)."""
+    import os
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(TINY)
+    R.run_recipe(recipe, tmp_path / "run")
+    stats = _weight_stats(tmp_path / "run" / "best")
+    if os.environ.get("PRUNEBENCH_UPDATE_GOLDEN") == "1":
+        GOLDEN.write_text(json.dumps(stats, indent=1) + "\n")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(stats) == sorted(golden)
+    for name, (s, sq) in stats.items():
+        assert s == pytest.approx(golden[name][0], rel=1e-4, abs=1e-6), name
+        assert sq == pytest.approx(golden[name][1], rel=1e-4, abs=1e-6), name

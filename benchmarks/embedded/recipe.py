@@ -4,7 +4,7 @@
 A recipe (default: ``recipe.yaml`` next to this module) is an ordered list of phases. Each phase is one
 `benchmarks.embedded.train` run in the same ``--out`` folder with the recipe's ``common`` arguments plus
 its own, tagged ``--phase <name>``: the vision phase trains stage 1, and each stage-2 phase continues the
-previous phase's checkpoint with a fresh optimizer (train.py's ``--phase``). All phases log into one
+previous phase's checkpoint with a fresh optimizer (``benchmarks.embedded.train``'s ``--phase``). All phases log into one
 ``train.log`` / ``curve.jsonl``, so ``python -m benchmarks.embedded.card --run <out>`` describes the whole
 run, a session per phase.
 
@@ -27,7 +27,7 @@ DEFAULT_RECIPE = Path(__file__).with_name("recipe.yaml")
 
 
 def load_recipe(path: str | Path) -> list[tuple[str, dict]]:
-    """The recipe's phases as (name, train.py arguments), ``common`` merged under each phase's own."""
+    """The recipe's phases as (name, training arguments), ``common`` merged under each phase's own."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"parameter '--recipe': no recipe file at {path}")
@@ -42,7 +42,7 @@ def load_recipe(path: str | Path) -> list[tuple[str, dict]]:
 
 
 def phase_argv(name: str, args: dict, out: Path) -> list[str]:
-    """train.py's argv for one phase: ``--key value`` per argument, ``--key`` for a true flag."""
+    """The training argv for one phase: ``--key value`` per argument, ``--key`` for a true flag."""
     argv = ["--out", str(out), "--phase", name]
     for key, value in args.items():
         flag = "--" + key.replace("_", "-")
@@ -53,7 +53,7 @@ def phase_argv(name: str, args: dict, out: Path) -> list[str]:
     try:
         train.parse_args(argv)  # unknown or malformed arguments fail here, before any phase runs
     except SystemExit as e:  # argparse has printed which argument it rejected
-        raise ValueError(f"recipe phase {name!r}: train.py rejects its arguments {argv[4:]}") from e
+        raise ValueError(f"recipe phase {name!r}: the training CLI rejects its arguments {argv[4:]}") from e
     return argv
 
 
@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default=str(DEFAULT_RECIPE))
     ap.add_argument("--out", default="runs/embedded", help="run folder of every phase")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: train.py's)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: the training CLI's)")
     ap.add_argument("--seed", type=int, default=None, help="seed (default: the recipe's)")
     a = ap.parse_args(argv)
     overrides = {k: v for k, v in (("threads", a.threads), ("seed", a.seed)) if v is not None}
