@@ -45,13 +45,21 @@ class ShapesTask(Task):
     families = list(G.EVAL_FAMILIES)
     max_new_tokens = 2  # one answer word and the end token
 
+    #: second entropy word of the eval / val rngs: the shapes task's 0, a variant's own code, so
+    #: variants never share a scene stream with it
+    stream: int = 0
+    #: split "train" (the embedded model's training stream): the shapes task only
+    trainable: bool = True
+
+    def _sample(self, rng: np.random.Generator, i: int, sample_id: str) -> Sample:
+        """Sample ``i`` of a split from its own ``rng`` (families in rotation)."""
+        return sample_from_rng(rng, self.families[i % len(self.families)], sample_id)
+
     def _split(self, domain: int, seed: int, n: int) -> list[Sample]:
-        out = []
-        for i in range(n):
-            family = self.families[i % len(self.families)]
-            rng = np.random.default_rng([domain, seed, i])
-            out.append(sample_from_rng(rng, family, f"shapes-{domain}-{seed}-{i}"))
-        return out
+        seed = seed + self.stream
+        prefix = self.name or "shapes"
+        return [self._sample(np.random.default_rng([domain, seed, i]), i, f"{prefix}-{domain}-{seed}-{i}")
+                for i in range(n)]
 
     def samples(self, split: str = "eval", n: int | None = None, seed: int = 0) -> list[Sample]:
         """See the module docstring for the splits; ``n`` keeps the first ``n`` samples."""
@@ -64,6 +72,9 @@ class ShapesTask(Task):
                 raise ValueError(f"parameter 'n' must be <= {EVAL_SIZE} for split {split!r}, got {n}")
             domain = G.DOMAIN_EVAL if split == "eval" else G.DOMAIN_VAL
             return self._split(domain, 0, EVAL_SIZE if n is None else n)
+        if not self.trainable:
+            raise ValueError(f"task {self.name!r} has the splits 'eval' and 'val' only (split 'train' is the shapes "
+                             "task's training stream)")
         if n is None:
             raise ValueError("parameter 'n' is required for split 'train' (the training stream is unbounded)")
         return list(training_stream(seed, n, families=self.families))
