@@ -56,6 +56,8 @@ class Task:
     name: str = ""
     families: list[str] = []
     max_new_tokens: int = 2
+    #: the ability the task stresses, for the summary table's per-ability view (benchmarks.summary)
+    ability: str = "general"
 
     def samples(self, split: str = "eval", n: int | None = None, seed: int = 0) -> list[Sample]:
         """Samples of ``split``; ``"eval"`` is the fixed 1,000-sample split (``seed`` is ignored for it),
@@ -77,6 +79,15 @@ class Task:
     def score(self, prediction: str, sample: Sample) -> float:
         """Exact match after `normalise` of both sides: 1.0 or 0.0."""
         return 1.0 if self.normalise(prediction) == self.normalise(sample.answer) else 0.0
+
+    def clean_prediction(self, text: str) -> str:
+        """The decoded generation as the task scores and stores it (default: unchanged)."""
+        return text
+
+    def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Task-level metrics over a cell's prediction rows beyond accuracy (POPE's F1, lmms-eval's own
+        aggregations), stored as the cell's ``task_metrics``; None when the task has none."""
+        return None
 
 
 #: Every task: one module or package in `benchmarks/tasks/` each.

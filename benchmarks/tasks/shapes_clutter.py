@@ -19,6 +19,7 @@ from benchmarks.tasks.shapes import generator as G
 @register_task("shapes_clutter")
 class ShapesClutterTask(ShapesTask):
     stream = 103
+    ability = "clutter"
     trainable = False
 
     def _sample(self, rng: np.random.Generator, i: int, sample_id: str) -> Sample:

@@ -71,6 +71,7 @@ class ShapesPopeTask(ShapesTask):
     """POPE on shapes: sample i is setting ``SETTINGS[i % 3]``, answer yes when ``(i // 3)`` is even."""
 
     families = list(SETTINGS)
+    ability = "hallucination"
     stream = 101
     trainable = False
 

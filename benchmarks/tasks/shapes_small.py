@@ -19,6 +19,7 @@ from benchmarks.tasks.shapes import generator as G
 class ShapesSmallTask(ShapesTask):
     families = [f for f in G.EVAL_FAMILIES if f != "digit"]
     stream = 102
+    ability = "fine_detail"
     trainable = False
 
     def _sample(self, rng: np.random.Generator, i: int, sample_id: str) -> Sample:
