@@ -1,43 +1,31 @@
 """Analytic prefill FLOPs of a LLaVA-style model from its config and the actual per-layer token counts.
 
-Why analytic: FLOPs must be comparable across machines and attention kernels (SDPA is invisible to
-``torch.utils.flop_counter`` on CPU), and progressive pruners change the sequence length layer by
-layer. The counts below cover every matmul that FlopCounterMode sees in an eager forward pass
-(tests check the two agree within 1% on tiny models):
+Definitions (two FLOPs per multiply-add; LLM, CLIP vision encoder, projector; the published
+``convention="fastv"`` / ``"sparsevlm"`` counts; equivalent tokens; why analytic): docs/flops.md.
+The counts cover every matmul FlopCounterMode sees in an eager forward (tests: within 1% on tiny
+models); the LM head is counted once, for the last position (generate() and ``logits_to_keep=1``
+compute only that row at prefill).
 
-- LLM, per decoder layer with ``n`` tokens: q/k/v/o projections (GQA-aware: k and v project to
-  ``n_kv_heads * head_dim``), attention scores and values (``n x n`` per query head, as eager
-  attention computes them, causal mask or not), SwiGLU's three matrices; the LM head once, for the
-  last position (generate() and ``logits_to_keep=1`` compute only that row at prefill).
-- Vision encoder (CLIP): patch-embedding convolution, per layer the four projections, scores,
-  values and the two MLP matrices; layers that an in-ViT pruner shrinks count their actual tokens.
-- Projector: two linear layers on the visual tokens that reach the LLM.
+Contract: counts are per sample (`mllm_adapters.handle.TokenCounts`, ``handle.token_counts[b]``).
+Images of several views (LLaVA-NeXT tiles) run the ViT once per view that ran, each on its own counts
+(``vision``; the untouched model runs ``views`` full views); the projector runs on ``projector``
+tokens (the untouched model projects every patch of every view, before unpadding); the LLM on the
+sample's own visual tokens. Inert slots and the padding of shorter views are not counted, like batch
+padding (docs/benchmarks.md "LLaVA-NeXT (anyres)"). One view's patch count comes from the family spec
+(`view_patches`).
 
-Counts are per sample (`mllm_adapters.handle.TokenCounts`, ``handle.token_counts[b]``): images of
-several views (LLaVA-NeXT's anyres tiles, ``mllm_adapters/families/llava_next.py``) run the ViT once
-per view that ran, each on its own counts (``vision``; the untouched model runs ``views`` full views),
-the projector runs on ``projector`` tokens (the untouched model projects every patch of every view,
-before unpadding), and the LLM on the sample's own visual tokens. Inert slots the engine adds to align
-ragged runs in a batch, and the padding of shorter views in the ViT, are not counted, like batch
-padding. One view's patch count comes from the family spec (`view_patches`).
-
-The family spec may count its own tower and projector (`FamilySpec.vision_flops`, `projector_flops`;
-None, the default, means the CLIP / LLaVA formulas above). Qwen2-VL and Qwen2.5-VL
-(`mllm_adapters/families/qwen2_vl.py`, `qwen2_5_vl.py`) do: the spec encodes each image itself and the
-engine records its grid of merged units (``TokenCounts.feature_grids``, rows x cols, so N = 4 rows cols
-patches, vision width D). Their tower always runs in full on every image: patch embedding (Conv3d)
-2 N C T P^2 D; per block fused qkv 6 N D^2, proj 2 N D^2, scores and values 4 D sum_s s^2 over its
-attention segments (2-VL: the whole image, s = N, in every block; 2.5: its ``window_size`` windows from
+A family spec may count its own tower and projector (`FamilySpec.vision_flops`, `projector_flops`;
+None, the default, means the CLIP / LLaVA formulas). Qwen2-VL and Qwen2.5-VL do (their formulas are
+not in docs/flops.md yet): the spec encodes each image itself and the engine records its grid of
+merged units (``TokenCounts.feature_grids``, rows x cols, so N = 4 rows cols patches, vision width D).
+Their tower always runs in full on every image: patch embedding (Conv3d) 2 N C T P^2 D; per block
+fused qkv 6 N D^2, proj 2 N D^2, scores and values 4 D sum_s s^2 over its attention segments (2-VL:
+the whole image, s = N, in every block; 2.5: its ``window_size`` windows from
 ``get_vision_window_index``, except the whole image in ``fullatt_block_indexes``), MLP fc1/fc2
 4 N D M (2-VL, M = mlp_ratio D) or SwiGLU 6 N D M (2.5, M = intermediate_size). The PatchMerger
-(Linear(4D, 4D), Linear(4D, D_text)) runs on the units that reach the LLM (pre-LLM pruning projects only
-the kept ones; the engine runs the tower without its own merger pass): 2 n (16 D^2 + 4 D D_text). The
-LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula as Llama's.
-
-Two FLOPs per multiply-add throughout, except the published conventions (``convention="fastv"`` or
-``"sparsevlm"``), which count a multiply-add once, ignore GQA and count only what their formula
-lists: C(n) = 4 n d^2 + 2 n^2 d + k n d m with k = 2 (FastV) or 3 (SparseVLM). These definitions,
-equivalent tokens and the LLaVA-1.5-7B reference figures: docs/flops.md.
+(Linear(4D, 4D), Linear(4D, D_text)) runs on the units that reach the LLM (pre-LLM pruning projects
+only the kept ones; the engine runs the tower without its own merger pass): 2 n (16 D^2 + 4 D D_text).
+The LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula as Llama's.
 """
 
 from __future__ import annotations

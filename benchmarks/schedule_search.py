@@ -1,43 +1,17 @@
 """G-Search (Zhao et al., CVPR 2025, arXiv 2412.00556): find, shallow to deep, the least number of
 visual tokens each decoder layer needs without a fidelity drop on calibration data; writes a `gsearch`
-method config holding the schedule. Doc: docs/methods/gsearch.md.
+method config holding the schedule. Doc: docs/methods/gsearch.md "The search".
 
     python -m benchmarks.schedule_search model=embedded task=shapes min_fidelity=0.99
     python -m benchmarks.schedule_search model=embedded name=gsearch overwrite=true   # the shipped file
 
-Arguments are ``key=value``: this script's settings (`SETTINGS`, defaults in brackets there), anything
-else is a Hydra override of ``conf/tune.yaml`` selecting the model and task (``model=llava-1.5-7b``,
-``model.path=...``, ``task=shapes``).
-
-Calibration and objective are the tuner's (`benchmarks.tune.build_calibration`, `benchmarks.tune.objective`:
-mean cosine, pruned vs unpruned, of the last prompt token's final-norm state at prefill, on
-``task.samples(split=calib_split)``; the ``shapes`` task's ``val`` split is disjoint from the ``eval``
-split the benchmark scores).
-
-Search (`g_search`): counts c_0 = N (layer 0 sees every token), and every layer before ``first_layer``
-(default 2) keeps all N as well: the paper finds the attention ranking of the visual tokens similar in
-every layer EXCEPT the first, so the first layer's attention (which ranks the tokens of layer 1) is not
-used (``first_layer=1`` searches layer 1 too; on the embedded model it then spends the whole fidelity
-margin on 3 tokens of layer 1). For each layer l = first_layer..L-1 in turn, the count c_l is the smallest c in 0..c_{l-1} whose schedule (c_1..c_{l-1} as found, c at layer l AND at
-every deeper layer) keeps ``objective >= min_fidelity``: "no fidelity drop" is a threshold on the
-calibration cosine (default 0.99; the unpruned model scores 1). The paper assumes the essential-token
-count does not increase with depth, so the predicate is taken as monotone in c and c_l is found by
-bisection (about log2(N) objectives per layer; c_{l-1} itself passes, it is the previous layer's
-accepted schedule, and c_1's upper bound N is the unpruned model). Guarantee, per layer: the chosen
-c_l was measured to pass, and c_l - 1 (when c_l > 0) was measured to fail, both with the deeper layers
-held at the candidate. Every objective is cached by schedule; the run is deterministic (seeded
-calibration samples, no random draw in the pruner).
-
-Deviation from the paper: it searches each layer's keep rate with Bayesian optimisation on benchmark
-accuracy (validation data); here the search is a bisection on the tuner's cheap last-token objective
-and the "no drop" criterion is the threshold above.
-
-Output: ``<name>.yaml`` (default name ``gsearch_<model name>``) in ``<results_dir>/tuned/method/`` (on
-Hydra's search path: ``python -m benchmarks.run method=<name> budgets=[null,auto]``), or in the
-tracked ``conf/method/`` only with ``overwrite=true`` (`benchmarks.tune.output_dir`). It holds
-``name: gsearch``, ``params`` (``schedule`` = the fractions c_l / N, ``found_on`` = the model's weights
-fingerprint, `pruners.gsearch.model_identity`) and a ``searched:`` block (settings, counts, equivalent
-tokens, objective, the per-layer trace and the time taken).
+Arguments are ``key=value``: this script's settings (`SETTINGS`), anything else is a Hydra override of
+``conf/tune.yaml`` (``model=``, ``task=``). Calibration and objective are the tuner's
+(`benchmarks.tune.build_calibration`, `benchmarks.tune.objective`). Contract of `g_search`: layers
+before ``first_layer`` keep all N; each later layer's count is found by bisection, and the chosen
+count was measured to pass ``objective >= min_fidelity`` while count - 1 was measured to fail, both
+with the deeper layers held at the candidate. Deterministic; every objective is cached by schedule.
+Output: ``<results_dir>/tuned/method/<name>.yaml`` (tracked ``conf/method/`` only with ``overwrite=true``).
 """
 
 from __future__ import annotations

@@ -1,66 +1,17 @@
 """Flow-guided hyperparameter tuning of any pruner under a compute constraint (VFlowOpt's step 4).
 
-    python -m benchmarks.tune method=vflowopt target_equiv_tokens=36 calib_samples=32 n_trials=60 \\
+    python -m benchmarks.tune method=vflowopt target_equiv_tokens=36 calib_samples=32 n_trials=60 \
         model=embedded task=shapes
+    python -m benchmarks.tune mode=evaluate method=vflowopt_tuned_eq36    # re-check a tuned config
 
-Objective (docs/methods/vflowopt.md "Flow-guided tuning"): on a calibration set, the mean cosine similarity between the
-final-layer hidden state (after the LLM's final norm) of the LAST prompt token at prefill with and
-without pruning. Higher = the pruned model's information flow into the answer is better preserved.
-
-Search: Bayesian optimisation with optuna (seeded TPE by default, ``sampler=gp`` for optuna's
-Gaussian-process sampler, which needs scipy) over the method's ``search_space`` (derived from the
-``search=`` of its ``parameters`` declarations; ``space.<param>=[float, lo, hi]`` overrides or adds a
-dimension, ``space.<param>=null`` removes one). Parameters outside the space come from
-``conf/method/<method>.yaml`` (``method.params``).
-
-Constraint (``target_equiv_tokens`` = layer-averaged visual tokens, or ``target_flops_rel`` = prefill
-FLOPs of vision encoder + projector + LLM relative to the unpruned model, pruner overhead excluded):
-it is SOLVED, not penalised. For each trial the tuner picks the largest ``budget`` (tokens after the
-last pruning step) whose schedule meets the target, by bisection. For VFlowOpt, whose budget fixes
-r_2 once r_v and r_1 are sampled, this is exactly the authors' "solve r_2 from the target". Token
-counts come from the pruner's pure ``token_schedule()`` when it is a ``ProgressiveSchedule``, else from one measured
-forward pass on the first calibration sample. Costs are computed per sample as the runner does
-(`benchmarks.flops.sample_cost`: the sample's own counts, FLOPs relative to the same sample unpruned).
-A trial whose parameters the pruner rejects, or for
-which even ``budget=1`` exceeds the target, is infeasible and scores -1 (the lowest cosine), marked
-``feasible=False``.
-
-LLaVA-NeXT (anyres): an image's visual-token count depends on its size, so the constraint is the
-calibration mean of each image's own cost, as the runner's cell figures are: the counts are measured
-(never the pure schedule, which is computed from the model's longest run) on one calibration sample
-per distinct image size, weighted by how many samples have that size. Counts of every non-vision
-method depend only on the image's size, so this is exact for them; FlowCut's ViT counts also depend
-on the image content, so its FLOPs are those of the measured representative. Budgets (``budget=``,
-and the bisection's range) are validated as the runner does (`benchmarks.run.validate_budgets`:
-1 .. the longest run any image can have).
-
-Calibration data: ``task.samples(split=calib_split)``; the default split ``val`` of the ``shapes``
-task is a seed domain disjoint from the ``eval`` split the benchmark scores (the task has no split
-named "calib").
-
-Output: ``<results_dir>/tuned/method/<method>_tuned_<target>.yaml`` (e.g. ``vflowopt_tuned_eq36``;
-``tuned_name=`` picks another name), with the tuned parameters, the solved budget, the objective (best
-and best-of-initial-points) and the calibration settings it was measured with. ``<results_dir>/tuned`` is
-on Hydra's search path of both ``conf/config.yaml`` and ``conf/tune.yaml`` (``hydra.searchpath``), so the
-runner finds it by name (``python -m benchmarks.run method=vflowopt_tuned_eq36 budgets=[<tuned.budget>]``).
-The tracked ``conf/method/`` is written only with ``overwrite=true`` (the tuner never replaces a shipped
-config by accident; a file of the same name already in ``<results_dir>/tuned/method/`` is replaced, and
-the log says so with both objectives).
-
-Name collisions: Hydra searches the primary config directory ``conf/`` before the ``hydra.searchpath``
-entries (and the registry's ConfigStore last), so when ``conf/method/<name>.yaml`` and
-``<results_dir>/tuned/method/<name>.yaml`` both exist, ``method=<name>`` always composes the tracked file.
-The tuner warns when its output is shadowed that way. Hydra reads ``hydra.searchpath`` from the primary
-config file BEFORE command-line overrides, interpolated against that file's own ``results_dir`` and
-relative to the working directory: with ``results_dir=<dir>`` on the command line also pass
-``hydra.searchpath=[file://<dir>/tuned]`` (the tuner prints the exact command).
-
-``mode=evaluate method=<tuned file>`` recomputes the objective of a config at its ``tuned.budget`` (or
-``budget=``), which is how a tuned config is checked to reproduce its reported value. It calibrates with
-the settings stored in the file's ``tuned:`` block (calib_samples, calib_split, seed, batch_size, and it
-checks model and task): in ``conf/tune.yaml`` these are null, meaning "the stored value" in evaluate mode
-and `CALIB_DEFAULTS` in tune mode; a command-line value that differs from the stored one is refused
-(ValueError naming both), and the summary reports the calibration used and where each value came from.
+Contract: the objective is the mean cosine, pruned vs unpruned, of the last prompt token's final-norm
+hidden state at prefill on ``task.samples(split=calib_split)`` (`objective`, `build_calibration`, also
+used by `benchmarks.schedule_search`). The search is optuna (seeded TPE, ``sampler=gp``) over the
+method's ``search_space``. The constraint (``target_equiv_tokens`` or ``target_flops_rel``) is SOLVED,
+not penalised: each trial takes the largest ``budget`` that meets it, and an infeasible trial scores -1.
+The result goes to ``<results_dir>/tuned/method/``; the tracked ``conf/method/`` is written only with
+``overwrite=true``. Everything else (per-sample costs, LLaVA-NeXT, name collisions, evaluate mode's
+stored calibration): docs/tune.md.
 """
 
 from __future__ import annotations

@@ -1,38 +1,14 @@
 """Shared runtime of the layer-wise keep-fraction pruners `gsearch` and `psigmoid` (Zhao et al.,
 "Accelerating Multimodal Large Language Models by Searching Optimal Vision Token Reduction", CVPR 2025,
-arXiv 2412.00556). Doc: docs/methods/gsearch.md.
+arXiv 2412.00556). Doc: docs/methods/gsearch.md "What prunebench implements".
 
-What: a *schedule* is one keep FRACTION per decoder layer, ``f[0..L-1]`` of the image's own visual
-tokens: ``f[0] == 1`` (layer 0 sees every token: the ranking at layer l reads layer l-1's attention)
-and non-increasing (the paper's assumption: the essential top tokens of a deeper layer are a subset of
-a shallower one's). An image of ``n`` visual tokens keeps ``count(f, n) = floor(f * n + 0.5)`` of them
-(round half up, clamped to 0..n) from layer l on; a fraction of 0 drops every visual token (the
-later layers and their KV cache see none, as `vte`'s exit). Counts are per image, so LLaVA-NeXT's
-size-dependent runs each get their own (the engine calls ``llm_keep_count`` on copies attached with
-that image's ``num_visual_tokens``).
-
-Ranking (both methods, as the paper): before each pruning layer l the currently kept visual tokens
-are ranked by the attention the instruction tokens (the text after the image) pay them in layer l-1,
-head mean and mean over those query rows (``ctx.attention_rows(l - 1, "instruction")``, one set of
-rows computed from that layer's q/k, so SDPA / FlashAttention run everywhere), and the top
-``count`` are kept with their original RoPE positions (``positions=original``, default).
-
-Budget (the tuner's ``target_equiv_tokens``): equivalent tokens, the layer-averaged visual-token
-count ``sum_l n_l / L`` (`pruners._schedule.equivalent_tokens`; PDrop's budget, by contrast, is the
-count after its last stage). Given a budget B < n the schedule's SHAPE is scaled: layers >= 1 use
-``min(1, s * f[l])`` with the largest ``s`` in ``[0, 1 / max(f[1:])]`` whose equivalent tokens are
-<= B (`scale_for_budget`, bisection; the equivalent count is a non-decreasing step function of s,
-so it is the closest to B from below). Two consequences, both documented in the doc page: when even
-s = 1 / max(f[1:]) stays below B the schedule keeps that (largest) shape, below B; the smallest
-reachable count is n / L (layer 0 always sees all n tokens, s = 0 drops every token from layer 1),
-so a budget below n / L gets n / L, the one case where the equivalent count exceeds B.
-``budget >= n`` keeps everything (as every method). ``budget=None``: `gsearch` runs its schedule as
-found (``chooses_budget``, like `vte` with ``layer``); `psigmoid` keeps everything.
-
-Pruning layers: every layer l >= 2 where ``f[l] < f[l-1]``, and layer 1 whenever the budget scales
-the schedule (or ``f[1] < 1``); a layer where an image's count does not drop keeps all of its
-tokens (a no-op). This set does not depend on the image's size, so every image's own counts are
-applied at the same layers.
+Contract: a *schedule* is one keep FRACTION per decoder layer, ``f[0] == 1`` and non-increasing; an
+image of ``n`` visual tokens keeps ``floor(f[l] * n + 0.5)`` (clamped to 0..n) from layer l on, ranked
+by the instruction tokens' head-mean attention in layer l-1 (``ctx.attention_rows(l - 1,
+"instruction")``), with original RoPE positions. A budget B counts equivalent tokens
+(``sum_l n_l / L``): the shape is scaled by the largest ``s`` whose count is <= B (`scale_for_budget`),
+except that nothing goes below n / L. Pruning layers do not depend on the image's size, so every
+image's own counts are applied at the same layers.
 """
 
 from __future__ import annotations

@@ -1,35 +1,15 @@
 """`dart` (DART, EMNLP 2025): *Stop Looking for Important Tokens in Multimodal Language Models:
 Duplication Matters More*, Wen et al., arXiv 2502.11494. Reference code: github.com/ZichenWen1/DART,
 `llava/model/language_model/modeling_llama_self.py` (class ``DART``: ``forward`` and
-``get_retained_image_token``; the Qwen2-VL / Qwen2.5-VL ports repeat the same procedure). Written
-from a reading of that code; nothing is copied. docs/methods/dart.md records the mapping and the
-deviations.
+``get_retained_image_token``). Written from a reading of that code; nothing is copied.
+docs/methods/dart.md records the mapping, the count and the deviations.
 
-Stage ``llm``, before decoder layer K (``layer``, the authors' ``--pruned_layer 2``), from what layer
-K-1 produced:
-
-1. **Pivots.** The L1 norm of each token's key in layer K-1 (all heads side by side; the authors'
-   ``torch.norm(k, p=1, dim=-1)`` on the RoPE'd keys) ranks the tokens. The ``pivot_image_tokens``
-   image tokens with the largest norms and the ``pivot_text_tokens`` largest among the tokens after
-   the image (every real token after the visual run: the question and the answer prefix) are the
-   pivots (authors: 4 + 4). Image pivots are kept; text pivots only steer the choice. By default the
-   norm counts each RoPE rotation pair with its length (``key_norm="rope_invariant"``), so it does not
-   depend on where the model numbered the token; ``key_norm="rotated"`` is the authors' plain L1 of
-   the rotated key (`key_l1`; why the default differs: docs/methods/dart.md).
-2. **Duplication.** Pivots are visited one after the other, in the order the authors' loop visits
-   them (``list(set(image_pivots + text_pivots))`` of sequence positions: CPython's set order,
-   reproduced with a Python set over the sample's own token numbering). Each takes its share of the
-   image tokens still available that are *least* cosine-similar to it, and removes them from the
-   pool, so no token is taken twice. Similarity is on the hidden states entering layer K through the
-   LLM's final RMSNorm (``ctx.final_norm``), as the authors compare ``self.norm(h)``.
-3. **Count.** ``budget`` tokens per image in all: the image pivots plus ``budget - n_image_pivots``
-   picks split as evenly as possible over all pivots (the first ones in visit order take one more).
-   The authors give every pivot ``M // (4 + 4)`` picks on top of the 4 image pivots for their
-   ``--max_num_trunction M``, i.e. 132 tokens for their "128": the same selection as ``budget=132``
-   here (equal shares whenever ``budget - 4`` is a multiple of 8).
-
-Batches: each sample runs the procedure on its own real visual tokens and text tokens, with its own
-count (`LLMLayerContext.keep_counts`); the selection order becomes a per-sample priority handed to
+Stage ``llm``, before decoder layer K (``layer``), from what layer K-1 produced: the image and text
+tokens with the largest key L1 norms are *pivots* (image pivots kept, text pivots only steer); each
+pivot in turn (the authors' set order) takes its share of the remaining image tokens *least*
+cosine-similar to it on the final-RMSNorm hidden states (``ctx.final_norm``). Contract: ``budget``
+tokens per image in all, image pivots included (the authors' "128" is ``budget=132``). Each sample
+runs on its own real tokens and count; its selection order is a per-sample priority handed to
 `LLMLayerContext.keep_top`, so filler slots follow its contract.
 """
 

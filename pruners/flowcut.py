@@ -1,26 +1,15 @@
 """`flowcut` (FlowCut, arXiv 2505.19536): prune patch tokens progressively INSIDE the ViT by their
 information flow, so the vision encoder itself gets cheaper.
 
-After every ViT layer i before the feature layer F (the one LLaVA feeds the LLM, 22 of 24 for CLIP-L),
-over the current patches (CLS excluded):
-1. relation r = head-mean CLS attention; semantic s = head-mean of the per-head softmax of
-   v_CLS . v_j over all tokens, CLS included, at the patch columns (the ``attention_rows`` op with
-   values as queries/keys and scale 1, as the authors' ``CLIPAttention_forward`` in flowcut 1.0.2,
-   checked by tests/test_reference_flowcut.py); magnitude m = L1 norm of the head-averaged value vector;
-2. score = (r / sum r + s / sum s) * m; cumulative flow cum = score at layer 0, then
-   0.5 * cum + 0.5 * score (carried with the kept tokens);
-3. with rpl = F - i - 1 layers left, prune only where rpl is even, by
-   cut = round((N - budget) / sqrt(rpl) * (1 - (H / log N)^2)), H the entropy of r / sum r, and
-   straight to ``budget`` at rpl == 0; keep the top (N - cut) by cum (``select_and_gather``), CLS
-   always kept.
-The LLM receives the ``budget`` surviving patch features. ``handle.token_counts[b].vision`` lists the
-tokens entering each ViT layer.
-
-Batches: each image follows its own schedule; shorter rows are padded (-1) and the adapter masks the
-padding as keys, so a batch equals its images alone (the ViT computes the padded length,
-``handle.batch_counts.vision_width``). The authors apply the batch's largest cut to every image. On
-LLaVA-NeXT the adapter runs it per anyres tile (`mllm_adapters/engine/views.py`); the authors' second
-prune inside the LLM is not implemented. Deviations and published numbers: docs/methods/flowcut.md.
+Stage ``vision``: after every ViT layer before the feature layer, the patches (CLS excluded) are
+scored by CLS relation + value similarity x value magnitude, accumulated over layers, and cut on
+every other layer by an entropy-adaptive amount (`flowcut_cut`), reaching ``budget`` at the feature
+layer; CLS is always kept. Contract: the LLM receives the ``budget`` surviving patch features;
+``handle.token_counts[b].vision`` lists the tokens entering each ViT layer. Each image follows its
+own schedule: shorter rows are padded (-1) and the adapter masks the padding as keys, so a batch
+equals its images alone (``handle.batch_counts.vision_width``). On LLaVA-NeXT it runs per anyres
+tile (`mllm_adapters/engine/views.py`). The formulas, the deviations (batches, the authors' second
+prune inside the LLM not implemented) and published numbers: docs/methods/flowcut.md.
 """
 
 from __future__ import annotations

@@ -1,36 +1,15 @@
 """`flowcut_qwen`: FlowCut's CLS-free form, its authors' port to Qwen2-VL (FlowCut repository,
 ``FlowCut_Qwen/``, README: "also applicable to Qwen2.5-VL"), selected explicitly; `flowcut` is the
-LLaVA (CLS) method. docs/methods-pre-llm.md (flowcut_qwen) records the source and the deviations.
+LLaVA (CLS) method. docs/methods/flowcut.md "flowcut_qwen" has the algorithm and the three deviations;
+docs/methods-pre-llm.md (flowcut_qwen) the source.
 
-What the authors' port does, and what this one does:
-
-1. **Vision encoder** (every block i = 0..F, F the block the LLM is fed from, the tower's last on Qwen),
-   while more than ``vision_factor x budget`` tokens remain: a *global query*, the mean of the current
-   tokens' queries per head, attends over the current tokens (softmax of q_g . k / sqrt(d), head mean:
-   the relation r); score = r x ||head-mean v||_1; cumulative flow cum = score at the first block, then
-   0.5 cum + 0.5 score. With rpl = F - i blocks left, where rpl is even, the lowest-cum tokens are cut
-   by round((n - target) / sqrt(rpl) x (1 - (H(r) / log n)^2)) (`pruners.flowcut.flowcut_cut`), and
-   at the last block straight to the target.
-   - *Deviation 1 (units)*: the authors cut single patches, and Qwen's merger then merges any 4
-     consecutive survivors, mixing patches from different places. Here the token is the merged unit
-     (the LLM's token): a unit's relation and score are the sums of its 2x2 patches', and
-     ``vision_factor x budget`` units (authors: ``8 x budget`` patches = ``2 x budget`` merged tokens)
-     reach the LLM.
-   - *Deviation 2 (the tower runs in full)*: Qwen's vision stage is not offered (pruning patches breaks
-     the merger's 2x2 groups and the windows); the schedule above runs on the probes of the unpruned
-     tower (`PreLLMContext.vision_qkv`), restricted to the surviving candidates (global query, softmax
-     and magnitudes over them only). The authors' later blocks see only the survivors, so their q/k/v
-     differ from ours.
-2. **LLM** (layer K = ``layer``, authors 2: layers K.. see only the kept tokens), scored with layer K-1's
-   own q/k/v (`LLMLayerContext.layer_qkv`) of the last prompt token: relation = head mean of the
-   per-head softmax over the visual tokens of q_last . k_v / sqrt(d); semantic = the same with
-   v_last . v_v; score = (relation + semantic) x ||head-mean v_v||_1; the top ``budget`` stay.
-   - *Deviation 3 (positions)*: the authors hand the LLM the first n positions of the image's run; here
-     every kept unit keeps its own M-RoPE position (the rule of this engine's Qwen support).
-
-On a CLIP tower with a [CLS] token the CLS row is ignored (global query over the patches only).
-Batches: each image follows its own schedule before the LLM; inside the LLM each sample ranks its own
-real visual tokens (inert slots of a ragged batch score -inf).
+Stages ``pre_llm`` + ``llm``: a global-query flow over the vision blocks, run on the probes of the
+unpruned tower (`PreLLMContext.vision_qkv`), keeps ``vision_factor x budget`` merged units (the token
+is the unit: its score is the sum of its 2x2 patches'); at LLM layer K = ``layer`` the last prompt
+token's relation + semantic flow on layer K-1's q/k/v (`LLMLayerContext.layer_qkv`) keeps ``budget``.
+Kept units keep their own M-RoPE positions. On a CLIP tower the CLS row is ignored. Each image follows
+its own schedule before the LLM; inside it each sample ranks its own real visual tokens (inert slots
+score -inf).
 """
 
 from __future__ import annotations

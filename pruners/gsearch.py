@@ -2,38 +2,15 @@
 Vision Token Reduction", CVPR 2025, arXiv 2412.00556): in-LLM layer-wise visual-token reduction with a
 per-layer keep schedule found by a greedy search on calibration data. Doc: docs/methods/gsearch.md.
 
-What: at each pruning layer the currently kept visual tokens are ranked by the instruction tokens'
-attention in the previous layer (head mean) and the top ``round(f[l] * n)`` of the image's own ``n``
-visual tokens are kept (`pruners._ratio_schedule`, shared with `psigmoid`, which holds the budget
-semantics: equivalent tokens <= budget by scaling the schedule's shape; ``budget=None`` runs the
-schedule as found, ``chooses_budget``).
-
-Why: the paper finds that the attention ranking of the visual tokens is similar in every layer but
-the first, assumes that the number of essential top tokens does not increase with depth, and then
-searches, shallow to deep, the least number of tokens each layer needs without a performance drop.
-
-The schedule is DATA, found by `benchmarks.schedule_search` (our G-Search; run it once per model):
-
-    python -m benchmarks.schedule_search model=embedded task=shapes min_fidelity=0.99
-
-which writes ``schedule`` (one keep fraction per decoder layer) and ``found_on`` (the model's weights
-fingerprint, `model_identity`) to a ``gsearch`` method config; the embedded model's is the tracked
-``conf/method/gsearch.yaml``, so ``method=gsearch`` (and ``make sweep``) runs it there.
-
-Parameters: ``schedule`` = a list of L fractions, or null (default: refused at attach with the
-command above, unless the configuration keeps everything or ``depth_scaled`` is set).
-``depth_scaled=true`` (with ``schedule=null``): the embedded model's found schedule
-(`EMBEDDED_SCHEDULE`) resampled at relative depth to the model's L layers
-(`pruners._ratio_schedule.resample_depth`), the documented default for models without a found
-schedule (the conformance suite runs it: ``conformance_params``). ``found_on``: the fingerprint of the
-model a list schedule was found on; attaching it to another model (or one whose identity cannot be
-read) is refused; null skips the check. (Every parameter is typed, `pruners.params.Param`: hence a
-separate boolean rather than a string value of ``schedule``.)
-
-Deviations from the paper (no authors' code was released): the search is a bisection per layer on
-the tuner's calibration objective (last-token final-state cosine, `benchmarks.tune.objective`) against
-a threshold ``min_fidelity``, instead of the paper's per-layer Bayesian optimisation on benchmark
-accuracy; see `benchmarks.schedule_search` and the doc page.
+The runtime (ranking by the instruction tokens' attention in the previous layer, budget = equivalent
+tokens by scaling the schedule's shape) is `pruners._ratio_schedule`, shared with `psigmoid`;
+``budget=None`` runs the schedule as found (``chooses_budget``). The schedule is DATA, found once per
+model by `benchmarks.schedule_search`; the embedded model's is ``conf/method/gsearch.yaml``. Contract:
+``schedule=null`` is refused at attach (with the command that finds one) unless nothing is pruned or
+``depth_scaled=true`` (`EMBEDDED_SCHEDULE` resampled to the model's depth); a list schedule attached to
+a model other than its ``found_on`` (`model_identity`), or to one of unknown identity, is refused.
+No authors' code exists; the deviations (bisection on the tuner's objective instead of per-layer
+Bayesian optimisation on accuracy) are on the doc page.
 """
 
 from __future__ import annotations

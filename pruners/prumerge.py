@@ -2,44 +2,16 @@
 patches whose ViT [CLS] attention is an IQR outlier, fold each one's nearest neighbours (by key
 similarity) into it, weighted by their CLS attention; PruMerge+ adds spatially uniform samples.
 
-Written from the authors' released code, 42Shawn/LLaVA-PruMerge,
-``llava/model/multimodal_encoder/clip_encoder.py``: ``CLIPVisionTower.token_prune_merge_advanced``
-(PruMerge), ``token_prune_merge_advanced_plus`` (PruMerge+), ``outlier_dectection`` (the IQR rule)
-and ``complement_idx``. docs/methods/prumerge.md has the mapping and every deviation. In short, per
-image of N patches, pre-LLM (before the projector):
-
-1. CLS attention a [N]: the CLS query's softmax attention over all 1 + N keys, patch columns, with
-   the layer's q/k projections taken whole (heads concatenated: one "head" of width H*Dh, scale
-   (H*Dh)^-1/2), as the authors recompute it from hooks on ``q_proj`` / ``k_proj``.
-2. Centres. Adaptive (the authors' evaluation path, ``if_adaptive=True``): c = the number of a's
-   values above Q3 + 1.5 IQR (linear percentiles); the top ``int(N * (c / N))`` patches by a.
-   PruMerge+ adds the raster positions ``0, s, 2s, ... < N - 1`` with ``s = int(int(1 / r) / 3)``,
-   ``r = c / N``, that are not centres already. Fixed (our int ``budget``, the authors'
-   ``if_adaptive=False`` path): ``budget - 1`` centres (the last slot is the extra token of step 4);
-   PruMerge: all of them the top patches by a; PruMerge+: half top patches, half uniform samples
-   (``ceil`` / ``floor`` of ``(budget - 1) / 2``; their ``reduction_ratio=1/8`` = 72 + 72 + 1 = budget
-   145) at the raster positions ``floor((i + 1/2) N / n)``, which is their ``arange(s // 2, 575, s)``
-   whenever N / n is an integer; a position that is already a centre moves to the nearest free one.
-3. Merge: each centre i becomes ``x_i + sum_{j in nb(i)} a_j x_j`` with nb(i) the ``neighbours`` (32)
-   other patches (centres included) whose keys (whole-width ``k_proj`` output) have the highest cosine
-   with i's; the weights are the raw attentions, not normalised (the authors' ``/ torch.sum(weights)``
-   is commented out).
-4. One extra token ``sum_{j not a centre} a_j x_j``, after the centres.
-
-The LLM sees the centres then the extra token: ``order="authors"`` (default) in the authors' order
-(top-attention centres by descending a, then the uniform samples in raster order); ``order="raster"``
-puts each centre at its own patch position (``merged_anchor``) and the extra token after the last.
-Every token the LLM gets is a merged token (``keep`` is empty, as for `pooling`): no patch reaches it
-unchanged, so ``handle.kept_indices`` is empty and ``token_counts.merged`` counts all of them; the
-per-image counts are in ``PreLLMDecision.info["prumerge_counts"]``.
-
-Budget: ``mode="auto"`` (default) is adaptive with ``budget=None`` (`Pruner.chooses_budget`; the
-benchmark's ``budgets=[auto]``) and fixed with an int or fraction budget; ``mode="adaptive"`` /
-``"fixed"`` force one (the benchmark needs ``mode=fixed`` for int budgets, since its probe is built
-with ``budget=None``). In an adaptive batch the images' counts differ, and one uniform batch must
-feed every image the same count: each image takes the batch's largest count, an image below it
-filling up with its next patches by a (so adaptive results depend on the batch; run batch size 1,
-as the authors do, for their exact behaviour). Needs a [CLS] token.
+Written from the authors' released code (42Shawn/LLaVA-PruMerge, ``clip_encoder.py``:
+``token_prune_merge_advanced`` / ``token_prune_merge_advanced_plus``). Stage ``pre_llm``; needs a [CLS]
+token. Contract: per image, C centres then one extra token (the attention-weighted sum of the
+non-centres) reach the LLM, and every one of them is a merged token: ``keep`` is empty (as for
+`pooling`), so ``handle.kept_indices`` is empty and ``token_counts.merged`` counts them all; the
+per-image counts are in ``PreLLMDecision.info["prumerge_counts"]``. ``mode="auto"`` is adaptive with
+``budget=None`` (``chooses_budget``) and fixed otherwise; an adaptive uniform batch gives every image
+the batch's largest count, so results depend on the batch (batch size 1 is the authors' behaviour).
+The algorithm, the mapping to the authors' functions, the fixed-budget split and every deviation:
+docs/methods/prumerge.md.
 """
 
 from __future__ import annotations

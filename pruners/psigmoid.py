@@ -3,32 +3,14 @@ Vision Token Reduction", CVPR 2025, arXiv 2412.00556): in-LLM layer-wise visual-
 per-layer keep fraction follows a parametric sigmoid of depth, tuned by Bayesian optimisation for a
 compute budget. Doc: docs/methods/gsearch.md.
 
-What: decoder layer l of L (l >= 1; layer 0 sees every token) keeps the fraction
-
-    f(l) = b + (1 - b) / (1 + exp(k * (l / L - alpha)))
-
-of the image's own visual tokens, before the budget's scaling: ``k`` > 0 the slope, ``alpha`` the
-midpoint in relative depth, ``b`` the floor the deep layers approach (a fraction of the shallow
-plateau). The tokens are ranked by the instruction tokens' attention in the previous layer (head mean)
-and the top count kept, as `gsearch` (shared runtime and budget semantics: `pruners._ratio_schedule`;
-budget = equivalent tokens, the shape is scaled so they are <= the budget). ``budget=None`` keeps
-everything: P-Sigmoid is defined for a budget.
-
-Why: the schedules G-Search finds have a sigmoid-like shape (flat, then a drop, then a low tail), so
-the paper parametrises that shape with a few numbers and searches them under a budget by Bayesian
-optimisation. Here that search is the general tuner: every parameter declares its ``search=`` range,
-
-    python -m benchmarks.tune method=psigmoid target_equiv_tokens=36
-
-(optuna TPE; the tuner solves the budget so the constraint holds). The shipped embedded result is
-``conf/method/psigmoid_tuned_eq36.yaml``; ``conf/method/psigmoid.yaml`` composes it, so
-``method=psigmoid`` (and ``make sweep``) runs the tuned shape on the embedded model.
-
-Deviations from the paper (no authors' code was released): the depth axis is relative (l / L), so
-the defaults (k=10, alpha=0.5, b=0: half the layers near-full, then a fast drop) work on any depth;
-the budget is met by scaling the shape (`pruners._ratio_schedule.scale_for_budget`) rather than by
-solving one sigmoid parameter; the objective is the tuner's last-token cosine on calibration data,
-not benchmark accuracy.
+Decoder layer l of L (l >= 1; layer 0 sees every token) keeps the fraction
+``f(l) = b + (1 - b) / (1 + exp(k * (l / L - alpha)))`` of the image's own visual tokens, before the
+budget's scaling; ranking, budget semantics (equivalent tokens <= budget) and pruning layers are the
+shared runtime's (`pruners._ratio_schedule`). ``budget=None`` keeps everything: P-Sigmoid is defined
+for a budget. Every parameter declares its ``search=`` range, so the general tuner searches them
+(``python -m benchmarks.tune method=psigmoid target_equiv_tokens=36``); ``method=psigmoid`` composes
+the shipped tuned result ``conf/method/psigmoid_tuned_eq36.yaml``. Deviations from the paper (no
+authors' code): on the doc page.
 """
 
 from __future__ import annotations

@@ -1,29 +1,15 @@
 """`recoverable` (Recoverable Compression, arXiv 2409.01179, AAAI'25): keep the patches the ViT
 [CLS] attends to, recover the ones the question points at, merge the rest.
 
-Pre-LLM, training-free, needs a vision encoder with [CLS]:
-1. Visual score a: [CLS] attention to the patches at ``score_layer`` (default: the feature layer
-   LLaVA feeds the LLM), single-head attention from the concatenated q/k projections as PruMerge does
-   (``attention="single_head"``) or the head mean.
-2. Visual keep: the top tokens by a.
-3. Text recovery: among the tokens not kept, the top ones by the question-patch similarity t: with a
-   CLIP text tower and the question text, the cosine between the text embedding of the question's
-   first line and each patch feature through the ViT's post-layernorm and visual projection; else the
-   cosine between the projected visual tokens and the mean LLM input embedding of the tokens after the
-   image (``PreLLMDecision.info["text_similarity"]`` says which).
-4. Merge: the top remaining tokens by a become centres; each other remaining token joins its most
-   key-similar centre, a centre keeping at most ``neighbours`` members ranked by key similarity +
-   ``text_weight`` * t; each cluster becomes its a-weighted mean, plus one a-weighted mean of all
-   remaining non-centres (``merge_tokens`` op; top-k by ``select_and_gather``).
-5. LLM input: kept + recovered tokens in raster order, then the merged tokens.
-
-Modes: ``mode="fixed"`` splits exactly ``budget`` tokens by ``recover_share`` and ``merge_share``
-(`fixed_split`); ``mode="adaptive"`` (``budget=None``) counts the local-outlier-factor outliers of a and
-t (`high_outliers`), and a batch takes the largest per-image count of each part, so adaptive results
-depend on the batch (per-image counts in ``info["adaptive_counts"]``).
-
-Deviations (the score layer; the outlier rule and shares are our reading of the paper), every
-parameter and the published numbers: docs/methods/recoverable.md.
+Pre-LLM, training-free, needs a vision encoder with [CLS]. Contract: the LLM gets the kept + recovered
+tokens in raster order, then the merged tokens. The question-patch similarity comes from a CLIP text
+tower when one is available, else from the LLM's input embeddings
+(``PreLLMDecision.info["text_similarity"]`` says which). ``mode="fixed"`` splits exactly ``budget``
+tokens by ``recover_share`` and ``merge_share`` (`fixed_split`); ``mode="adaptive"`` (``budget=None``)
+counts outliers (`high_outliers`), and a batch takes the largest per-image count of each part, so
+adaptive results depend on the batch (per-image counts in ``info["adaptive_counts"]``).
+The five steps, the deviations (the score layer; the outlier rule and shares are our reading of the
+paper), every parameter and the published numbers: docs/methods/recoverable.md.
 """
 
 from __future__ import annotations

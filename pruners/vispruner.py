@@ -3,28 +3,15 @@ Cues for Effective Token Pruning in VLMs"): important tokens by the vision encod
 diverse tokens by removing near-duplicates among the rest, as the authors' code computes them
 (Theia-4869/VisPruner, ``LlavaMetaForCausalLM.encode_images`` in llava/model/llava_arch.py, signals from
 ``CLIPVisionTower.feature_select`` in llava/model/multimodal_encoder/clip_encoder.py).
-docs/methods/vispruner.md has the details, the CLS-free variant's source and every deviation.
+docs/methods/vispruner.md has the algorithm, the CLS-free variant's source and every deviation.
 
-Pre-LLM, one ViT layer: the one whose output feeds the LLM (``info.vision_feature_layer``; LLaVA's -2,
-the authors' ``attentions[select_layer]`` next to ``hidden_states[select_layer]``; the last block on Qwen).
-
-- budget split: ``n_imp = int(budget * important_ratio)`` important tokens (floor, the authors'
-  ``int(T * r)``; default ratio 0.5, their CLI default), ``n_div = budget - n_imp`` diverse ones;
-- important: the ``n_imp`` highest-scoring tokens. ``importance="cls"`` (default): the [CLS] row of
-  that layer's softmax attention to the patches, head mean (``ctx.cls_attention``);
-  ``importance="received"``: the mean attention each feature token receives from all tokens
-  (``ctx.received_attention``; on Qwen pooled to merged units), the author's "global attention" for
-  encoders without [CLS] (VisPruner issue #1);
-- diverse: the other tokens, in descending score order, are thinned by iterative matching on the
-  cosine similarity of the features (before the projector): while more than ``n_div`` remain, with
-  ``r = min(8, R - n_div)``, split the current list at even / odd positions into A and B, score each A
-  token by its highest similarity to any B token, drop the ``r`` highest-scoring A tokens, and continue
-  with the surviving A tokens (in descending score order) followed by B. What remains is the diverse set.
-
-The kept set is important + diverse; the adapter puts it in raster order (the authors' index mask).
-``importance="cls"`` on an encoder without [CLS] (Qwen2-VL / Qwen2.5-VL) is refused at attach with
-a ValueError pointing to ``importance="received"``; ``requires_cls`` stays False because the received
-variant runs on every family (the conformance suite's declared refusal is ``"*:<family>"``).
+Pre-LLM, at the ViT layer that feeds the LLM (``info.vision_feature_layer``). Contract:
+``n_imp = int(budget * important_ratio)`` important tokens (``importance="cls"``: head-mean [CLS]
+attention; ``"received"``: the mean attention each token receives, the CLS-free form) plus
+``budget - n_imp`` diverse ones by iterative similarity matching on the pre-projector features; the
+kept set reaches the LLM in raster order. ``importance="cls"`` on an encoder without [CLS] (Qwen) is
+refused at attach with a ValueError pointing to ``"received"``; ``requires_cls`` stays False because
+the received variant runs on every family.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """LLaVA-NeXT / LLaVA-1.6 (transformers' LlavaNextForConditionalGeneration): LLaVA-1.5's towers with anyres tiling.
 
-How the model feeds an image to the LLM (``LlavaNextModel.pack_image_features``): the processor
-cuts the image into a *base tile* (the whole image resized to one ViT input, side x side patches)
-plus gh x gw *crops* of the best-fitting grid pinpoint. Each tile goes through the ViT on its own
-(CLS dropped, feature layer -2, projector). The crops' patch grids are stitched into one
-(gh*side) x (gw*side) *canvas*, the canvas rows (or columns) that only cover the processor's
-letterbox padding are cut ("unpad"), and a learned ``image_newline`` vector is appended after every
-remaining canvas row. The image's *packed run* is: base tile (raster), then the canvas rows, each
-followed by its newline. On LLaVA-NeXT-7B that is 576 + h' x (w' + 1) tokens with h', w' <= 48, so
-the count depends on the image's size (at most 2,928 with the 672 x 672 pinpoint).
-
-`image_layout` rebuilds that packing as an `ImageLayout` (views = tiles, extra slots = newlines);
-`tests/test_llava_next_adapter.py` checks it against transformers' own packing. How the engine
-prunes several views per image is in `mllm_adapters/engine/views.py` and docs/engine.md.
+The spec adds to LLaVA's only the anyres layout: an image is a base tile plus crops, and the LLM sees
+its *packed run* (base tile in raster order, then the unpadded crop canvas with a newline slot after
+every row), whose length depends on the image's size. `image_layout` rebuilds that packing as an
+`ImageLayout` (views = tiles, extra slots = newlines); `tests/test_llava_next_adapter.py` checks it
+against transformers' own. The packing in detail: docs/engine.md "LLaVA-NeXT's packed run"; how each
+stage's pruners see it: README.md "LLaVA-NeXT"; the per-view rules: `mllm_adapters/engine/views.py`.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """Qwen2-VL (transformers' Qwen2VLForConditionalGeneration).
 
 What runs: ``pre_llm`` methods on the merged units' features, reading the vision blocks they declare
-through probes captured while the tower runs (`mllm_adapters.engine.probes`: random, divprune, pooling,
-vflowopt, flowcut_qwen), and ``llm`` methods with original positions (fastv, pdrop, transprune).
-Refused with a ValueError naming the method: CLS-based methods (no CLS), the vision stage, compact
-positions, video inputs. `tests/test_qwen_family.py`, `tests/test_qwen_vision_probes.py` and the
-conformance suite check it.
-
-How the model feeds an image to the LLM (docs/qwen-internals.md): the processor resizes each image to
-a multiple of 2 x 2 patches, the ViT runs over its gh x gw patches (one attention segment per image),
-and the PatchMerger maps every 2x2 group of consecutive patch rows to one LLM token (a *unit*). An
-image's run is its (gh/2) x (gw/2) units in raster order. Positions are M-RoPE (t, h, w rows, plus a
-text row in generate's ``[4, B, L]`` ids): a kept unit keeps its original position, and so does every
-text token, prompt or generated (``pre_llm_positions = "original"``).
+through probes captured while the tower runs (`mllm_adapters.engine.probes`), and ``llm`` methods with
+original positions. Refused with a ValueError naming the method: CLS-based methods (no CLS), the
+vision stage, compact positions, video inputs. An image's run is its (gh/2) x (gw/2) units in raster
+order; positions are M-RoPE, and every kept unit and text token keeps its unpruned position
+(``pre_llm_positions = "original"``). Behaviour: README.md "Qwen2-VL and Qwen2.5-VL"; the model's
+internals (patch order, M-RoPE, generate): docs/qwen-internals.md; the spec's shape: docs/engine.md.
+Checked by `tests/test_qwen_family.py`, `tests/test_qwen_vision_probes.py` and the conformance suite.
 """
 
 from __future__ import annotations
