@@ -1,5 +1,5 @@
 """The papers' summary table: method x task at each token level, with the average over tasks of the
-per-task ratio to the unpruned model and its paired-bootstrap interval (docs/benchmarks.md "Summary
+per-task ratio to the unpruned model and its paired-bootstrap interval (docs/tasks.md "The summary
 table").
 
 Written by the leaderboard (`write_summary`) as ``summary.csv``, ``summary.md`` and ``summary.tex``

@@ -11,7 +11,7 @@ Refused with a clear error, before the model loads: tasks judged by an API model
 LLaVA-Bench, GPT-matched MMBench: a ``gpt_eval_model_name`` in their metadata, or a known name), tasks
 whose output type is not ``generate_until`` or whose documents are not one image (video, multi-image,
 text-only), groups (run their member tasks by name), and datasets that are not available offline.
-docs/benchmarks.md "lmms-eval tasks in the runner".
+docs/tasks.md "lmms-eval tasks in the runner".
 """
 
 from __future__ import annotations

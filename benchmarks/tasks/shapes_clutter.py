@@ -3,8 +3,7 @@ the generator places (6, the embedded model's training maximum) and a digit, so 
 distractors for any one question (7 of 16 cells occupied, against 4.5 on average in ``shapes``).
 
 The families of ``shapes``; the scene is drawn first, then a question of the sample's family about it
-(`generator.question_about`; a scene that cannot support the family is redrawn). docs/benchmarks.md
-"Tasks".
+(`generator.question_about`; a scene that cannot support the family is redrawn). docs/tasks.md.
 """
 
 from __future__ import annotations

@@ -6,8 +6,7 @@ reported separately (`aggregate`): ``random`` (any colour x shape absent from th
 (the shape is in the scene in another colour) and ``adversarial`` (the colour and the shape are both in
 the scene, on different objects). Metrics per setting, as POPE reports them: accuracy, precision,
 recall and F1 of the answer "yes", and the yes-ratio. Scenes and questions come from
-`benchmarks.tasks.shapes.generator` (the embedded model's training distribution); docs/benchmarks.md
-"Tasks".
+`benchmarks.tasks.shapes.generator` (the embedded model's training distribution); docs/tasks.md.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ the answer lives in few patches (about 2 of the 12 x 12 grid per object, against
 
 The families of ``shapes`` except ``digit`` (the digit has one size); the scene, the question and the
 answer are drawn as for ``shapes`` (a different stream), then every object is made small: no family
-asks about size, so the answer is unchanged. docs/benchmarks.md "Tasks".
+asks about size, so the answer is unchanged. docs/tasks.md.
 """
 
 from __future__ import annotations
