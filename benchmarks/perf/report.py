@@ -148,11 +148,23 @@ def _batch(r: dict[str, Any]) -> str:
     b = r.get("batch")
     if not b:
         return ""
-    text = [f"**(g) Batch throughput**: {b.get('description', 'the embedded model, generate()')}.\n",
-            markdown_table(b["rows"], b.get("columns"))]
-    if b.get("notes"):
-        text.append(b["notes"] + "\n")
-    return "\n".join(text)
+    rows = [{**row, "budget": row["budget"] if row["budget"] is not None else "null",
+             "speedup": _x(row["cpu_speedup_vs_smallest"]), "pad": f"{100 * row['pad_fraction']:.1f}%",
+             "same": "yes" if row["same_predictions_as_smallest"] else "NO"} for row in b["rows"]]
+    return "\n".join([
+        f"**(g) Batch throughput**: the runner's own loop (its input building, then `generate()`) on the "
+        f"{b['model']} model, attention {b['attn_implementation']}, {b['n_samples']} shapes samples, median of "
+        f"{b['repeats']}, glibc allocator tuned: {b['malloc_tuned']} (`benchmarks/allocator.py`: with glibc's "
+        "defaults large batches page-fault their activations back in on every forward and batch 16 was slower "
+        "per sample than batch 4).\n",
+        markdown_table(rows, ["method", "budget", "batch_size", "samples_per_s", "samples_per_cpu_s", "speedup",
+                              "inputs_ms", "generate_ms", "page_faults", "pad", "same"],
+                       {"batch_size": "batch", "samples_per_s": "samples/s (wall)",
+                        "samples_per_cpu_s": "samples per CPU s", "speedup": "vs batch 1 (CPU)",
+                        "inputs_ms": "inputs (ms/sample)", "generate_ms": "generate (ms/sample)",
+                        "page_faults": "page faults/sample", "pad": "padding",
+                        "same": "same answers as batch 1"}),
+    ])
 
 
 def render(report: dict[str, Any]) -> str:
