@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--text-layers", type=int, default=2, help="model part: LLM decoder layers (hidden 4096)")
     p.add_argument("--vision-layers", type=int, default=2, help="model part: CLIP-L/14-336 layers")
     p.add_argument("--repeats", type=int, default=3, help="model part: timed prefills per configuration")
-    p.add_argument("--methods", default="fastv,random",
-                   help="model part: pruners to time (comma list, or 'all': every registered method)")
+    p.add_argument("--methods", default="all",
+                   help="model part: pruners to time (comma list, or 'all' (default): every registered method)")
     p.add_argument("--scoring-sizes", default="576,1440,2880",
                    help="scoring part: visual tokens N of the decoder-layer comparison")
     p.add_argument("--batch-sizes", default="1,4,16", help="batch part: batch sizes")
