@@ -23,6 +23,34 @@ import pandas as pd
 from benchmarks import intervals, store
 
 SET_KEYS = ["model", "weights", "n_samples", "seed"]
+#: docs/published/<model config name>.csv: numbers the papers print, beside ours for matching runs
+PUBLISHED = Path(__file__).resolve().parents[1] / "docs" / "published"
+#: lmms-eval task name -> the published CSV's benchmark name
+PUBLISHED_BENCHMARKS = {
+    "gqa": "GQA", "pope": "POPE", "mme": "MME", "textvqa_val": "TextVQA", "mmbench_en_dev": "MMB",
+    "mmbench_cn_dev": "MMB-CN", "scienceqa_img": "SQA", "vqav2_val": "VQAv2", "vizwiz_vqa_val": "VizWiz",
+    "seedbench": "SEED", "mmmu_val": "MMMU", "ok_vqa_val2014": "OKVQA",
+}
+
+
+def published_value(model: str, method: str, level: int, task: str) -> float | None:
+    """The number the papers print for ``method`` at ``level`` tokens on the benchmark of lmms-eval task
+    ``task`` (``lmms-<name>``) with the real checkpoint of model config ``model``; the method's own paper
+    first. None when there is no such row (or the task is not a published benchmark)."""
+    path = PUBLISHED / f"{model}.csv"
+    bench = PUBLISHED_BENCHMARKS.get(task[len("lmms-"):]) if task.startswith("lmms-") else None
+    if bench is None or not path.is_file():
+        return None
+    table = _published_table(path)
+    hit = table[(table["method"] == method) & (table["budget"] == str(level)) & (table["benchmark"] == bench)]
+    if hit.empty:
+        return None
+    own = hit[hit["note"].fillna("").str.startswith("own")]
+    return float((own if len(own) else hit)["value"].iloc[0])
+
+
+def _published_table(path: Path) -> pd.DataFrame:
+    return pd.read_csv(path, dtype={"budget": str})
 
 
 def _ability(task: str) -> str:
@@ -94,6 +122,9 @@ def summary_table(points: pd.DataFrame, scores: dict[str, dict[str, float]]) -> 
                     continue
                 p = pt.iloc[0]
                 row[f"acc_{t}"] = float(p["accuracy"])
+                pub = published_value(str(key[0]), method, int(lv), t)
+                if pub is not None:
+                    row[f"published_{t}"] = pub
                 ref = refs.get(t)
                 if ref is not None and ref["accuracy"] > 0:
                     ratios[t] = float(p["accuracy"]) / float(ref["accuracy"])
@@ -135,6 +166,9 @@ def _display(df: pd.DataFrame, refs: dict[str, dict[str, float]]) -> list[tuple[
         for _, r in g.iterrows():
             cells = {t: (f"{100 * r[f'acc_{t}']:.1f} ({100 * r[f'rel_{t}']:.1f}%)"
                          if pd.notna(r.get(f"acc_{t}")) and pd.notna(r.get(f"rel_{t}")) else "") for t in tasks}
+            for t in tasks:  # the paper's number beside ours, where the run matches a published one
+                if pd.notna(r.get(f"published_{t}", np.nan)):
+                    cells[t] += f" / published {r[f'published_{t}']:g}"
             avg = (f"{100 * r['avg_rel']:.1f} [{100 * r['avg_rel_ci95_lo']:.1f}, {100 * r['avg_rel_ci95_hi']:.1f}]"
                    if pd.notna(r["avg_rel"]) and pd.notna(r["avg_rel_ci95_lo"]) else
                    (f"{100 * r['avg_rel']:.1f}" if pd.notna(r["avg_rel"]) else f"({r['n_tasks']} of {len(tasks)} tasks)"))

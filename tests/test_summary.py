@@ -60,3 +60,15 @@ def test_write_summary_writes_csv_markdown_and_latex(tmp_path):
     assert "| unpruned |" in md and "50.0 (66.7%)" in md
     assert "\\begin{tabular}" in paths["tex"].read_text()
     assert pd.read_csv(paths["csv"])["avg_rel"].iloc[0] == pytest.approx(2 / 3)
+
+
+def test_published_numbers_sit_beside_matching_runs():
+    from benchmarks.summary import published_value
+
+    assert published_value("llava-1.5-7b", "fastv", 64, "lmms-gqa") is not None  # FastV at 64 on GQA is published
+    assert published_value("embedded", "fastv", 64, "lmms-gqa") is None  # no published table for this model
+    assert published_value("llava-1.5-7b", "fastv", 64, "shapes") is None  # not a published benchmark
+    points, scores = _points([("lmms-gqa", "none", None, 576, [1, 1, 1, 0]), ("lmms-gqa", "fastv", 64, 64, [1, 1, 0, 0])])
+    points["model"] = "llava-1.5-7b"
+    df = summary_table(points, scores)
+    assert df["published_lmms-gqa"].iloc[0] == published_value("llava-1.5-7b", "fastv", 64, "lmms-gqa")
