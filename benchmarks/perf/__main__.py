@@ -42,8 +42,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma list of: {', '.join(PARTS)} (default: all)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: stable on shared machines)")
     p.add_argument("--min-run-time", type=float, default=0.3, help="seconds per op timing (torch.utils.benchmark)")
-    p.add_argument("--text-layers", type=int, default=2, help="model part: LLM decoder layers (hidden 4096)")
-    p.add_argument("--vision-layers", type=int, default=2, help="model part: CLIP-L/14-336 layers")
+    p.add_argument("--text-layers", type=int, default=4,
+                   help="model part: LLM decoder layers (hidden 4096; 4: the fewest every in-LLM method accepts)")
+    p.add_argument("--vision-layers", type=int, default=3,
+                   help="model part: CLIP-L/14-336 layers (3: FlowCut prunes before the feature layer, the second last)")
     p.add_argument("--repeats", type=int, default=3, help="model part: timed prefills per configuration")
     p.add_argument("--methods", default="all",
                    help="model part: pruners to time (comma list, or 'all' (default): every registered method)")
