@@ -53,9 +53,9 @@ test: setup  ## run the whole test suite (CPU only, no downloads)
 test-fast: setup  ## the tests not marked slow
 	$(PY) -m pytest -q -m "not slow" tests
 
+# leaderboard=true: the runner writes the leaderboard at the end, in the same process (no second start-up).
 bench: setup  ## one benchmark: METHOD=fastv MODEL=embedded TASK=shapes BUDGETS=... N=200
-	$(PY) -m benchmarks.run method=$(METHOD) model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) $(ARGS)
-	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
+	$(PY) -m benchmarks.run method=$(METHOD) model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) leaderboard=true $(ARGS)
 
 sweep: setup  ## every registered method over BUDGETS
 	$(PY) -m benchmarks.run --multirun method=$(shell $(PY) -c "from pruners import available_pruners as a; print(','.join(n for n in a() if n != 'none'))") model=$(MODEL) task=$(TASK) budgets='$(BUDGETS)' n_samples=$(N) results_dir=$(RESULTS) $(ARGS)

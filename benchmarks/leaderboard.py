@@ -530,7 +530,13 @@ def main(argv: list[str] | None = None) -> None:
     unknown = set(args.keys()) - {"results_dir"}
     if unknown:
         raise SystemExit(f"unknown argument(s) {sorted(unknown)}; accepted: results_dir=DIR")
-    out = write_all(args.get("results_dir", "results"))
+    report(args.get("results_dir", "results"))
+
+
+def report(results_dir: str | Path) -> dict[str, Any]:
+    """`write_all`, then print the leaderboard, the AUC table and what was written (what the CLI shows;
+    the runner calls it with ``leaderboard=true``, in its own process). Returns `write_all`'s dict."""
+    out = write_all(results_dir)
     with pd.option_context("display.width", 200, "display.max_columns", len(SHOWN)):
         print(out["table"][SHOWN].to_string(index=False, float_format=lambda v: f"{v:.4g}"))
         if len(out["auc_table"]):
@@ -539,6 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     for folder, why in out["unreadable"]:
         print(f"unreadable cell, left out: {folder} ({why})")
     print(f"\nwrote {out['leaderboard']}, {out['cells']}, {out['auc']}, " + ", ".join(str(p) for p in out["plots"]))
+    return out
 
 
 if __name__ == "__main__":

@@ -39,21 +39,13 @@ from benchmarks.flops import sample_cost
 from benchmarks.intervals import paired_bootstrap, paired_scores, ratio_of_means, wilson_interval
 from benchmarks.launch import watch_sweep_parent
 from benchmarks.method_configs import register_method_configs
-from benchmarks.metrics import (
-    attention_summary,
-    diagnostics_row,
-    find_sinks,
-    measure_runtime,
-    relevant_recall,
-    sink_shares,
-)
 from benchmarks.models import LoadedModel, load_model, peek_config, size_dependent, visual_tokens_of
 from benchmarks.settings import check_settings
 
 log = logging.getLogger("prunebench.run")
 
 #: Run-level settings that do not change a cell's results and so stay out of its hash.
-UNHASHED = ("results_dir", "progress", "device", "num_threads")
+UNHASHED = ("results_dir", "progress", "device", "num_threads", "leaderboard")
 
 _MODEL_CACHE: dict[str, LoadedModel] = {}
 _PINNED_GPU: str | None = None
@@ -286,10 +278,24 @@ def _inputs(lm: LoadedModel, samples: list[Any]) -> dict[str, torch.Tensor]:
     return enc
 
 
+def _shape_key(enc: dict[str, torch.Tensor], batch: list[Any]) -> tuple:
+    """What a batch's pruner FLOPs depend on besides its content: its tensors' shapes and its images' sizes
+    (LLaVA-NeXT's tiles and Qwen's grids follow them). Batches with equal keys share one FLOP count."""
+    return (tuple((k, tuple(v.shape)) for k, v in sorted(enc.items())),
+            tuple((s.image.height, s.image.width) for s in batch))
+
+
 def run_cell(
     lm: LoadedModel, task: Any, samples: list[Any], ccfg: dict[str, Any], progress: bool = True
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Evaluate one cell; returns (metrics, prediction rows). Does not write anything."""
+    """Evaluate one cell; returns (metrics, prediction rows). Does not write anything.
+
+    The pruner's own FLOPs (``overhead``) are counted with ``FlopCounterMode`` on the first batch of each
+    input shape (`_shape_key`) only, and that batch's per-sample count is used for every batch of that
+    shape: counting every batch cost about 45% of a SparseVLM cell's CPU time (docs/flops.md "Pruner overhead").
+    ``overhead_flops_from`` in the metrics says how many batches and samples were counted.
+    """
+    from benchmarks.metrics import attention_summary, diagnostics_row, measure_runtime, relevant_recall
     from mllm_adapters import apply_pruner
 
     method, params, budget = ccfg["method"]["name"], ccfg["method"]["params"], ccfg["budget"]
@@ -311,12 +317,16 @@ def run_cell(
     equiv: list[float] = []
     layer_sum: list[float] = [0.0] * n_layers
     visual_in: list[int] = []
+    overhead_by_shape: dict[tuple, float] = {}  # per input shape: the counted batch's pruner FLOPs per sample
+    counted_samples = n_batches = 0
     try:
-        handle.count_overhead_flops = True
         bar = tqdm(_batches(samples, int(ccfg["batch_size"])), desc=f"{method} b={budget}", leave=False,
                    disable=not progress, unit="batch")
         for batch in bar:
             enc = _inputs(lm, batch)
+            shape = _shape_key(enc, batch)
+            count = handle.count_overhead_flops = shape not in overhead_by_shape
+            n_batches += 1
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=int(task.max_new_tokens), do_sample=False)
             new = out[:, enc["input_ids"].shape[1] :]
@@ -325,7 +335,10 @@ def run_cell(
             kept = list(handle.kept_indices)
             kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
             diag = handle.diagnostics if diag_cfg else None
-            overhead = handle.overhead_flops / len(batch)  # the batch's pruner FLOPs, split evenly
+            if count:  # the batch's pruner FLOPs, split evenly
+                overhead_by_shape[shape] = handle.overhead_flops / len(batch)
+                counted_samples += len(batch)
+            overhead = overhead_by_shape[shape]
             sizes = [(s.image.height, s.image.width) for s in batch]  # [B] (h, w) px, as the processor saw them
             grids = lm.image_grids(enc)  # [B] the image's own token grid (Qwen) or None
             for b, (s, pred) in enumerate(zip(batch, preds)):
@@ -408,6 +421,8 @@ def run_cell(
         "projector_tflops": flops["projector"] / 1e12,
         "llm_tflops": flops["llm"] / 1e12,
         "overhead_tflops": flops["overhead"] / 1e12,
+        "overhead_flops_from": (f"first batch of each input shape: {len(overhead_by_shape)} of {n_batches} "
+                                f"batches ({counted_samples} of {n} samples) counted"),
         "flops_rel": flops["total"] / (ref_total / n),
         "relevant_recall": sum(recalls) / len(recalls) if recalls else None,
         **runtime,
@@ -513,7 +528,23 @@ def run(cfg: DictConfig) -> list[Path]:
                 log.info("cell %s was finished by another job; kept that copy", path)
     paths = [t[3] for t in todo]
     print_summary(paths)
+    if settings.leaderboard:
+        write_leaderboard(results_dir)
     return paths
+
+
+def write_leaderboard(results_dir: Path) -> None:
+    """``leaderboard=true``: the leaderboard of ``results_dir`` (`benchmarks.leaderboard.report`), in this
+    process. A ``--multirun`` job leaves it to ``python -m benchmarks.leaderboard`` after the sweep
+    (its jobs may run in other processes, and each would rewrite it)."""
+    if _job_num() is not None:
+        log.info("leaderboard=true is not applied to --multirun jobs: run `python -m benchmarks.leaderboard "
+                 "results_dir=%s` after the sweep", results_dir)
+        return
+    from benchmarks.leaderboard import report
+
+    print()
+    report(results_dir)
 
 
 def add_relative(metrics: dict[str, Any], rows: list[dict[str, Any]], reference: Path | None) -> None:
@@ -544,6 +575,8 @@ def add_diagnostics(metrics: dict[str, Any], rows: list[dict[str, Any]], referen
     then gets per sample ``sink_share_of_kept`` and ``sinks_kept`` (its final kept tokens, row["kept"],
     against the reference's sinks of the same sample id) and their means over the samples that have
     sinks; both None with ``sink_reason`` when there are none to count."""
+    from benchmarks.metrics import find_sinks, sink_shares
+
     tau = float((metrics.get("diagnostics") or {}).get("sink_tau", 20.0))
     text = getattr(model_config, "text_config", model_config)
     hidden = getattr(text, "hidden_size", None)

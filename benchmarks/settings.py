@@ -44,6 +44,7 @@ class RunSettings:
     budgets: list[Any]
     seeds: list[int] | None
     diagnostics: bool = False
+    leaderboard: bool = False
 
 
 def _int(name: str, value: Any, low: int, accepted: str, allow_none: bool = False) -> int | None:
@@ -124,7 +125,11 @@ def check_settings(cfg: Any) -> RunSettings:
     if not isinstance(diagnostics, bool):
         raise ValueError(f"diagnostics={diagnostics!r} is not supported; accepted: true (record the attention-share "
                          "and attention-sink diagnostics of every cell) or false")
+    leaderboard = cfg.get("leaderboard", False)
+    if not isinstance(leaderboard, bool):
+        raise ValueError(f"leaderboard={leaderboard!r} is not supported; accepted: true (write the leaderboard of "
+                         "results_dir at the end of the run) or false")
     check_model_config(cfg.get("model"))
-    return RunSettings(diagnostics=diagnostics, batch_size=batch_size, n_samples=n_samples, latency=latency, results_dir=results_dir,
+    return RunSettings(diagnostics=diagnostics, leaderboard=leaderboard, batch_size=batch_size, n_samples=n_samples, latency=latency, results_dir=results_dir,
                        num_threads=num_threads, device=device, budgets=list(budgets),
                        seeds=check_seeds(cfg.get("seeds")))

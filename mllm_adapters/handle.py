@@ -112,7 +112,8 @@ class PruningHandle:
     token_counts:  per sample a `TokenCounts` (batch order): its own ViT, projector and decoder-layer counts.
     batch_counts:  a `BatchCounts`: the padded widths the batch actually computed.
     overhead_flops: FLOPs spent inside the pruner's own code (scoring, selection, merging) in the last
-                   prefill, counted by torch.utils.flop_counter when ``count_overhead_flops`` is True.
+                   prefill, counted by torch.utils.flop_counter when ``count_overhead_flops`` is True
+                   (the runner sets it on the first batch of each input shape of a cell only).
     info:          facts the pruner reported (e.g. which text encoder a text-guided method used).
     diagnostics:   with ``record_diagnostics`` True, the last prefill's `PrefillDiagnostics`
                    (`mllm_adapters/engine/diagnostics.py`: per layer the last prompt token's visual/text
