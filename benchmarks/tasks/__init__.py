@@ -112,4 +112,18 @@ def get_task(name: str) -> Task:
     return _INSTANCES[name]
 
 
-__all__ = ["Sample", "Task", "available_tasks", "get_task", "register_task"]
+def tasks_for(task_cfg: dict[str, Any]) -> list[tuple[Task, dict[str, Any]]]:
+    """The tasks a run's ``task`` config names, each with the task config its cells record.
+
+    A plain task is one (its instance, the config as given). A task class with a ``configured``
+    classmethod expands its config into several bound tasks (``task=lmms task.names=[pope,gqa]``: one
+    per name, each recorded as its own task, e.g. ``lmms-pope``); it checks them before any model loads."""
+    name = str(task_cfg["name"])
+    cls = TASKS.get(name)
+    expand = getattr(cls, "configured", None)
+    if expand is None:
+        return [(get_task(name), dict(task_cfg))]
+    return [(t, {**task_cfg, **t.recorded_config()}) for t in expand(task_cfg)]
+
+
+__all__ = ["Sample", "Task", "available_tasks", "get_task", "register_task", "tasks_for"]

@@ -96,6 +96,10 @@ class LmmsTask(Task):
             t.lmms_task()
         return tasks
 
+    def recorded_config(self) -> dict[str, Any]:
+        """What a cell of this task records as its task config (and its hash covers)."""
+        return {"name": self.name, "names": [self.lmms_name], "include_path": self.include_path}
+
     def lmms_task(self) -> Any:
         """The lmms-eval ``ConfigurableTask`` (loaded once), after the refusals of the module docstring."""
         if self._task is not None:
