@@ -17,7 +17,7 @@ LOCK := requirements.lock
 LOCK_EXTRAS := test,lmms,slurm,ray
 LOCK_VENV := .venv-lock
 
-.PHONY: help setup lock test test-fast bench sweep leaderboard perf gpu-check lint train-embedded clean-venv
+.PHONY: help setup lock test test-fast bench sweep leaderboard overlays perf gpu-check lint train-embedded clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -63,6 +63,9 @@ sweep: setup  ## every registered method over BUDGETS
 
 leaderboard: setup  ## aggregate results/ into leaderboard.csv, auc.csv, plots/
 	$(PY) -m benchmarks.leaderboard results_dir=$(RESULTS)
+
+overlays: setup  ## kept-token overlays of chosen samples of RESULTS (ARGS=samples=N, ids=[...], out=DIR)
+	$(PY) -m benchmarks.visualize results_dir=$(RESULTS) $(ARGS)
 
 perf: setup  ## speed and memory tables (ARGS=--help for the options)
 	$(PY) -m benchmarks.perf $(ARGS)

@@ -8,6 +8,7 @@ Writes, under ``results_dir``:
   best variant at the same budget on the same samples);
 - ``plots/pareto_<model>_<task>.png``: accuracy vs prefill TFLOPs with 95% error bars, one line per
   variant and sample set, the Pareto frontier of each sample set highlighted, the unpruned point marked;
+- ``summary.csv`` / ``.md`` / ``.tex``: the papers' method x task table per token level (`benchmarks.summary`);
 - ``auc.csv``: per (model, task, weights, n_samples, seed, variant) the area under accuracy vs FLOPs
   fraction over the FLOPs range every variant of that sample set covers, divided by its width (a mean
   accuracy): variants ranked at equal compute rather than at equal nominal budget; plus the accuracy
@@ -96,6 +97,7 @@ class Tables:
     board: pd.DataFrame  # leaderboard.csv: one row per point
     cells: pd.DataFrame  # cells.csv: one row per cell
     unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    scores: Scores = field(default_factory=dict)  # per-sample scores of the points (by config_hash)
 
 
 # ---- reading cells ------------------------------------------------------------------------------
@@ -322,7 +324,7 @@ def tables(results_dir: str | Path) -> Tables:
     points, point_scores = aggregate_seeds(cells, scores)
     points = add_deltas(add_relative(points), point_scores)
     warn_shared_variants(points)
-    return Tables(_ordered(points, COLUMNS), _ordered(cells, CELL_COLUMNS), unreadable)
+    return Tables(_ordered(points, COLUMNS), _ordered(cells, CELL_COLUMNS), unreadable, point_scores)
 
 
 def leaderboard(results_dir: str | Path) -> pd.DataFrame:
@@ -513,8 +515,11 @@ def write_all(results_dir: str | Path) -> dict[str, Any]:
     for (model, task), _ in t.board.groupby(["model", "task"]):
         safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{model}_{task}")
         plots.append(plot_pareto(t.board, model, task, results_dir / "plots" / f"pareto_{safe}.png"))
+    from benchmarks.summary import write_summary
+
+    summary = write_summary(results_dir, t.board, t.scores)  # the papers' method x task table (docs/tasks.md)
     return {"leaderboard": board, "cells": cells_path, "auc": auc_path, "plots": plots, "table": t.board,
-            "cells_table": t.cells, "auc_table": auc, "unreadable": t.unreadable}
+            "cells_table": t.cells, "auc_table": auc, "unreadable": t.unreadable, "summary": summary}
 
 
 #: What the CLI prints of the leaderboard.
@@ -544,7 +549,8 @@ def report(results_dir: str | Path) -> dict[str, Any]:
             print(out["auc_table"].drop(columns=["weights"]).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     for folder, why in out["unreadable"]:
         print(f"unreadable cell, left out: {folder} ({why})")
-    print(f"\nwrote {out['leaderboard']}, {out['cells']}, {out['auc']}, " + ", ".join(str(p) for p in out["plots"]))
+    written = [out["leaderboard"], out["cells"], out["auc"], *out["plots"], *out["summary"].values()]
+    print("\nwrote " + ", ".join(str(p) for p in written))
     return out
 
 

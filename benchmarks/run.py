@@ -31,7 +31,7 @@ from typing import Any
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from tqdm.auto import tqdm
 
 from benchmarks import store
@@ -330,7 +330,7 @@ def run_cell(
             with torch.inference_mode():
                 out = model.generate(**enc, max_new_tokens=int(task.max_new_tokens), do_sample=False)
             new = out[:, enc["input_ids"].shape[1] :]
-            preds = tok.batch_decode(new, skip_special_tokens=True)
+            preds = [task.clean_prediction(p) for p in tok.batch_decode(new, skip_special_tokens=True)]
             counts = list(handle.token_counts)  # [B] TokenCounts
             kept = list(handle.kept_indices)
             kept_by_layer = {layer: list(rows_k) for layer, rows_k in handle.kept_by_layer.items()}
@@ -424,6 +424,8 @@ def run_cell(
         "overhead_flops_from": (f"first batch of each input shape: {len(overhead_by_shape)} of {n_batches} "
                                 f"batches ({counted_samples} of {n} samples) counted"),
         "flops_rel": flops["total"] / (ref_total / n),
+        # the task's own figures beyond accuracy (POPE's F1 per setting, an lmms-eval task's aggregations)
+        "task_metrics": task.aggregate(rows),
         "relevant_recall": sum(recalls) / len(recalls) if recalls else None,
         **runtime,
         "diagnostics": diag_cfg or False,
@@ -442,7 +444,7 @@ def run_cell(
 # ---- the job ----------------------------------------------------------------------------------
 def run(cfg: DictConfig) -> list[Path]:
     """Run every cell of this job; returns the cell directories (finished or skipped)."""
-    from benchmarks.tasks import get_task
+    from benchmarks.tasks import tasks_for
     from pruners import get_pruner_class
 
     settings = check_settings(cfg)  # every run-level setting, before anything heavy
@@ -462,7 +464,8 @@ def run(cfg: DictConfig) -> list[Path]:
     if seeds is not None and not cls.uses_seed:
         log.info("seeds=%s: %r does not depend on its seed; it runs once (seed=%s)", seeds, method, cfg.seed)
     method_seeds: list[int | None] = list(seeds) if seeds is not None and cls.uses_seed else [None]
-    task = get_task(str(cfg.task.name))
+    # Every task the config names (task=lmms task.names=[...] expands to several), checked before the model loads.
+    bound = tasks_for(OmegaConf.to_container(cfg.task, resolve=True))
     device = resolve_device(settings.device, _job_num())
     # Budgets against the model's config (config.json only): before the weights load.
     model_config = peek_config(cfg.model)
@@ -484,6 +487,22 @@ def run(cfg: DictConfig) -> list[Path]:
         log.info("method 'none' keeps every token: only its budget=null cell is run (asked: %s)", budgets)
         budgets = [None]
     lm = get_model(cfg.model, device)
+    paths: list[Path] = []
+    for task, task_cfg in bound:
+        tcfg = cfg.copy()
+        with open_dict(tcfg):
+            tcfg.task = OmegaConf.create(task_cfg)  # what this task's cells record (lmms: one name each)
+        paths += _run_task(tcfg, task, lm, budgets, method, params, variant, method_seeds, results_dir)
+    print_summary(paths)
+    if settings.leaderboard:
+        write_leaderboard(results_dir)
+    return paths
+
+
+def _run_task(cfg: DictConfig, task: Any, lm: LoadedModel, budgets: list[Any], method: str, params: dict[str, Any],
+              variant: str, method_seeds: list[int | None], results_dir: Path) -> list[Path]:
+    """The cells of one task (``cfg.task`` is its recorded config): the finished ones skipped, the others
+    computed and written; returns every cell directory."""
     todo = []
     for budget in budgets:
         for mseed in ([None] if budget is None else method_seeds):
@@ -526,11 +545,7 @@ def run(cfg: DictConfig) -> list[Path]:
                          metrics["tflops_prefill"])
             else:
                 log.info("cell %s was finished by another job; kept that copy", path)
-    paths = [t[3] for t in todo]
-    print_summary(paths)
-    if settings.leaderboard:
-        write_leaderboard(results_dir)
-    return paths
+    return [t[3] for t in todo]
 
 
 def write_leaderboard(results_dir: Path) -> None:

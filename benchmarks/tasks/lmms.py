@@ -78,6 +78,7 @@ class LmmsTask(Task):
         self._task: Any = None
         self._docs: dict[str, Any] = {}
         self._results: dict[tuple[str, str], dict[str, Any]] = {}
+        self._last: dict[str, dict[str, Any]] = {}  # sample id -> its latest scored prediction's results
 
     # ---- configuration ---------------------------------------------------------------------------
     @classmethod
@@ -164,7 +165,7 @@ class LmmsTask(Task):
             family = str(doc.get("category", doc.get("question_type", self.lmms_name))) if hasattr(doc, "get") else self.lmms_name
             out.append(Sample(id=sid, image=visuals[0].convert("RGB"), question=question,
                               answer=str(target[0] if isinstance(target, list) else target), family=family,
-                              meta={"task": self.name, "doc_index": i}))
+                              meta={"task": "lmms", "lmms_task": self.lmms_name, "doc_index": i}))
         return out
 
     def relevant_patches(self, sample: Sample, grid_hw: tuple[int, int]) -> list[int]:
@@ -181,6 +182,7 @@ class LmmsTask(Task):
         key = (sample_id, prediction)
         if key not in self._results:
             self._results[key] = self.lmms_task().process_results(self._docs[sample_id], [prediction])
+        self._last[sample_id] = self._results[key]
         return self._results[key]
 
     def score(self, prediction: str, sample: Sample) -> float:
@@ -199,8 +201,9 @@ class LmmsTask(Task):
         """Every metric of the task aggregated the task's own way over the cell's predictions."""
         task = self.lmms_task()
         per_metric: dict[str, list[Any]] = {}
-        for r in rows:
-            for k, v in self._processed(r["prediction"], r["id"]).items():
+        for r in rows:  # the results `score` computed for the row (from the unstripped generation)
+            done = self._last.get(r["id"])
+            for k, v in (done if done is not None else self._processed(r["prediction"], r["id"])).items():
                 per_metric.setdefault(k, []).append(v)
         out = {}
         for k, values in per_metric.items():
