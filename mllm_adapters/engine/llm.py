@@ -147,7 +147,7 @@ class LLMStage:
         return keys
 
     #: keys rotated per chunk of this many positions (bounds the temporaries of RoPE to a chunk)
-    ROPE_CHUNK = 64
+    ROPE_CHUNK = 16
 
     def _rotate_keys(self, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """RoPE on keys ``k`` [B, Hkv, Lc, hd] with tables [B, Lc, hd], written chunk by chunk into one
