@@ -32,18 +32,11 @@ def pope_question(rng: np.random.Generator, setting: str, yes: bool) -> tuple[di
         i = int(rng.integers(len(objs)))
         info["relevant_objects"] = [i]
         return scene, f"is there a {objs[i]['colour']} {objs[i]['shape']} ?", "yes", info
-    present = {(o["colour"], o["shape"]) for o in objs}
-    shapes_in, colours_in = {o["shape"] for o in objs}, {o["colour"] for o in objs}
-    absent = [(c, s) for c in G.COLOUR_NAMES for s in G.SHAPES if (c, s) not in present]
-    if setting == "popular":
-        absent = [(c, s) for c, s in absent if s in shapes_in]
-    elif setting == "adversarial":
-        absent = [(c, s) for c, s in absent if s in shapes_in and c in colours_in]
+    absent = G.pope_negatives(objs, setting)
     if not absent:
         return None
     c, s = absent[int(rng.integers(len(absent)))]
-    near = [i for i, o in enumerate(objs) if o["colour"] == c or o["shape"] == s]  # what rules the answer out
-    info["relevant_objects"] = near or list(range(len(objs)))
+    info["relevant_objects"] = G.negative_evidence(objs, c, s)
     return scene, f"is there a {c} {s} ?", "no", info
 
 

@@ -319,18 +319,11 @@ def _try_question(
             # POPE-style negatives: half random, the other half "popular" (the shape is in the scene in
             # another colour) or "adversarial" (colour and shape both in the scene, on different objects).
             neg = "random" if u < 0.75 else ("popular" if u < 0.875 else "adversarial")
-            absent = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in combos]
-            shapes_in = {o["shape"] for o in objs}
-            colours_in = {o["colour"] for o in objs}
-            if neg == "popular":
-                absent = [(c, s) for c, s in absent if s in shapes_in]
-            elif neg == "adversarial":
-                absent = [(c, s) for c, s in absent if s in shapes_in and c in colours_in]
+            absent = pope_negatives(objs, neg)
             if not absent:
                 return None
             c, s = absent[int(rng.integers(len(absent)))]
-            near = [i for i, o in enumerate(objs) if o["colour"] == c or o["shape"] == s]
-            info["relevant_objects"] = near if near else list(range(len(objs)))
+            info["relevant_objects"] = negative_evidence(objs, c, s)
         info["neg_type"] = neg
         return scene, f"is there a {c} {s} ?", "yes" if neg is None else "no", info
 
@@ -347,6 +340,26 @@ def _try_question(
         return scene, q, ans, info
 
     raise AssertionError(family)  # pragma: no cover
+
+
+def pope_negatives(objs: list[dict], setting: str) -> list[tuple[str, str]]:
+    """(colour, shape) pairs absent from ``objs``, in POPE's ``setting``: ``random`` (any), ``popular``
+    (the shape is in the scene in another colour) or ``adversarial`` (colour and shape both in the scene,
+    on different objects); colour-major order."""
+    present = {(o["colour"], o["shape"]) for o in objs}
+    shapes_in, colours_in = {o["shape"] for o in objs}, {o["colour"] for o in objs}
+    absent = [(c, s) for c in COLOUR_NAMES for s in SHAPES if (c, s) not in present]
+    if setting == "popular":
+        return [(c, s) for c, s in absent if s in shapes_in]
+    if setting == "adversarial":
+        return [(c, s) for c, s in absent if s in shapes_in and c in colours_in]
+    return absent
+
+
+def negative_evidence(objs: list[dict], colour: str, shape: str) -> list[int]:
+    """The objects that rule out "a <colour> <shape>" (sharing one attribute; every object if none does)."""
+    near = [i for i, o in enumerate(objs) if o["colour"] == colour or o["shape"] == shape]
+    return near if near else list(range(len(objs)))
 
 
 def scene_key(scene: dict) -> tuple:
