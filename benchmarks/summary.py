@@ -102,7 +102,7 @@ def summary_table(points: pd.DataFrame, scores: dict[str, dict[str, float]]) -> 
     rows: list[dict[str, Any]] = []
     for key, g in points.groupby(SET_KEYS, dropna=False, sort=True):
         tasks = sorted(g["task"].unique())
-        refs = {t: r for t, r in ((r["task"], r) for _, r in g[(g["method"] == "none") & g["budget"].isna()].iterrows())}
+        refs = {r["task"]: r for _, r in g[(g["method"] == "none") & g["budget"].isna()].iterrows()}
         levels = _levels(g[g["method"] != "none"])
         if not levels:
             continue

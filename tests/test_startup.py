@@ -7,23 +7,13 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 
 from benchmarks import run as runner
 from benchmarks import store
 
-ROOT = Path(__file__).resolve().parent.parent
-CONF = ROOT / "conf"
-TINY = ["model=tiny", "task=shapes", "batch_size=2", "latency.n_samples=1", "latency.warmup=1",
-        "latency.decode_tokens=3", "progress=false"]
-
-
-def _cfg(overrides: list[str]):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="config", overrides=overrides)
+from .test_run import ROOT, TINY, _cfg  # the runner's tiny settings, shared
 
 
 def test_importing_the_runner_leaves_out_the_heavy_modules():

@@ -64,6 +64,12 @@ def _stage(lm: Any, n_vis: int, L: int) -> Any:
     return stage
 
 
+def _record(way: dict[str, list[float]], wall: float, cpu: float, peak: int) -> None:
+    """Append one timed call's wall ms, CPU ms and peak bytes to a way's lists."""
+    for key, value in zip(("wall", "cpu", "peak"), (wall, cpu, peak)):
+        way[key].append(value)
+
+
 def _timed(existing: tuple, fn, *args: Any, **kwargs: Any) -> tuple[Any, float, float, int]:
     """(``fn(*args, **kwargs)``, wall ms, CPU ms, peak bytes it allocated; ``existing`` not counted).
     Timed in one call, memory counted in a second (the counting dispatch mode slows every op down)."""
@@ -120,28 +126,24 @@ def scoring_perf(sizes: tuple[int, ...] = SIZES, repeats: int = 3, verbose: bool
                     p = m.peak_bytes
                 finally:
                     hook.remove()
-                for k, v in zip(("wall", "cpu", "peak"), (w, c, p)):
-                    ways["sdpa"][k].append(v)
+                _record(ways["sdpa"], w, c, p)
                 x = sdpa.layers[0].input_layernorm(h)  # the normed input the engine captures at the attention
                 cached_k = cache.layers[0].keys
                 existing = (h, x, *rope, keys["k"], cached_k, *weights)
                 for name, kw in (("score_cached", {"cache": cache}), ("score_uncached", {"k_raw": keys["k"]})):
                     out, w, c, p = _timed(existing, stage._rows_from, 0, x, *rope, "last", **kw)
                     keep[name] = out
-                    for k, v in zip(("wall", "cpu", "peak"), (w, c, p)):
-                        ways[name][k].append(v)
+                    _record(ways[name], w, c, p)
                 # the op alone on the same q/k (q: the last row, already rotated)
                 q, k = stage._rope_qk(0, x, *rope, torch.tensor([[L - 1]]), keys["k"], cache)
                 _, w, c, p = _timed((q, k, *existing), attention_rows, q, k, key_mask=stage._fw.key_mask,
                                     query_pos=torch.tensor([[L - 1]]), key_start=torch.tensor([N_BEFORE]),
                                     key_len=n, scale=attn.scaling)
-                for k_, v in zip(("wall", "cpu", "peak"), (w, c, p)):
-                    ways["op"][k_].append(v)
+                _record(ways["op"], w, c, p)
                 # the peer way: the same layer under eager attention, returning the full map
                 out, w, c, p = _timed((h, *weights), eager, inputs_embeds=h, position_ids=pos, use_cache=False,
                                       output_attentions=True)
-                for k_, v in zip(("wall", "cpu", "peak"), (w, c, p)):
-                    ways["eager_maps"][k_].append(v)
+                _record(ways["eager_maps"], w, c, p)
                 keep["peer"] = out.attentions[0][0, :, L - 1, N_BEFORE:N_BEFORE + n].float().mean(0)  # [N]
                 del out
         med = {w: {k: statistics.median(v) for k, v in d.items()} for w, d in ways.items()}
@@ -254,8 +256,7 @@ def vision_scoring_perf(views: tuple[int, ...] = (1, 5), repeats: int = 3, verbo
                     elif name == "eager_maps":
                         keep[name] = out.attentions[0][:, :, 0, 1:].mean(1)  # [V, 576]
                     del out
-                    for k, val in zip(("wall", "cpu", "peak"), (w, c, p)):
-                        ways[name][k].append(val)
+                    _record(ways[name], w, c, p)
         med = {w: {k: statistics.median(x) for k, x in d.items()} for w, d in ways.items()}
         floor = med["sdpa"]
         rows_out.append({
