@@ -44,13 +44,23 @@ class AttentionParts:
     module: nn.Module
 
 
+def _builder(name: str) -> Callable[..., Any]:
+    """The function a ``tiny_builders`` entry names: ``"pkg.module:function"``, or a bare name in
+    `mllm_adapters.tiny`."""
+    import importlib
+
+    module, _, attr = name.rpartition(":")
+    return getattr(importlib.import_module(module or "mllm_adapters.tiny"), attr)
+
+
 class FamilySpec:
     """One model family, bound to one model instance (subclass per family, ``@register_family``)."""
 
     name: ClassVar[str] = ""
     #: transformers model classes this family serves
     model_classes: ClassVar[tuple[str, ...]] = ()
-    #: `mllm_adapters.tiny` functions building this family's tiny model and its config (no download)
+    #: functions building this family's tiny model and its config (no download): a name in
+    #: `mllm_adapters.tiny`, or ``"package.module:function"`` (a family may keep its tiny model beside it)
     tiny_builders: ClassVar[tuple[str, str]] = ("", "")
     #: positional order of the model class's ``forward`` (a pre-hook receiving args maps them by it)
     forward_args: ClassVar[tuple[str, ...]] = ("input_ids", "pixel_values", "attention_mask", "position_ids",
@@ -90,17 +100,15 @@ class FamilySpec:
     # ---- tiny models (what the conformance suite runs every pruner on) --------------------------
     @classmethod
     def build_tiny(cls, **kwargs: Any) -> tuple[Any, Any]:
-        """A tiny random model of this family built from config, and its processor (`mllm_adapters.tiny`)."""
-        from mllm_adapters import tiny
-
-        return getattr(tiny, cls.tiny_builders[0])(**kwargs)
+        """A tiny random model of this family built from config, and its processor (``tiny_builders[0]``)."""
+        return _builder(cls.tiny_builders[0])(**kwargs)
 
     @classmethod
     def tiny_config(cls, **kwargs: Any) -> Any:
         """The config `build_tiny` builds (same keyword arguments but seed/attention), without weights."""
-        from mllm_adapters import tiny
+        from mllm_adapters.tiny import TINY_VOCAB
 
-        return getattr(tiny, cls.tiny_builders[1])(tiny.TINY_VOCAB, **kwargs)
+        return _builder(cls.tiny_builders[1])(TINY_VOCAB, **kwargs)
 
     # ---- config-level facts (no weights needed) ---------------------------------------------------
     @classmethod
