@@ -3,12 +3,30 @@ mean something in `make perf` itself, interleaved and repeated)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from benchmarks.perf.model import model_perf
 
+#: every tiny runner config (``source: tiny`` in conf/model/): a new family's tiny config is covered as added
+TINY_MODELS = sorted(p.stem for p in (Path(__file__).parents[1] / "conf" / "model").glob("*.yaml")
+                     if (yaml.safe_load(p.read_text()) or {}).get("source") == "tiny")
 
-@pytest.mark.parametrize("model", ["tiny", "tiny-next", "tiny-qwen2-vl", "tiny-qwen2.5-vl"])
+
+def test_every_family_has_a_tiny_config():
+    """The perf smoke test reaches each family through its tiny runner config."""
+    import mllm_adapters
+    from mllm_adapters.registry import family_of_class
+
+    root = Path(__file__).parents[1] / "conf" / "model"
+    covered = {family_of_class(yaml.safe_load((root / f"{m}.yaml").read_text()).get("model_class")
+                               or "LlavaForConditionalGeneration").name for m in TINY_MODELS}
+    assert covered == set(mllm_adapters.available_families())
+
+
+@pytest.mark.parametrize("model", TINY_MODELS)
 def test_model_perf_runs_on_tiny_configs(model):
     result = model_perf(model=model, methods=("fastv", "random"), repeats=1, verbose=False)
     rows = result["rows"]
