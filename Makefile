@@ -17,7 +17,7 @@ LOCK := requirements.lock
 LOCK_EXTRAS := test,lmms,slurm,ray
 LOCK_VENV := .venv-lock
 
-.PHONY: help setup lock test test-fast bench sweep leaderboard overlays perf gpu-check lint train-embedded clean-venv
+.PHONY: help setup lock test test-fast browser-test bench sweep leaderboard overlays report perf gpu-check lint train-embedded clean-venv
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed -E 's/:.*## /\t/' | expand -t 18
@@ -47,11 +47,19 @@ lock:  ## re-resolve pyproject.toml into requirements.lock (scratch venv, fast t
 	rm -rf $(LOCK_VENV)
 	@echo "requirements.lock rewritten: review 'git diff $(LOCK)', run 'make test', commit it with pyproject.toml"
 
-test: setup  ## run the whole test suite (CPU only, no downloads)
-	$(PY) -m pytest -q tests
+test: setup  ## run the whole test suite (CPU only, no downloads; the browser test is `make browser-test`)
+	$(PY) -m pytest -q -m "not browser" tests
 
 test-fast: setup  ## the tests not marked slow
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow and not browser" tests
+
+# The report's browser test needs Debian's chromium and chromium-driver (system packages, not PyPI):
+# installed here when missing (root, or sudo), never from inside pytest.
+browser-test: setup  ## the HTML report in headless Chromium via Selenium (installs chromium if missing)
+	@if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -q && $$SUDO apt-get install -y -q --no-install-recommends chromium chromium-driver; fi
+	$(PY) -m pytest -q -m browser tests/browser
 
 # leaderboard=true: the runner writes the leaderboard at the end, in the same process (no second start-up).
 bench: setup  ## one benchmark: METHOD=fastv MODEL=embedded TASK=shapes BUDGETS=... N=200
@@ -66,6 +74,9 @@ leaderboard: setup  ## aggregate results/ into leaderboard.csv, auc.csv, plots/
 
 overlays: setup  ## kept-token overlays of chosen samples of RESULTS (ARGS=samples=N, ids=[...], out=DIR)
 	$(PY) -m benchmarks.visualize results_dir=$(RESULTS) $(ARGS)
+
+report: setup  ## static HTML report of RESULTS: RESULTS/report/index.html (table, plots, overlays, configs)
+	$(PY) -m benchmarks.report results_dir=$(RESULTS) $(ARGS)
 
 perf: setup  ## speed and memory tables (ARGS=--help for the options)
 	$(PY) -m benchmarks.perf $(ARGS)

@@ -6,8 +6,10 @@ Writes, under ``results_dir``:
   (``accuracy`` is their mean, ``accuracy_std`` the sample std over seeds, ``n_seeds`` their count),
   columns `COLUMNS` first, with 95% intervals and ``delta_vs_best`` (a paired bootstrap against the
   best variant at the same budget on the same samples);
-- ``plots/pareto_<model>_<task>.png``: accuracy vs prefill TFLOPs with 95% error bars, one line per
-  variant and sample set, the Pareto frontier of each sample set highlighted, the unpruned point marked;
+- ``plots/{pareto,tokens,latency}_<model>_<task>.png``: accuracy vs relative prefill FLOPs (TFLOPs on
+  top), vs equivalent visual tokens and vs measured prefill latency (`benchmarks.plots`);
+- ``schema.json``: the unit and meaning of every CSV column (`benchmarks.csv_schema`; the CSVs are
+  rounded per unit, the tables returned here are not);
 - ``summary.csv`` / ``.md`` / ``.tex``: the papers' method x task table per token level (`benchmarks.summary`);
 - ``auc.csv``: per (model, task, weights, n_samples, seed, variant) the area under accuracy vs FLOPs
   fraction over the FLOPs range every variant of that sample set covers, divided by its width (a mean
@@ -379,7 +381,7 @@ def auc_table(df: pd.DataFrame) -> pd.DataFrame:
     table = pd.DataFrame(out, columns=[*LINE_KEYS, "auc_accuracy", "flops_rel_lo", "flops_rel_hi", "n_points",
                                        *at_cols])
     rank = table.groupby(SAMPLE_KEYS, dropna=False)["auc_accuracy"].rank(ascending=False, method="min")
-    table.insert(len(LINE_KEYS), "rank", rank)
+    table.insert(len(LINE_KEYS), "rank", rank.astype("Int64"))
     return table.sort_values([*SAMPLE_KEYS, "rank"], kind="stable").reset_index(drop=True)
 
 
@@ -424,79 +426,10 @@ def line_labels(curves: dict[LineKey, pd.DataFrame]) -> dict[LineKey, str]:
     return labels
 
 
-def _yerr(c: pd.DataFrame) -> np.ndarray:
-    """Error-bar lengths below and above each point from its 95% interval (0 where unknown)."""
-    y = c["accuracy"].to_numpy(float)
-    lo = (y - c["accuracy_ci95_lo"].to_numpy(float)).clip(min=0)
-    hi = (c["accuracy_ci95_hi"].to_numpy(float) - y).clip(min=0)
-    return np.nan_to_num(np.vstack([lo, hi]))
-
-
-def plot_pareto(df: pd.DataFrame, model: str, task: str, path: str | Path) -> Path:
-    """Accuracy vs prefill TFLOPs for one (model, task): a line with 95% error bars per variant and
-    sample set, each sample set's Pareto frontier and its unpruned star."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    g = df[(df["model"] == model) & (df["task"] == task)].copy()
-    # readable axis units for small models (the CSV keeps TFLOPs)
-    top = float(g["tflops_prefill"].max()) if len(g) else 1.0
-    unit, scale = next((u, s) for u, s in (("TFLOPs", 1.0), ("GFLOPs", 1e3), ("MFLOPs", 1e6), ("kFLOPs", 1e9))
-                       if top * s >= 0.1 or u == "kFLOPs")
-    g["tflops_prefill"] = g["tflops_prefill"] * scale
-    fig, ax = plt.subplots(figsize=(9.5, 5.5), dpi=120)
-    markers = "osD^vP*Xh<>p"
-    curves = method_curves(g)
-    labels = line_labels(curves)
-    cmap = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
-    ordered = sorted(curves.items(), key=lambda kv: (kv[0].variant, kv[0].n_samples, str(kv[0].seed)))
-    for i, (key, c) in enumerate(ordered):
-        colour = cmap(i % cmap.N)
-        ax.errorbar(c["tflops_prefill"], c["accuracy"], yerr=_yerr(c), marker=markers[i % len(markers)], ls="-",
-                    color=colour, label=labels[key], lw=1.6, ms=5, elinewidth=0.8, capsize=2, alpha=0.9)
-        for _, r in c[c["budget"].notna()].iterrows():
-            ax.annotate(str(int(r["budget"])), (r["tflops_prefill"], r["accuracy"]), textcoords="offset points",
-                        xytext=(4, 4), fontsize=7, color=colour)
-    _plot_sample_sets(ax, g)
-    ax.set_xlabel(f"prefill compute per sample ({unit}: vision + projector + LLM + pruner)")
-    ax.set_ylabel("accuracy (error bars: 95% interval)")
-    ax.set_title(f"{task} on {model}: accuracy vs prefill FLOPs (labels: visual-token budget)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, borderaxespad=0.0)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{store.TMP_PREFIX}{path.name}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
-    return path
-
-
-def _plot_sample_sets(ax: Any, g: pd.DataFrame) -> None:
-    """Per sample set in ``g``: the Pareto frontier over its points and its unpruned reference star
-    (points scored on different samples are not compared)."""
-    sets = list(g.groupby(SAMPLE_KEYS, dropna=False, sort=True))
-    suffix = _set_labeller({(k[3], k[4]) for k, _ in sets})
-    for i, (key, s) in enumerate(sets):
-        tag = suffix(key[3], key[4])
-        tag = f" ({tag})" if tag else ""
-        x, y = s["tflops_prefill"].to_numpy(float), s["accuracy"].to_numpy(float)
-        front = pareto_front(x, y)
-        ax.step(x[front], y[front], where="post", color="black", lw=2.5, alpha=0.35, zorder=0,
-                ls=("-", "--", ":", "-.")[i % 4], label=f"Pareto frontier (all variants){tag}")
-        ax.scatter(x[front], y[front], s=90, facecolors="none", edgecolors="black", zorder=3)
-        ref = s[is_reference(s)]
-        if len(ref):
-            ax.scatter(ref["tflops_prefill"], ref["accuracy"], marker="*", s=260, color="gold", edgecolors="black",
-                       zorder=4, label=f"unpruned{tag}")
-
-
 # ---- writing ------------------------------------------------------------------------------------
 def write_all(results_dir: str | Path) -> dict[str, Any]:
-    """Write leaderboard.csv, cells.csv, auc.csv and one Pareto PNG per (model, task).
+    """Write leaderboard.csv, cells.csv, auc.csv (rounded, with ``schema.json``: `benchmarks.csv_schema`),
+    the figures of `benchmarks.plots` per (model, task) and the summary tables.
 
     Returns their paths (``leaderboard``, ``cells``, ``auc``, ``plots``), the tables (``table``,
     ``cells_table``, ``auc_table``) and ``unreadable``: (folder, reason) of every cell left out.
@@ -506,16 +439,16 @@ def write_all(results_dir: str | Path) -> dict[str, Any]:
     if t.board.empty:
         bad = f" ({len(t.unreadable)} unreadable: {', '.join(str(p) for p, _ in t.unreadable)})" if t.unreadable else ""
         raise FileNotFoundError(f"no finished cells under {results_dir / store.CELLS}{bad}; run benchmarks.run first")
-    board, cells_path, auc_path = (results_dir / n for n in ("leaderboard.csv", "cells.csv", "auc.csv"))
-    store.atomic_write_text(board, t.board.to_csv(index=False))
-    store.atomic_write_text(cells_path, t.cells.to_csv(index=False))
-    auc = auc_table(t.board)
-    store.atomic_write_text(auc_path, auc.to_csv(index=False))
-    plots = []
-    for (model, task), _ in t.board.groupby(["model", "task"]):
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in f"{model}_{task}")
-        plots.append(plot_pareto(t.board, model, task, results_dir / "plots" / f"pareto_{safe}.png"))
+    from benchmarks.csv_schema import write_csv
+    from benchmarks.plots import write_plots
     from benchmarks.summary import write_summary
+
+    board, cells_path, auc_path = (results_dir / n for n in ("leaderboard.csv", "cells.csv", "auc.csv"))
+    write_csv(t.board, board, keep=COLUMNS)
+    write_csv(t.cells, cells_path, keep=CELL_COLUMNS)
+    auc = auc_table(t.board)
+    write_csv(auc, auc_path, keep=[c for c in auc.columns if not c.startswith("acc_at_flops_")])
+    plots = write_plots(t.board, results_dir)
 
     summary = write_summary(results_dir, t.board, t.scores)  # the papers' method x task table (docs/tasks.md)
     return {"leaderboard": board, "cells": cells_path, "auc": auc_path, "plots": plots, "table": t.board,
