@@ -1,19 +1,22 @@
 """One fixed colour per method, shared by every figure (overlays, plots).
 
 `method_colour` hashes the method's registry name (sha256, so the same in every process and on every
-machine: Python's ``hash()`` of a str is salted per process) into a fixed qualitative palette,
-matplotlib's ``tab20`` written out here so the mapping does not depend on the matplotlib version.
-Two methods may share a colour (20 slots); figures label every row or line with its name as well.
+machine: Python's ``hash()`` of a str is salted per process) into a fixed qualitative palette of
+20 saturated colours (matplotlib's ``tab10``, then dark shades of ``tab20b`` and ``Dark2``; no pale
+shades, which vanish as thin lines on white), written out here so the mapping does not depend on the
+matplotlib version. Two methods may share a colour (20 slots): plots also give each variant its own
+marker (`benchmarks.plots.variant_marker`) and figures label every row or line with its name.
 """
 
 from __future__ import annotations
 
 import hashlib
 
-#: matplotlib's ``tab20`` (dark and light of each of ten hues, interleaved), as hex.
+#: ``tab10``, then dark shades of ``tab20b`` (indigo, olive, ochre, brick, plum, slate blue) and
+#: ``Dark2`` (teal, magenta, mustard, purple), as hex.
 PALETTE: tuple[str, ...] = (
-    "#1f77b4", "#aec7e8", "#ff7f0e", "#ffbb78", "#2ca02c", "#98df8a", "#d62728", "#ff9896", "#9467bd", "#c5b0d5",
-    "#8c564b", "#c49c94", "#e377c2", "#f7b6d2", "#7f7f7f", "#c7c7c7", "#bcbd22", "#dbdb8d", "#17becf", "#9edae5",
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
+    "#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#5254a3", "#1b9e77", "#e7298a", "#a6761d", "#7570b3",
 )
 #: the unpruned reference (method ``none``) is always black, whatever its hash
 REFERENCE_COLOUR = "#000000"

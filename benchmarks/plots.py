@@ -99,9 +99,11 @@ def _set_styles(g: pd.DataFrame) -> dict[tuple, str]:
 
 
 def _draw(ax: Any, g: pd.DataFrame, axis: XAxis, curves: dict[LineKey, pd.DataFrame], labels: dict[LineKey, str],
-          legend: bool) -> list[Any]:
+          legend: bool, floor: float | None = None) -> list[Any]:
     """Draw every line of ``curves`` on ``ax`` (x = ``axis.column``); returns the budget labels' Text
-    artists for `_place_labels`."""
+    artists for `_place_labels`. With ``floor`` (the zoomed panel) only points at or above it are
+    labelled, and each line's leftmost such point names its variant too, so crowded lines are told
+    apart without the legend."""
     styles = _set_styles(g)
     texts = []
     for key, c in sorted(curves.items(), key=lambda kv: (kv[0].method, kv[0].variant, kv[0].n_samples,
@@ -113,8 +115,11 @@ def _draw(ax: Any, g: pd.DataFrame, axis: XAxis, curves: dict[LineKey, pd.DataFr
         ls = styles.get(_set_id(getattr(key, k) for k in SAMPLE_KEYS), "-")
         ax.errorbar(c[axis.column], c["accuracy"], yerr=_yerr(c), marker=marker, ls=ls, color=colour,
                     label=labels[key] if legend else None, lw=1.4, ms=5, elinewidth=0.8, capsize=2, alpha=0.9)
-        for _, r in c[c["budget"].notna()].iterrows():
-            texts.append(ax.text(r[axis.column], r["accuracy"], str(int(r["budget"])), fontsize=7, color=colour))
+        shown = c[c["budget"].notna() & (c["accuracy"] >= (floor if floor is not None else -np.inf))]
+        first = shown[axis.column].idxmin() if floor is not None and len(shown) else None
+        for i, r in shown.iterrows():
+            text = f"{labels[key]} {int(r['budget'])}" if i == first else str(int(r["budget"]))
+            texts.append(ax.text(r[axis.column], r["accuracy"], text, fontsize=7, color=colour))
     return texts
 
 
@@ -196,8 +201,8 @@ def plot(df: pd.DataFrame, model: str, task: str, path: str | Path, x: str = "fl
         xs = band[axis.column].to_numpy(float)
         pad = 0.05 * (xs.max() - xs.min()) + 1e-9
         zoom.set_xlim(xs.min() - pad, xs.max() + pad)
-        _draw(zoom, g, axis, curves, labels, legend=False)
-        _place_labels(zoom, [t for t in zoom.texts if _inside(zoom, t)])
+        _place_labels(zoom, [t for t in _draw(zoom, g, axis, curves, labels, legend=False, floor=floor)
+                             if _inside(zoom, t)])
         zoom.set_title(f"top band: accuracy >= {ZOOM_REL:.0%} of unpruned", fontsize=10)
     for ax in axes[0]:
         ax.set_xlabel(axis.label, fontsize=8)
