@@ -11,7 +11,8 @@ entering each decoder layer, one step line per budget. ``overlays.json`` in the 
 every file written, with per tile the kept / dimmed / merged counts.
 
 Arguments (OmegaConf dot-list, like `benchmarks.leaderboard`): ``results_dir=DIR`` (default
-``results``), ``samples=N`` (default 4) or ``ids=[id,...]``, ``out=DIR`` (default
+``results``), ``samples=N`` (default 4) or ``ids=[id,...]``, ``methods=[name,...]`` (only these
+methods' or variants' rows, beside the unpruned reference; default all), ``out=DIR`` (default
 ``<results_dir>/overlays``), ``dpi=N`` (default 72).
 
 Default samples: the ids every cell of the (model, task) scored, the ones where the cells disagree most
@@ -581,11 +582,13 @@ def overlay_sample(sample: Any, cells: list[Cell], config: Any, path: Path, dpi:
 
 
 def write_overlays(results_dir: str | Path, out: str | Path | None = None, samples: int = DEFAULT_SAMPLES,
-                   ids: list[str] | None = None, dpi: int = DEFAULT_DPI) -> dict[str, Any]:
+                   ids: list[str] | None = None, dpi: int = DEFAULT_DPI,
+                   methods: list[str] | None = None) -> dict[str, Any]:
     """One overlay PNG per chosen sample and (model, task) of ``results_dir`` under ``out`` (default
     ``<results_dir>/overlays``, one folder per model and task) and ``overlays.json`` listing them;
     returns that index. ``ids``: these sample ids (each must be in some cell), else ``samples`` of them
-    chosen by `choose_ids`."""
+    chosen by `choose_ids`. ``methods``: only the cells of these methods or variants (and the unpruned
+    reference)."""
     from benchmarks.models import peek_config
 
     results_dir = Path(results_dir)
@@ -595,6 +598,8 @@ def write_overlays(results_dir: str | Path, out: str | Path | None = None, sampl
         raise FileNotFoundError(f"no finished cells under {results_dir / store.CELLS}; run benchmarks.run first")
     if ids is None and (isinstance(samples, bool) or int(samples) < 1):
         raise ValueError(f"samples={samples!r}: accepted a positive int (or ids=[...])")
+    if methods is not None:
+        cells = _only_methods(cells, [str(m) for m in methods])
     groups: dict[tuple[str, str], list[Cell]] = {}
     for c in cells:
         groups.setdefault((str(c.metrics["model"]), str(c.metrics["task"])), []).append(c)
@@ -628,11 +633,23 @@ def write_overlays(results_dir: str | Path, out: str | Path | None = None, sampl
     return index
 
 
-ARGS = ("results_dir", "samples", "ids", "out", "dpi")
+def _only_methods(cells: list[Cell], methods: list[str]) -> list[Cell]:
+    """The cells of ``methods`` (method or variant names) and the unpruned reference; a ValueError
+    naming the finished methods when one of ``methods`` has no cell."""
+    have = {str(c.metrics.get(k)) for c in cells for k in ("method", "variant") if c.metrics.get(k)}
+    unknown = [m for m in methods if m not in have]
+    if unknown:
+        raise ValueError(f"overlays: methods={unknown} have no finished cell; accepted: {', '.join(sorted(have))}")
+    wanted = {"none", *methods}
+    return [c for c in cells if {str(c.metrics.get("method")), str(c.metrics.get("variant"))} & wanted]
+
+
+ARGS = ("results_dir", "samples", "ids", "methods", "out", "dpi")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    """CLI: ``python -m benchmarks.visualize results_dir=DIR [samples=N | ids=[...]] [out=DIR] [dpi=N]``
+    """CLI: ``python -m benchmarks.visualize results_dir=DIR [samples=N | ids=[...]] [methods=[...]] [out=DIR]
+    [dpi=N]``
     (OmegaConf dot-list arguments)."""
     from omegaconf import OmegaConf
 
@@ -641,13 +658,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(args) - set(ARGS)
     if unknown:
         raise SystemExit(f"unknown argument(s) {sorted(unknown)}; accepted: results_dir=DIR, samples=N, "
-                         "ids=[id,...], out=DIR, dpi=N")
+                         "ids=[id,...], methods=[name,...], out=DIR, dpi=N")
     ids = args.get("ids")
+    methods = args.get("methods")
+    if methods is not None and not isinstance(methods, list):
+        methods = [methods]
     if ids is not None and not isinstance(ids, list):
         ids = [ids]
     index = write_overlays(args.get("results_dir", "results"), args.get("out"),
                            samples=int(args.get("samples", DEFAULT_SAMPLES)), ids=ids,
-                           dpi=int(args.get("dpi", DEFAULT_DPI)))
+                           dpi=int(args.get("dpi", DEFAULT_DPI)), methods=methods)
     for g in index["groups"]:
         for f in g["files"]:
             print(f"{f['file']} ({f['bytes'] / 1e3:.0f} kB)")

@@ -117,3 +117,11 @@ def test_method_colour_is_stable():
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     other = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert other.stdout.strip().split(",") == here
+
+
+def test_methods_chooses_the_rows(sweep, tmp_path):
+    index = viz.main([f"results_dir={sweep}", f"out={tmp_path}", "samples=1", "methods=[pooling]"])
+    (f,) = index["groups"][0]["files"]
+    assert {t["variant"] for t in f["tiles"]} == {"none", "pooling"}
+    with pytest.raises(ValueError, match=r"methods=\['nope'\] have no finished cell; accepted: .*fastv"):
+        viz.write_overlays(sweep, tmp_path / "x", samples=1, methods=["nope"])
