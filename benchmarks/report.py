@@ -107,7 +107,8 @@ def _licences() -> str:
     from importlib import metadata
 
     dist = metadata.distribution("itables")
-    texts = [dist.read_text(str(f)) for f in dist.files or [] if "licen" in str(f).lower()]
+    texts = [Path(str(f.locate())).read_text(encoding="utf-8") for f in dist.files or []
+             if "licen" in str(f).lower() and Path(str(f.locate())).is_file()]
     notice = ("The table is DataTables (SpryMedia Ltd, MIT) with jQuery (OpenJS Foundation, MIT), bundled by "
               f"itables {dist.version} (Marc Wouts, MIT); their copyright notices are kept in the inlined bundle.")
     body = "".join(f"<pre>{html.escape(t)}</pre>" for t in texts if t)
