@@ -27,9 +27,12 @@ no weights), per family (`FamilySpec.name`):
   a tile shows two panels, the base tile (the whole image resized to one tile) and the anyres crops
   (the image as the processor resized and padded it onto the best pinpoint, crop borders drawn, the
   padding LLaVA-NeXT unpads dropped); newline slots have no region.
-- ``qwen2_vl`` / ``qwen2_5_vl``: position i is merged unit i of the image's (rows, cols) unit grid, which
+- ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: position i is merged unit i of the image's (rows, cols) unit grid, which
   the processor's ``smart_resize`` gives from the image size and the ``min_pixels``/``max_pixels`` the
   cell recorded (``metrics.json`` ``image_processor``); checked against the row's ``visual_in``.
+- any other family: from its spec's `FamilySpec.recall_cover` (what `relevant_recall` uses): each run
+  position's region is the box around the recall-grid cells it covers; positions covering none get
+  no region.
 
 Merged tokens (pooling, prumerge, VisionZip's contextual tokens, SparseVLM's recycled ones) have no grid
 position: a prediction row lists kept positions only, and the merged ones are counted as the visual
@@ -137,11 +140,10 @@ def geometry(config: Any, image_hw: tuple[int, int], image_processor: dict[str, 
                        [[]], (side, side), view_grid=(side, side))
     elif fam == "llava_next":
         geo = _llava_next_geometry(config, H, W)
-    elif fam in ("qwen2_vl", "qwen2_5_vl"):
+    elif fam in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         geo = _qwen_geometry(config, H, W, image_processor or {})
     else:
-        raise ValueError(f"overlays: model family {fam!r} has no image mapping here; supported: llava, llava_next, "
-                         "qwen2_vl, qwen2_5_vl")
+        geo = _cover_geometry(config, H, W, visual_in)
     if visual_in is not None and int(visual_in) != geo.n_tokens:
         raise ValueError(f"overlays: the {fam} mapping of a {H}x{W} image has {geo.n_tokens} visual positions but "
                          f"the cell recorded visual_in={visual_in}; the processor settings differ from the config's")
@@ -200,6 +202,32 @@ def _llava_next_geometry(config: Any, H: int, W: int) -> Geometry:
         lines.append(seg)
     grid, _ = LlavaNextSpec.recall_cover(config, (H, W))
     return Geometry((H, W), regions, panel, names, lines, tuple(int(g) for g in grid))
+
+
+def _cover_geometry(config: Any, H: int, W: int, visual_in: int | None) -> Geometry:
+    """Any other family, from what its spec tells recall (`FamilySpec.recall_cover`): the grid laid over
+    the whole image and the run positions covering each of its cells; a position's region is the box
+    around the cells it covers (positions covering none, such as separator slots, get no region)."""
+    from benchmarks.models import family_spec
+
+    grid, cover = family_spec(config).recall_cover(config, (H, W))
+    rows, cols = (int(g) for g in grid)
+    cells = _uniform_regions(rows, cols, H, W)  # [G, 4]
+    if cover is None:  # cell i is run position i
+        n = rows * cols if visual_in is None else int(visual_in)
+        regions = np.full((n, 4), np.nan)
+        regions[: min(n, rows * cols)] = cells[:n]
+    else:
+        cover = np.asarray(cover).reshape(rows * cols, -1)  # [G, c] run positions, -1 = none
+        n = int(cover.max()) + 1 if visual_in is None else int(visual_in)
+        regions = np.full((n, 4), np.nan)
+        for g, positions in enumerate(cover):
+            for p in positions[(positions >= 0) & (positions < n)]:
+                old = regions[p]
+                regions[p] = cells[g] if np.isnan(old[0]) else (min(old[0], cells[g, 0]), max(old[1], cells[g, 1]),
+                                                               min(old[2], cells[g, 2]), max(old[3], cells[g, 3]))
+    panel = np.where(np.isnan(regions[:, 0]), -1, 0)
+    return Geometry((H, W), regions, panel, ["image"], [[]], (rows, cols))
 
 
 def _qwen_geometry(config: Any, H: int, W: int, image_processor: dict[str, Any]) -> Geometry:

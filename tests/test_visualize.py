@@ -125,3 +125,17 @@ def test_methods_chooses_the_rows(sweep, tmp_path):
     assert {t["variant"] for t in f["tiles"]} == {"none", "pooling"}
     with pytest.raises(ValueError, match=r"methods=\['nope'\] have no finished cell; accepted: .*fastv"):
         viz.write_overlays(sweep, tmp_path / "x", samples=1, methods=["nope"])
+
+
+@pytest.mark.parametrize(("family", "hw"), [("llava", (192, 192)), ("llava_next", (192, 192)), ("llava_next", (96, 192))])
+def test_spec_cover_geometry_agrees_with_the_explicit_mappings(family, hw):
+    """A family without its own mapping is drawn from its spec's recall cover: on the families that have
+    one, that gives the same positions with a region (and on LLaVA the same boxes)."""
+    from mllm_adapters.registry import get_family
+
+    cfg = get_family(family).tiny_config()
+    explicit = viz.geometry(cfg, hw)
+    generic = viz._cover_geometry(cfg, *hw, explicit.n_tokens)
+    assert generic.n_tokens == explicit.n_tokens and (generic.has_region == explicit.has_region).all()
+    if family == "llava":
+        assert np.allclose(generic.regions, explicit.regions)
