@@ -93,6 +93,11 @@ class FlowCut(Pruner):
 
     stages = ("vision",)
     requires_cls = True
+    #: docs/internvl.md, "Refused methods"
+    conformance_opt_outs = {"*:internvl": (
+        "cuts single patches inside the ViT; InternVL's pixel shuffle needs every 2x2 unit whole, "
+        "so the family spec refuses the vision stage at attach"
+    )}
     #: 2: the semantic softmax includes the CLS token, as the authors' code (version 1: patches only)
     version = 2
 

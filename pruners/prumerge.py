@@ -163,6 +163,12 @@ class PruMerge(Pruner):
 
     stages = ("pre_llm",)
     requires_cls = True
+    #: docs/internvl.md, "Refused methods"
+    conformance_opt_outs = {"*:internvl": (
+        "its single-head CLS attention and merge keys are the last N rows of the ViT q/k, one per "
+        "token, but an InternVL token is a pixel-shuffled 2x2 unit of 4 patch rows: refused at "
+        "attach"
+    )}
     #: PruMerge+ (the subclass) adds the spatially uniform samples
     uniform: ClassVar[bool] = False
     parameters = {

@@ -168,6 +168,11 @@ class RecoverableCompression(Pruner):
 
     stages = ("pre_llm",)
     requires_cls = True
+    #: docs/internvl.md, "Refused methods"
+    conformance_opt_outs = {"*:internvl": (
+        "its CLS attention and merge keys are the last N rows of the ViT q/k, one per token, but "
+        "an InternVL token is a pixel-shuffled 2x2 unit of 4 patch rows: refused at attach"
+    )}
     parameters = {
         "mode": Param(str, "fixed", choices=MODES, doc="fixed: exactly budget tokens; adaptive: LOF outlier counts"),
         "recover_share": Param(float, 0.25, low=0, high=1, high_inclusive=False, search=("float", 0.0, 0.5),

@@ -81,6 +81,12 @@ class VisionZip(Pruner):
     #: 2: the authors' code: CLS among the dominant tokens, contextual = target + mean of its group
     version = 2
     requires_cls = True
+    #: docs/internvl.md, "Refused methods"
+    conformance_opt_outs = {"*:internvl": (
+        "reads the last N rows of the ViT keys as the N tokens' keys and merges the Dv-wide CLS "
+        "state, but an InternVL token is a pixel-shuffled 2x2 unit (4 patch rows, 4 Dv wide): "
+        "refused at attach"
+    )}
     parameters = {
         "contextual_ratio": Param(float, CONTEXTUAL_RATIO, low=0, high=1, high_inclusive=False,
                                   search=("float", 0.0, 0.5), doc="share of the budget given to merged tokens"),

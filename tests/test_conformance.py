@@ -85,7 +85,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 import mllm_adapters
 from mllm_adapters import apply_pruner as _apply_pruner
@@ -336,25 +335,55 @@ class LLMInputs:
         self.h.remove()
 
 
+def per_image(tokens, input_ids: torch.Tensor, image_token_id: int) -> list[torch.Tensor]:
+    """Visual tokens as the model scatters them (``tokens``: one tensor per image, or InternVL's one per
+    tile, or one tensor of them all), regrouped per sample of a batch holding one image each: [N_b, Dt]
+    each, N_b that sample's placeholders in ``input_ids``."""
+    rows = torch.cat([t.reshape(-1, t.shape[-1]) for t in tokens])  # [sum N_b, Dt] in scatter order
+    return list(rows.split((input_ids == image_token_id).sum(1).tolist()))
+
+
 def model_visual_tokens(model, inputs) -> list[torch.Tensor]:
     """The unpruned model's own visual tokens per image [N_b, Dt], as its LLM receives them."""
     image = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
     with torch.no_grad():
-        return list(model.model.get_image_features(**image).pooler_output)
+        out = model.model.get_image_features(**image).pooler_output
+    return per_image(out, inputs["input_ids"], model.config.image_token_id)
 
 
-def reference_on_tokens(fam: Family, b: int, feats: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+def model_deepstack(model, inputs) -> list[list[torch.Tensor]] | None:
+    """Per DeepStack level, the unpruned model's own features per image [N_b, Dt] (Qwen3-VL), or None for a
+    model without DeepStack."""
+    image = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
+    with torch.no_grad():
+        levels = getattr(model.model.get_image_features(**image), "deepstack_features", None)
+    return None if levels is None else [list(level) for level in levels]
+
+
+def reference_on_tokens(fam: Family, b: int, feats: torch.Tensor, kept: torch.Tensor,
+                        deepstack: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Last-token logits of the unpruned model on sample ``b``'s prompt whose image run holds exactly
     ``feats`` [n, Dt], at the positions the family's pre-LLM stage declares: ``compact`` (as if the
     image had n tokens: the prompt with n placeholders) or ``original`` (each kept token at the position
-    of its own placeholder in the unpruned prompt, a merged token at that of its slot; text unchanged)."""
+    of its own placeholder in the unpruned prompt, a merged token at that of its slot; text unchanged).
+    ``deepstack``: per DeepStack level the [n, Dt] features added at those tokens (Qwen3-VL)."""
     model, spec = fam.model, get_family(fam.name)
-    feed = {"image": BaseModelOutputWithPooling(pooler_output=[feats])}
-    if spec.pre_llm_positions == "compact":  # the prompt with n placeholders: the model numbers them itself
-        tok = fam.processor.tokenizer([PROMPTS[b].replace("<image>", "<image>" * feats.shape[0])], return_tensors="pt")
+    if deepstack is None:
+        kw: dict[str, Any] = {}
+        spec(model).feed_features(kw, [feats])  # one image's features, the way the family's model takes them
+        feed = kw["mm_encoder_outputs"]
+    else:
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+
+        feed = {"image": BaseModelOutputWithDeepstackFeatures(pooler_output=[feats],
+                                                              deepstack_features=[[d] for d in deepstack])}
+    if spec.pre_llm_positions == "compact":  # the sample's prompt with n placeholders: the model numbers them
+        x = fam.singles[b]  # (every other token as the processor wrote it, e.g. InternVL's <img> and </img>)
+        ids, mask = x["input_ids"], x["attention_mask"]
+        cols = torch.ones(ids.shape[1], dtype=torch.bool)
+        cols[(ids[0] == model.config.image_token_id).nonzero()[feats.shape[0]:, 0]] = False
         with torch.no_grad():
-            return model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
-                         mm_encoder_outputs=feed).logits[0, -1]
+            return model(input_ids=ids[:, cols], attention_mask=mask[:, cols], mm_encoder_outputs=feed).logits[0, -1]
     x = fam.singles[b]
     ids, mask = x["input_ids"], x["attention_mask"]
     pos = spec(model).prompt_positions(dict(x), ids, mask)  # [R, 1, L] (or [1, L])
@@ -394,8 +423,11 @@ def test_pre_llm_equals_kept_tokens(families, pruner, family):
         kept = [k.clone() for k in h.kept_indices]
     (call,) = rec.calls
     assert call["mm"] is not None, "a pre-LLM method must hand the LLM its visual tokens (mm_encoder_outputs)"
-    seen = list(call["mm"]["image"].pooler_output)  # [n_b, Dt] per image, in the order the LLM sees them
+    seen = per_image(call["mm"]["image"].pooler_output, call["input_ids"],
+                     model.config.image_token_id)  # [n_b, Dt] per image, in the order the LLM sees them
     own = model_visual_tokens(model, fam.batch)
+    levels = getattr(call["mm"]["image"], "deepstack_features", None)  # DeepStack: per level, per image
+    own_levels = model_deepstack(model, fam.batch) if levels is not None else None
     for b in range(2):
         n = seen[b].shape[0]
         assert int((call["input_ids"][b] == model.config.image_token_id).sum()) == n
@@ -406,7 +438,16 @@ def test_pre_llm_equals_kept_tokens(families, pruner, family):
             assert (seen[b] - want).abs().max() <= 1e-5, f"sample {b}: LLM tokens are not the kept tokens"
         else:
             assert is_subsequence(want, seen[b], 1e-5), f"sample {b}: kept tokens missing from the LLM input"
-        ref = reference_on_tokens(fam, b, seen[b], kept[b])
+        deepstack = None
+        if levels is not None:  # each level's features of the kept tokens are the model's own of those units
+            deepstack = [level[b] for level in levels]
+            for i, (d, mine) in enumerate(zip(deepstack, own_levels)):
+                assert d.shape == seen[b].shape, f"sample {b}: DeepStack level {i} does not match the tokens"
+                if len(kept[b]) == n:
+                    assert (d - mine[b][kept[b]]).abs().max() <= 1e-5, f"sample {b}: DeepStack level {i} differs"
+                else:
+                    assert is_subsequence(mine[b][kept[b]], d, 1e-5), f"sample {b}: DeepStack level {i} misses kept units"
+        ref = reference_on_tokens(fam, b, seen[b], kept[b], deepstack)
         assert (out[b] - ref).abs().max() <= 1e-5, f"sample {b}: differs from the model run on the kept tokens"
 
 

@@ -12,4 +12,5 @@ MANIFEST = (
     ModelManifest(model_id="prunebench_llava", simple_class_path="benchmarks.lmms.model.PrunebenchLlava"),
     ModelManifest(model_id="prunebench_qwen2_5_vl", simple_class_path="benchmarks.lmms.qwen.PrunebenchQwen2_5_VL"),
     ModelManifest(model_id="prunebench_qwen2_vl", simple_class_path="benchmarks.lmms.qwen.PrunebenchQwen2_VL"),
+    ModelManifest(model_id="prunebench_qwen3_vl", simple_class_path="benchmarks.lmms.qwen.PrunebenchQwen3_VL"),
 )

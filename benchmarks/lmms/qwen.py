@@ -34,6 +34,7 @@ from typing import Any
 
 from lmms_eval.models.simple.qwen2_5_vl import Qwen2_5_VL
 from lmms_eval.models.simple.qwen2_vl import Qwen2_VL
+from lmms_eval.models.simple.qwen3_vl import Qwen3_VL
 
 from benchmarks.lmms.common import PrunebenchModel, content_chat_template_from_prompt
 from mllm_adapters.registry import family_for
@@ -91,4 +92,19 @@ class PrunebenchQwen2_VL(_PrunebenchQwen, Qwen2_VL):
     BASE = Qwen2_VL
 
     def __init__(self, pretrained: str = "Qwen/Qwen2-VL-7B-Instruct", **kwargs: Any) -> None:
+        super().__init__(pretrained=pretrained, **kwargs)
+
+
+class PrunebenchQwen3_VL(_PrunebenchQwen, Qwen3_VL):
+    """Qwen3-VL (HF format, dense) evaluated by lmms-eval's ``qwen3_vl`` with visual-token pruning.
+
+    lmms-eval's class loads bfloat16, resizes each image with ``qwen_vl_utils`` (16 px patches) and calls
+    the processor without resizing; it reads every request of a batch with the first request's
+    ``doc_to_visual``, hence the per-task batches of `_PrunebenchQwen`. An MoE checkpoint (``...-A3B``)
+    loads Qwen3VLMoeForConditionalGeneration, which prunebench does not cover: attaching raises a TypeError."""
+
+    MODEL_ID = "prunebench_qwen3_vl"
+    BASE = Qwen3_VL
+
+    def __init__(self, pretrained: str = "Qwen/Qwen3-VL-8B-Instruct", **kwargs: Any) -> None:
         super().__init__(pretrained=pretrained, **kwargs)

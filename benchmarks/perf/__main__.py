@@ -6,7 +6,8 @@ Parts:
          reference (a clear "skipped: no CUDA GPU" line otherwise).
   model  pruner overhead as a fraction of the unpruned prefill and realised prefill speed-up against
          the FLOPs bound on a LLaVA-1.5-shaped model (real hidden sizes, a few layers, random weights;
-         --model llava-next: LLaVA-NeXT-shaped, anyres; --model qwen2.5-vl-7b-shape: Qwen2.5-VL-7B-shaped,
+         --model llava-next: LLaVA-NeXT-shaped, anyres; --model qwen2.5-vl-7b-shape: Qwen2.5-VL-7B-shaped
+         (qwen3-vl-8b-shape: Qwen3-VL-8B-shaped, DeepStack),
          a 448 x 448 image by default; or a conf/model name such as tiny-next or tiny-qwen2-vl);
          ``--methods all``: every registered method (those that refuse the model are listed with the
          reason); see ``benchmarks/perf/model.py``.

@@ -45,7 +45,8 @@ N_BEFORE, N_AFTER = 35, 20  # text tokens before / after the image (BOS + system
 SHAPED = ("llava-1.5", "llava-next")
 #: Qwen-shaped models (real widths, few layers, random weights, the tiny offline processor with 14 px
 #: patches): name -> (model class, the 7B's block indexes with full attention)
-QWEN_SHAPED = {"qwen2.5-vl-7b-shape": "Qwen2_5_VLForConditionalGeneration"}
+QWEN_SHAPED = {"qwen2.5-vl-7b-shape": "Qwen2_5_VLForConditionalGeneration",
+               "qwen3-vl-8b-shape": "Qwen3VLForConditionalGeneration"}
 #: LLaVA-NeXT-7B's anyres pinpoints (llava-hf/llava-v1.6-vicuna-7b-hf)
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 BUDGET_FRACTIONS = (1 / 3, 2 / 9, 1 / 9)  # of the image's visual tokens: 192, 128, 64 of 576
@@ -110,6 +111,36 @@ def qwen_shaped(text_layers: int, vision_layers: int, seed: int = 0, attn: str =
     return Qwen2_5_VLForConditionalGeneration(cfg).eval(), processor
 
 
+def qwen3_shaped(text_layers: int, vision_layers: int, seed: int = 0, attn: str = "sdpa") -> tuple[Any, Any]:
+    """Qwen3-VL-8B's shapes (ViT width 1152, 16 heads, GELU MLP 4304, 16 px patches, a 48 x 48 learned position
+    table, PatchMerger to 4096; DeepStack from up to three blocks spread over the tower as the 8B's 8/16/24 of
+    27, added after decoder layers 0, 1, 2 (as many as there are layers); Qwen3 decoder 4096 wide, 32 q / 8 kv
+    heads of 128, MLP 12288, interleaved M-RoPE 24/20/20) with ``vision_layers`` blocks and ``text_layers``
+    decoder layers, random weights; and an offline processor (16 px patches, up to 1,280 units) with the tiny
+    word tokenizer."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+
+    from mllm_adapters import tiny
+    from mllm_adapters.tiny_qwen3_vl import make_qwen3_vl_processor
+
+    tokenizer = tiny.make_qwen_tokenizer(tiny.TINY_WORDS)
+    processor = make_qwen3_vl_processor(tokenizer, 16, 64 * 64, 32 * 32 * 1280)
+    levels = sorted({max(0, k * vision_layers // 3 - 1) for k in (1, 2, 3)})  # 27 blocks: 8, 17, 26
+    vision = dict(depth=vision_layers, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                  patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                  hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=levels)
+    text = dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=text_layers,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                 "mrope_interleaved": True},
+                pad_token_id=0, bos_token_id=2, eos_token_id=3)
+    cfg = Qwen3VLConfig(vision_config=vision, text_config=text, **tiny._qwen_token_ids(len(tokenizer)))
+    for c in (cfg, cfg.text_config, cfg.vision_config):
+        c._attn_implementation = attn
+    torch.manual_seed(seed)
+    return Qwen3VLForConditionalGeneration(cfg).eval(), processor
+
+
 def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
     """`benchmarks.models.LoadedModel` of a shaped model (`SHAPED`) or of ``conf/model/<name>.yaml``."""
     from omegaconf import OmegaConf
@@ -120,7 +151,8 @@ def load_perf_model(name: str, text_layers: int, vision_layers: int) -> Any:
         return LoadedModel(name=name, model=build_model(text_layers, vision_layers, family=name), processor=None,
                            prompt_template=DEFAULT_TEMPLATE)
     if name in QWEN_SHAPED:
-        model, processor = qwen_shaped(text_layers, vision_layers)
+        build = qwen3_shaped if QWEN_SHAPED[name] == "Qwen3VLForConditionalGeneration" else qwen_shaped
+        model, processor = build(text_layers, vision_layers)
         return LoadedModel(name=name, model=model, processor=processor, prompt_template=DEFAULT_TEMPLATE)
     path = CONF_MODEL / f"{name}.yaml"
     if not path.is_file():
@@ -375,6 +407,10 @@ def model_perf(
     elif model == "llava-next":
         desc = (f"LLaVA-NeXT-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT layers "
                 f"(CLIP-L/14-336 per tile), random weights, fp32, SDPA")
+    elif model == "qwen3-vl-8b-shape":
+        desc = (f"Qwen3-VL-8B-shaped, {text_layers} LLM layers (4096 hidden), {vision_layers} ViT blocks "
+                f"(1152 wide, DeepStack levels {list(cfg.vision_config.deepstack_visual_indexes)}), random weights, "
+                "fp32, SDPA")
     elif model in QWEN_SHAPED:
         desc = (f"Qwen2.5-VL-7B-shaped, {text_layers} LLM layers (3584 hidden), {vision_layers} ViT blocks "
                 f"(1280 wide, 112 px windows), random weights, fp32, SDPA")

@@ -105,6 +105,7 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage, Diag
     # ---- hook life cycle ------------------------------------------------------------------------
     def _install(self) -> None:
         self._hooks.append(self.model.register_forward_pre_hook(self._top_pre_hook, with_kwargs=True))
+        self.spec.follow_llm_sequence(lambda: self._fw.cur_cols)  # this thread's sequence inside the LLM
         self.spec.prepare()
         if self._llm_layers:
             first = self._llm_layers[0]
@@ -298,6 +299,10 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage, Diag
         """Turn the per-image ``handle.token_counts`` into per-sample ones (`TokenCounts.total`)."""
         per_image = self.handle.token_counts
         n_layers = self.info.llm_num_layers
+        if not self.spec.vision_loop:  # what the spec's own encoding ran (`FamilySpec.encoded_image_counts`)
+            for c, r in zip(per_image, runs):
+                for field, value in (self.spec.encoded_image_counts(r.layout) or {}).items():
+                    setattr(c, field, value)
         self.handle.token_counts = [
             TokenCounts.total([c for c, r in zip(per_image, runs) if r.sample == b], n_layers) for b in range(batch)
         ]

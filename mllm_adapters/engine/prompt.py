@@ -240,7 +240,8 @@ class PromptSurgery:
             if has_scores:
                 sc = scores if scores is not None else torch.zeros(n, device=x.device)
                 vis_scores.append(torch.cat([sc.float(), sc.new_full((W - n,), float("-inf"))]))
-        self.spec.feed_features(kwargs, feats_out)
+        # each token's index in its image's run (-1 merged): what per-token inputs beside the features follow
+        self.spec.feed_kept_features(kwargs, feats_out, [t[2] for t in per_image])
 
         fw.orig_len = L
         fw.prompt_len = Lp

@@ -80,6 +80,10 @@ class FamilySpec:
     #: with ``vision_loop = False``: True when `encode_images` can capture the blocks a pre-LLM pruner
     #: reads (`mllm_adapters.engine.probes`: q/k/v, outputs and attention segments of each block)
     vision_probes: ClassVar[bool] = False
+    #: with ``vision_loop = False`` and a [CLS] token (its probes' ``n_cls`` rows): how the [CLS] attention
+    #: to the g rows of one feature token becomes that token's ``cls_attention`` ("sum", "mean" or "max",
+    #: `mllm_adapters.engine.probes.cls_feature_attention`); None: no CLS attention is offered
+    cls_unit_reduce: ClassVar[str | None] = None
     #: positions of the tokens kept before the LLM: "compact" (renumbered, as if the image had fewer
     #: tokens: LLaVA) or "original" (each keeps the position it has unpruned: M-RoPE families)
     pre_llm_positions: ClassVar[str] = "compact"
@@ -237,6 +241,18 @@ class FamilySpec:
         pruner sees as ``ctx.pixel_values``; ``vision_loop = False``). Default: `image_pixels`."""
         return self.image_pixels(kwargs, layouts)
 
+    def view_rgb(self, kwargs: dict[str, Any], layouts: Sequence[ImageLayout]) -> list[list[torch.Tensor]]:
+        """Per image, per view of its layout, the [3, H, W] normalised pixels covering that view's grid (what
+        a pre-LLM pruner of one view sees as ``ctx.pixel_values``, ``vision_loop = False`` with several views
+        or extra slots: LLaVA-OneVision). Default: one view, `image_rgb`."""
+        return [[x] for x in self.image_rgb(kwargs, layouts)]
+
+    def encoded_image_counts(self, layout: ImageLayout) -> dict[str, Any] | None:
+        """`TokenCounts` fields that `encode_images` fixes for one image whatever is pruned (e.g. OneVision:
+        ``views`` = its ViT tiles, ``projector`` = every tile's patches, which it projects before packing), or
+        None (default) to keep the engine's own counts (``vision_loop = False`` only)."""
+        return None
+
     def prompt_positions(self, kwargs: dict[str, Any], input_ids: torch.Tensor,
                          attention_mask: torch.Tensor) -> torch.Tensor | None:
         """The unpruned prompt's position ids as the model would use them ([B, L], or [R, B, L] rows for
@@ -246,6 +262,22 @@ class FamilySpec:
     def feed_features(self, kwargs: dict[str, Any], features: list[torch.Tensor]) -> None:
         """Hand the (pruned) visual tokens, one [n_b, Dt] tensor per image, to the model's forward."""
         raise NotImplementedError
+
+    def feed_kept_features(self, kwargs: dict[str, Any], features: list[torch.Tensor],
+                           kept: list[torch.Tensor]) -> None:
+        """`feed_features` of a ragged run, told per image which token each of its ``features`` rows is
+        (``kept[b]`` [n_b]: the token's index in the image's unpruned run, i.e. its `encode_images` feature
+        row on a spec-encoded image; -1 for a merged token). For a family whose model takes more per-token
+        inputs than the projected tokens, which must follow the kept ones (Qwen3-VL's DeepStack features).
+        Default: `feed_features`."""
+        self.feed_features(kwargs, features)
+
+    def follow_llm_sequence(self, columns: Callable[[], torch.Tensor | None]) -> None:
+        """Called once when attached, before `prepare`, with a function giving the calling thread's current
+        prefill sequence inside the LLM: [B, Lc] columns of the LLM prompt (the one `feed_features` fed;
+        columns >= its length are merged tokens), or None while nothing was dropped in the LLM. For a
+        family whose model adds prompt-aligned inputs between decoder layers (Qwen3-VL's DeepStack), so
+        they follow in-LLM pruning. Default: nothing."""
 
     def prepare(self) -> None:
         """Called once when attached (e.g. make generate() let the pixels reach the forward pass)."""
