@@ -107,7 +107,8 @@ class VisPruner(Pruner):
     requires_cls = False
     cls_param = ("importance", "importance='received' (the mean attention each token receives from all tokens, "
                                "the authors' variant for encoders without [CLS])")
-    conformance_opt_outs = {"*:qwen2_vl": _NO_CLS_REASON, "*:qwen2_5_vl": _NO_CLS_REASON, "*:llava_onevision": _NO_CLS_REASON, "*:qwen3_vl": _NO_CLS_REASON}
+    conformance_opt_outs = {f"*:{family}": _NO_CLS_REASON
+                            for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")}
     parameters = {
         "important_ratio": Param(float, IMPORTANT_RATIO, low=0, high=1, search=("float", 0.0, 1.0),
                                  doc="share of the budget given to important tokens (floor of budget x ratio)"),

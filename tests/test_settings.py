@@ -41,7 +41,7 @@ BAD = [
     ("num_threads=0", r"num_threads=0 is not supported; accepted: null .* or an integer >= 1"),
     ("device=gpu", r"device='gpu' is not supported; accepted: auto, cpu, cuda, cuda:N"),
     ("+model.model_class=pipeline", r"model.model_class='pipeline' for model 'embedded' is not supported; accepted: "
-                                   r"LlavaForConditionalGeneration, LlavaNextForConditionalGeneration"),
+                                   r".*LlavaForConditionalGeneration, LlavaNextForConditionalGeneration"),
     ("model.dtype=float8", r"model.dtype='float8' is not supported; accepted: auto, float32, float16, bfloat16"),
     ("model.source=pip", r"model.source='pip' for model 'embedded' is not supported"),
     ("seeds=[]", r"seeds=\[\] is not supported"),

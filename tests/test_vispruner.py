@@ -190,7 +190,18 @@ def test_cls_refused_without_cls_received_accepted():
 
 
 def test_conformance_declares_the_refusal_on_the_families_without_cls():
-    assert set(VisPruner.conformance_opt_outs) == {"*:qwen2_vl", "*:qwen2_5_vl"}
+    """The default (importance="cls") is declared refused exactly on the families whose tiny model's vision
+    encoder has no [CLS] token."""
+    import mllm_adapters
+    from mllm_adapters.registry import get_family
+
+    no_cls = set()
+    for name in mllm_adapters.available_families():
+        spec = get_family(name)
+        model, _ = spec.build_tiny()
+        if not spec(model).model_info().has_cls:
+            no_cls.add(f"*:{name}")
+    assert set(VisPruner.conformance_opt_outs) == no_cls and no_cls
 
 
 def test_default_refused_on_qwen_naming_method_family_and_alternative(qwen):

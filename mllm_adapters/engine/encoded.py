@@ -133,7 +133,6 @@ class EncodedImages:
         after the image's kept tokens); extra slots do not reach the LLM. Returns (tokens [n, D], extra flags
         [n], packed index [n] (-1 merged), scores [n] | None)."""
         lay, dev = r.layout, f.device
-        pruner = self.pruner
         views, sizes, shares = self._tile_shares(lay)
         pidx = lay.packed_index().to(dev)
         row_of_slot = torch.cumsum((lay.src >= 0).long(), 0).to(dev) - 1  # [N] probe row of each real slot

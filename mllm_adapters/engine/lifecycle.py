@@ -115,7 +115,8 @@ class Engine(VisionLoop, MultiView, EncodedImages, PromptSurgery, LLMStage, Diag
             for i in set(self.pruner.llm_attention_layers()):
                 attn = self.spec.text_attention(i)
                 self._hooks.append(attn.module.register_forward_pre_hook(self._make_attn_capture(i), with_kwargs=True))
-                self._hooks.append(attn.k.register_forward_hook(self._make_key_capture(i)))
+                keys = attn.key_output if attn.key_output is not None else attn.k
+                self._hooks.append(keys.register_forward_hook(self._make_key_capture(i)))
                 if attn.v is not None:
                     self._hooks.append(attn.v.register_forward_hook(self._make_key_capture(i, values=True)))
             for i in set(self.pruner.llm_capture_layers()):

@@ -33,6 +33,9 @@ class AttentionParts:
               [B, T, D] to [B, T, heads * head_dim].
     head_dim: per-head width; scale: the softmax scale the block uses.
     module:   the attention module itself (its forward hooks capture inputs during prefill).
+    key_output: the model's own module whose output is the layer's pre-RoPE keys ([B, T, Hkv * hd] or
+              [B, T, Hkv, hd]), captured in prefill so scoring does not recompute them; None: ``k``
+              (set it where ``k`` wraps more than one of the model's modules, as Qwen3's k_proj + k_norm).
     """
 
     norm: Callable[[torch.Tensor], torch.Tensor]
@@ -42,6 +45,7 @@ class AttentionParts:
     head_dim: int
     scale: float
     module: nn.Module
+    key_output: nn.Module | None = None
 
 
 def _builder(name: str) -> Callable[..., Any]:

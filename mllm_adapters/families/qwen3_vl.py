@@ -237,4 +237,6 @@ class Qwen3VLSpec(Qwen2VLSpec):
             self._qk[i] = (HeadNormedProjection(a.q_proj, a.q_norm, a.head_dim),
                            HeadNormedProjection(a.k_proj, a.k_norm, a.head_dim))
         q, k = self._qk[i]
-        return AttentionParts(layer.input_layernorm, q, k, a.v_proj, a.head_dim, a.scaling, a)
+        # the model's own normed keys (k_norm's output, pre-RoPE) are captured: scoring without a cache then
+        # rotates them once instead of projecting and norming the keys again
+        return AttentionParts(layer.input_layernorm, q, k, a.v_proj, a.head_dim, a.scaling, a, key_output=a.k_norm)

@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from benchmarks import report, store
+from benchmarks import report, store, visualize
 from benchmarks import run as runner
-from benchmarks import visualize
 
 pytestmark = pytest.mark.browser
 
