@@ -33,7 +33,14 @@ import numpy as np
 import pandas as pd
 
 from benchmarks import store
-from benchmarks.leaderboard import SAMPLE_KEYS, LineKey, is_reference, line_labels, method_curves, pareto_front
+from benchmarks.leaderboard import (
+    SAMPLE_KEYS,
+    LineKey,
+    is_reference,
+    line_labels,
+    method_curves,
+    pareto_front,
+)
 from benchmarks.palette import method_colour
 
 #: the zoomed panel shows accuracies from this fraction of the unpruned accuracy up

@@ -109,6 +109,14 @@ def _set_attn(cfg, attn_implementation: str):
     return cfg
 
 
+def tiny_text_dims(vocab_size: int, text_layers: int, **extra) -> dict:
+    """The tiny decoder every family's tiny model shares: hidden 64, MLP 128, 4 query / 2 key-value heads,
+    512 positions, pad/bos/eos = ids 0/2/3 (``extra`` adds or overrides fields, e.g. a model_type)."""
+    return {**dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=text_layers,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0,
+                   bos_token_id=2, eos_token_id=3), **extra}
+
+
 def tiny_llava_config(
     vocab_size: int,
     image_size: int = 48,
@@ -127,18 +135,7 @@ def tiny_llava_config(
         num_attention_heads=4,
         projection_dim=32,
     )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    text = LlamaConfig(**tiny_text_dims(vocab_size, text_layers))
     cfg = LlavaConfig(
         vision_config=vision,
         text_config=text,
@@ -323,19 +320,8 @@ def _qwen_token_ids(vocab_size: int) -> dict:
 
 def _qwen_text_config(vocab_size: int, text_layers: int) -> dict:
     """Tiny Qwen2 decoder: hidden 64, 4 q / 2 kv heads (head_dim 16), M-RoPE sections t/h/w = 2/3/3 of 8 freqs."""
-    return dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    return tiny_text_dims(vocab_size, text_layers,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]})
 
 
 def tiny_qwen2_vl_config(

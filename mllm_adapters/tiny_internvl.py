@@ -27,7 +27,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from mllm_adapters.tiny import TINY_WORDS, _set_attn, _sharpen, _word_tokenizer
+from mllm_adapters.tiny import TINY_WORDS, _set_attn, _sharpen, _word_tokenizer, tiny_text_dims
 
 #: Special tokens of the tiny InternVL tokenizer (ids 0..6, in this order): the real InternVL3 strings for
 #: the image start / end and context (placeholder) tokens, and its video token.
@@ -114,20 +114,7 @@ def tiny_internvl_config(
         use_absolute_position_embeddings=True,
         layer_scale_init_value=0.1,
     )
-    text = dict(
-        model_type="qwen2",
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=True,
-    )
+    text = tiny_text_dims(vocab_size, text_layers, model_type="qwen2", tie_word_embeddings=True)
     cfg = InternVLConfig(
         vision_config=vision,
         text_config=text,

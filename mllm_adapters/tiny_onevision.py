@@ -29,7 +29,7 @@ from transformers import (
     SiglipVisionConfig,
 )
 
-from mllm_adapters.tiny import TINY_WORDS, _sharpen, _word_tokenizer
+from mllm_adapters.tiny import TINY_WORDS, _sharpen, _word_tokenizer, tiny_text_dims
 
 #: Special tokens of the tiny OneVision tokenizer (ids 0..5): the LLaVA ones plus ``<video>``, which the
 #: OneVision processor also looks up.
@@ -98,19 +98,8 @@ def tiny_onevision_config(
         patch_size=patch_size,
         vision_use_head=False,
     )
-    text = Qwen2Config(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        pad_token_id=ids["<pad>"],
-        bos_token_id=ids["<s>"],
-        eos_token_id=ids["</s>"],
-        tie_word_embeddings=False,
-    )
+    text = Qwen2Config(**tiny_text_dims(vocab_size, text_layers, max_position_embeddings=1024, pad_token_id=ids["<pad>"],
+                                        bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], tie_word_embeddings=False))
     cfg = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,

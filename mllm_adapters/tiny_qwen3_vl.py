@@ -35,6 +35,7 @@ from mllm_adapters.tiny import (
     _set_attn,
     _sharpen,
     make_qwen_tokenizer,
+    tiny_text_dims,
 )
 
 #: The tiny Qwen tokenizer's vocabulary size, as `make_qwen_tokenizer(TINY_WORDS)` builds it (8 special tokens
@@ -104,21 +105,9 @@ def tiny_qwen3_vl_config(
         num_position_embeddings=TINY_QWEN3_POS_EMBED,
         deepstack_visual_indexes=list(levels),
     )
-    text = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=512,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(TINY_QWEN3_MROPE),
-                         "mrope_interleaved": True},
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-    )
+    text = tiny_text_dims(vocab_size, text_layers, head_dim=16,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                           "mrope_section": list(TINY_QWEN3_MROPE), "mrope_interleaved": True})
     cfg = Qwen3VLConfig(vision_config=vision, text_config=text, **_qwen_token_ids(vocab_size))
     return _set_attn(cfg, attn_implementation)
 
