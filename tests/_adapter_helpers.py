@@ -1,7 +1,10 @@
-"""Test-only helpers shared by the adapter tests: a fixed in-LLM pruner, a projector recorder and
-greedy decoding by full recompute."""
+"""Test-only helpers shared by the adapter tests: a fixed in-LLM pruner, a projector recorder,
+greedy decoding by full recompute, and cached generate() beside that recompute with the prefill's
+pruner decisions replayed."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -65,3 +68,64 @@ def greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> to
             if mm is not None:
                 mm = torch.cat([mm, torch.zeros_like(nxt)], 1)
     return torch.stack(out, 1)
+
+
+#: the pruner method each stage calls
+STAGE_FUNCTIONS = {"vision": "prune_vision", "pre_llm": "prune_pre_llm", "llm": "prune_llm"}
+
+
+def clone_decision(x):
+    """A deep copy of a stage's decision (a tensor, a dataclass of tensors, or anything else as is)."""
+    if isinstance(x, torch.Tensor):
+        return x.clone()
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return dataclasses.replace(x, **{f.name: clone_decision(getattr(x, f.name)) for f in dataclasses.fields(x)})
+    return x
+
+
+def cached_and_recomputed(model, inputs, method: str, params: dict, steps: int,
+                          monkeypatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(generate()'s step logits with the pruned KV cache, `greedy_recompute`'s) [B, steps, V] under pruner
+    ``method`` (``params`` include the budget). The recompute replays the prefill's decisions in call order
+    (per view, per layer) at every step, with the filler slots `keep_top` marked: with the cache they are
+    made once, at prefill, and an in-LLM method's choice depends on the last token, which changes at every
+    recomputed step. Checks that every declared stage was called, and replayed once per step."""
+    from pruners import get_pruner_class
+
+    cls = get_pruner_class(method)
+    names = [STAGE_FUNCTIONS[s] for s in cls.stages]
+    recorded: dict[str, list] = {n: [] for n in names}
+    calls = {n: 0 for n in names}
+
+    def recorder(name, fn):
+        def wrapped(self, ctx):
+            out = fn(self, ctx)
+            recorded[name].append((clone_decision(out), clone_decision(getattr(ctx, "fillers", None))))
+            return out
+        return wrapped
+
+    def replayer(name):
+        def replay(self, ctx):
+            seq = recorded[name]
+            out, fillers = seq[calls[name] % len(seq)]
+            calls[name] += 1
+            if fillers is not None:
+                ctx.fillers = fillers.clone()
+            return clone_decision(out)
+        return replay
+
+    with monkeypatch.context() as mp:
+        for n in names:
+            mp.setattr(cls, n, recorder(n, getattr(cls, n)))
+        with apply_pruner(model, method, **params), torch.no_grad():
+            gen = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
+                                 output_logits=True)
+    cached = torch.stack(gen.logits, 1)  # [B, steps, V]
+    with monkeypatch.context() as mp:
+        for n in names:
+            assert recorded[n], f"{method} declares stage of {n} but the adapter never called it"
+            mp.setattr(cls, n, replayer(n))
+        ref = greedy_recompute(model, inputs, steps, method, params)
+    for n in names:
+        assert calls[n] == steps * len(recorded[n]), f"{n}: {calls[n]} calls in {steps} recomputed prefills"
+    return cached, ref

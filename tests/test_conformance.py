@@ -90,7 +90,7 @@ import mllm_adapters
 from mllm_adapters import apply_pruner as _apply_pruner
 from mllm_adapters.registry import get_family, supported_model_classes
 from pruners import available_pruners, get_pruner_class
-from tests._adapter_helpers import IMAGE_INPUTS, greedy_recompute
+from tests._adapter_helpers import IMAGE_INPUTS, cached_and_recomputed
 
 INVARIANTS = (
     "keep_all_equals_unpruned",
@@ -539,17 +539,6 @@ def test_same_seed_same_result(families, pruner, family):
 
 
 # ---- 5. cached generate = full recompute -------------------------------------------------------------
-STAGE_FUNCTIONS = {"vision": "prune_vision", "pre_llm": "prune_pre_llm", "llm": "prune_llm"}
-
-
-def _clone(x):
-    if isinstance(x, torch.Tensor):
-        return x.clone()
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return dataclasses.replace(x, **{f.name: _clone(getattr(x, f.name)) for f in dataclasses.fields(x)})
-    return x
-
-
 @pytest.mark.parametrize("pruner,family", cases())
 def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch):
     """The recompute replays the prefill's pruner decisions (in call order: per tile on LLaVA-NeXT, per
@@ -558,44 +547,8 @@ def test_cached_generate_equals_recompute(families, pruner, family, monkeypatch)
     if refused(families, pruner, family, "cached_generate_equals_recompute"):
         return
     fam = families[family]
-    model, cls = fam.model, get_pruner_class(pruner)
-    names = [STAGE_FUNCTIONS[s] for s in cls.stages]
-    recorded: dict[str, list] = {n: [] for n in names}
-
-    def recorder(name, fn):
-        def wrapped(self, ctx):
-            out = fn(self, ctx)
-            recorded[name].append((_clone(out), _clone(getattr(ctx, "fillers", None))))
-            return out
-        return wrapped
-
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, recorder(n, getattr(cls, n)))
-        with apply_pruner(model, pruner, budget=fam.budget):
-            gen = model.generate(**fam.batch, max_new_tokens=GEN_STEPS, do_sample=False,
-                                 return_dict_in_generate=True, output_logits=True)
-    cached = torch.stack(gen.logits, 1)  # [B, steps, V]
-    calls = {n: 0 for n in names}
-
-    def replayer(name):
-        def replay(self, ctx):  # the decision: the indices and the filler slots `keep_top` marked
-            seq = recorded[name]
-            out, fillers = seq[calls[name] % len(seq)]
-            calls[name] += 1
-            if fillers is not None:
-                ctx.fillers = fillers.clone()
-            return _clone(out)
-        return replay
-
-    with monkeypatch.context() as mp:
-        for n in names:
-            assert recorded[n], f"{pruner} declares stage of {n} but the adapter never called it"
-            mp.setattr(cls, n, replayer(n))
-        ref = greedy_recompute(model, fam.batch, GEN_STEPS, pruner,
-                               {**get_pruner_class(pruner).conformance_params, "budget": fam.budget})
-    for n in names:
-        assert calls[n] == GEN_STEPS * len(recorded[n]), f"{n}: {calls[n]} calls in {GEN_STEPS} recomputed prefills"
+    params = {**get_pruner_class(pruner).conformance_params, "budget": fam.budget}
+    cached, ref = cached_and_recomputed(fam.model, fam.batch, pruner, params, GEN_STEPS, monkeypatch)
     assert (cached - ref).abs().max() <= 1e-4
 
 

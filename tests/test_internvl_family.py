@@ -36,6 +36,7 @@ from mllm_adapters.handle import TokenCounts
 from mllm_adapters.tiny_internvl import TINY_INTERNVL_IMAGE, build_tiny_internvl
 from pruners import get_pruner_class, register_pruner
 from pruners.base import PreLLMContext, PreLLMDecision, Pruner
+from tests._adapter_helpers import cached_and_recomputed
 
 SIZES = [(40, 60), (30, 80), (48, 48)]  # (height, width) px
 TILES = [3, 4, 1]  # tiles the processor cuts each into (thumbnail included)
@@ -43,7 +44,6 @@ UNITS = 9  # tokens per tile
 PROMPTS = [f"USER: {TINY_INTERNVL_IMAGE} what is the colour of the circle ? ASSISTANT:",
            f"USER: {TINY_INTERNVL_IMAGE} how many ? ASSISTANT:",
            f"USER: {TINY_INTERNVL_IMAGE} describe image ASSISTANT:"]
-STAGE_FUNCTIONS = {"pre_llm": "prune_pre_llm", "llm": "prune_llm"}
 REFUSED = ["flowcut", "visionzip", "prumerge", "prumerge_plus", "recoverable"]
 
 
@@ -188,52 +188,8 @@ def test_batch_of_two_sizes_equals_batches_of_one(ivl, method):
 # ---- cached generate = recompute ------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["fastervlm", "fastv", "vflowopt"])
 def test_cached_generate_equals_recompute(ivl, method, monkeypatch):
-    model = ivl[0]
-    cls = get_pruner_class(method)
-    names = [STAGE_FUNCTIONS[st] for st in cls.stages]
-    x = enc(ivl, [0, 1])
-    recorded: dict[str, list] = {n: [] for n in names}
-
-    def recorder(name, fn):
-        def wrapped(self, ctx):
-            out = fn(self, ctx)
-            fillers = getattr(ctx, "fillers", None)
-            recorded[name].append((out, None if fillers is None else fillers.clone()))
-            return out
-        return wrapped
-
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, recorder(n, getattr(cls, n)))
-        with apply_pruner(model, method, budget=6), torch.no_grad():
-            gen = model.generate(**x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                 output_logits=True)
-    cached = torch.stack(gen.logits, 1)  # [B, steps, V]
-    calls = {n: 0 for n in names}
-
-    def replayer(name):
-        def replay(self, ctx):
-            out, fillers = recorded[name][calls[name] % len(recorded[name])]
-            calls[name] += 1
-            if fillers is not None:
-                ctx.fillers = fillers.clone()
-            return out
-        return replay
-
-    ids, mask = x["input_ids"], x["attention_mask"]
-    steps = []
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, replayer(n))
-        with apply_pruner(model, method, budget=6), torch.no_grad():
-            for _ in range(3):
-                step = model(input_ids=ids, attention_mask=mask, pixel_values=x["pixel_values"],
-                             use_cache=False).logits[:, -1]
-                steps.append(step)
-                nxt = step.argmax(-1, keepdim=True)
-                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-    assert all(calls[n] == 3 * len(recorded[n]) for n in names)
-    assert (cached - torch.stack(steps, 1)).abs().max() <= 1e-4
+    cached, ref = cached_and_recomputed(ivl[0], enc(ivl, [0, 1]), method, {"budget": 6}, 3, monkeypatch)
+    assert (cached - ref).abs().max() <= 1e-4
 
 
 # ---- CLS attention per unit -------------------------------------------------------------------------------

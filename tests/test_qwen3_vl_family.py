@@ -38,8 +38,7 @@ from mllm_adapters.handle import TokenCounts
 from mllm_adapters.registry import family_of_class
 from mllm_adapters.tiny import TINY_QWEN_IMAGE
 from mllm_adapters.tiny_qwen3_vl import build_tiny_qwen3_vl, tiny_qwen3_vl_config
-from pruners import get_pruner_class
-from tests._adapter_helpers import greedy_recompute
+from tests._adapter_helpers import cached_and_recomputed
 
 SIZES = [(40, 60), (64, 48)]  # (height, width) px -> 2 x 4 and 4 x 3 merged units
 UNITS = [(2, 4), (4, 3)]
@@ -302,51 +301,12 @@ def test_two_images_in_a_sample_equal_the_model_on_their_kept_units(q3):
 
 
 # ---- cached generate = recompute -----------------------------------------------------------------------------
-STAGE_FUNCTIONS = {"pre_llm": "prune_pre_llm", "llm": "prune_llm"}
-
-
 @pytest.mark.parametrize("method,params", [("random", {}), ("pooling", {}), ("fastv", {"layer": 1}),
                                            ("fastv", {"layer": 2}), ("pdrop", {})])
 def test_cached_generate_equals_recompute(q3, method, params, monkeypatch):
     """generate() with the pruned KV cache (DeepStack injected at prefill only) equals greedy decoding by
     full recompute, the prefill's pruner decisions replayed at every step."""
-    model = q3[0]
-    cls = get_pruner_class(method)
-    names = [STAGE_FUNCTIONS[st] for st in cls.stages]
-    x = enc(q3, [0, 1])
-    recorded: dict[str, list] = {n: [] for n in names}
-
-    def recorder(name, fn):
-        def wrapped(self, ctx):
-            out = fn(self, ctx)
-            fillers = getattr(ctx, "fillers", None)
-            recorded[name].append((out, None if fillers is None else fillers.clone()))
-            return out
-        return wrapped
-
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, recorder(n, getattr(cls, n)))
-        with apply_pruner(model, method, budget=4, **params), torch.no_grad():
-            gen = model.generate(**x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                 output_logits=True)
-    cached = torch.stack(gen.logits, 1)
-    calls = {n: 0 for n in names}
-
-    def replayer(name):
-        def replay(self, ctx):
-            out, fillers = recorded[name][calls[name] % len(recorded[name])]
-            calls[name] += 1
-            if fillers is not None:
-                ctx.fillers = fillers.clone()
-            return out
-        return replay
-
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, replayer(n))
-        ref = greedy_recompute(model, x, 3, method, {"budget": 4, **params})
-    assert all(calls[n] == 3 * len(recorded[n]) for n in names)
+    cached, ref = cached_and_recomputed(q3[0], enc(q3, [0, 1]), method, {"budget": 4, **params}, 3, monkeypatch)
     assert (cached - ref).abs().max() <= 1e-4
 
 

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from mllm_adapters import apply_pruner
 from mllm_adapters.tiny import TINY_QWEN_IMAGE
-from pruners import get_pruner_class
+from tests._adapter_helpers import cached_and_recomputed
 from tests.conftest import QWEN_SIZES
 
 SIZES = QWEN_SIZES  # 8 and 12 merged units (the `qwen` fixture's images, tests/conftest.py)
@@ -137,63 +137,13 @@ def test_pre_llm_equals_model_on_kept_units_at_original_positions(qwen, method):
     assert (out - compact).abs().max() > 1e-3
 
 
-STAGE_FUNCTIONS = {"pre_llm": "prune_pre_llm", "llm": "prune_llm"}
-
-
 @pytest.mark.parametrize("method,budget", [("random", 4), ("divprune", 4), ("fastv", 4), ("pdrop", 4)])
 def test_cached_generate_equals_recompute(qwen, method, budget, monkeypatch):
     """generate() with the pruned KV cache equals greedy decoding by full recompute (the prompt plus the
     generated tokens re-run each step), the prefill's pruner decisions replayed at every step (an in-LLM
     method's choice depends on the last token, which changes at every recomputed step)."""
-    model = qwen[0]
-    cls = get_pruner_class(method)
-    names = [STAGE_FUNCTIONS[st] for st in cls.stages]
-    x = enc(qwen, [0, 1])
-    recorded: dict[str, list] = {n: [] for n in names}
-
-    def recorder(name, fn):
-        def wrapped(self, ctx):
-            out = fn(self, ctx)
-            fillers = getattr(ctx, "fillers", None)  # the filler slots `keep_top` marked: part of the decision
-            recorded[name].append((out.clone() if isinstance(out, torch.Tensor) else out,
-                                   None if fillers is None else fillers.clone()))
-            return out
-        return wrapped
-
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, recorder(n, getattr(cls, n)))
-        with apply_pruner(model, method, budget=budget), torch.no_grad():
-            gen = model.generate(**x, max_new_tokens=3, do_sample=False, return_dict_in_generate=True,
-                                 output_logits=True)
-    cached = torch.stack(gen.logits, 1)  # [B, steps, V]
-    calls = {n: 0 for n in names}
-
-    def replayer(name):
-        def replay(self, ctx):
-            out, fillers = recorded[name][calls[name] % len(recorded[name])]
-            calls[name] += 1
-            if fillers is not None:
-                ctx.fillers = fillers.clone()
-            return out
-        return replay
-
-    ids, mask, mm = x["input_ids"], x["attention_mask"], x["mm_token_type_ids"]
-    image = {k: x[k] for k in ("pixel_values", "image_grid_thw")}
-    steps = []
-    with monkeypatch.context() as mp:
-        for n in names:
-            mp.setattr(cls, n, replayer(n))
-        with apply_pruner(model, method, budget=budget), torch.no_grad():
-            for _ in range(3):
-                step = model(input_ids=ids, attention_mask=mask, mm_token_type_ids=mm, **image,
-                             use_cache=False).logits[:, -1]
-                steps.append(step)
-                nxt = step.argmax(-1, keepdim=True)
-                ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
-                mm = torch.cat([mm, torch.zeros_like(nxt)], 1)
-    assert all(calls[n] == 3 * len(recorded[n]) for n in names)
-    assert (cached - torch.stack(steps, 1)).abs().max() <= 1e-4
+    cached, ref = cached_and_recomputed(qwen[0], enc(qwen, [0, 1]), method, {"budget": budget}, 3, monkeypatch)
+    assert (cached - ref).abs().max() <= 1e-4
 
 
 @pytest.mark.parametrize("method", ["vtc_cls", "visionzip", "recoverable"])
