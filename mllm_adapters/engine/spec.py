@@ -165,6 +165,15 @@ class FamilySpec:
         """What pruners may know about the model (validates that the model is one the spec handles)."""
         raise NotImplementedError
 
+    def _model_info(self, **fields: Any) -> ModelInfo:
+        """`ModelInfo` with what every family fills the same way (its name, `max_visual_tokens`, the text
+        config's depth and width, `checkpoint`'s folder and pixel statistics); ``fields``: the rest."""
+        tcfg = self.config.text_config
+        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
+        return ModelInfo(family=self.name, num_visual_tokens=self.max_visual_tokens(self.config),
+                         llm_num_layers=int(tcfg.num_hidden_layers), llm_hidden_size=int(tcfg.hidden_size),
+                         checkpoint_dir=checkpoint_dir, pixel_mean=pixel_mean, pixel_std=pixel_std, **fields)
+
     def checkpoint(self) -> tuple[str | None, tuple[float, ...], tuple[float, ...]]:
         """(the folder or hub id the model was loaded from, or None; the per-channel pixel mean and std
         its image processor normalises with: the checkpoint's ``preprocessor_config.json``, else the

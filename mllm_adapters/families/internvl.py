@@ -274,7 +274,7 @@ class InternVLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
 
     # ---- model facts ------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
-        vcfg, tcfg = self.config.vision_config, self.config.text_config
+        vcfg = self.config.vision_config
         strategy = self.config.vision_feature_select_strategy
         if strategy != "default":
             raise ValueError(f"vision_feature_select_strategy {strategy!r} is not supported; accepted: 'default' "
@@ -283,20 +283,12 @@ class InternVLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
                 self.tokens_per_tile(self.config):
             raise ValueError(f"{MODEL_CLASS}: image_seq_length={self.config.image_seq_length} but a tile has "
                              f"{self.tokens_per_tile(self.config)} units")
-        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
-        return ModelInfo(
-            family=self.name,
-            num_visual_tokens=self.max_visual_tokens(self.config),
+        return self._model_info(
             grid_hw=(self.units, self.units),  # one tile's units (each tile is pruned as its own view)
             has_cls=True,
             vision_num_layers=int(vcfg.num_hidden_layers),
             vision_feature_layer=self._feature_layer(self.config),
             vision_num_heads=int(vcfg.num_attention_heads),
-            llm_num_layers=int(tcfg.num_hidden_layers),
-            llm_hidden_size=int(tcfg.hidden_size),
-            checkpoint_dir=checkpoint_dir,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
         )
 
     def check_pruner(self, pruner: Pruner) -> None:

@@ -53,7 +53,7 @@ class LlavaSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
 
     # ---- model facts ------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
-        vcfg, tcfg = self.config.vision_config, self.config.text_config
+        vcfg = self.config.vision_config
         vt = self.vision_tower
         if not hasattr(vt, "encoder") or not hasattr(vt, "embeddings"):
             raise TypeError(f"the {self.name} family supports CLIP-style vision towers (embeddings + "
@@ -69,20 +69,12 @@ class LlavaSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
         if hs_index == 0:
             raise ValueError("vision_feature_layer selects the embeddings; no ViT layer to prune")
         side = _side(self.config)
-        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
-        return ModelInfo(
-            family=self.name,
-            num_visual_tokens=self.max_visual_tokens(self.config),
+        return self._model_info(
             grid_hw=(side, side),
             has_cls=getattr(vt.embeddings, "class_embedding", None) is not None,
             vision_num_layers=n_layers,
             vision_feature_layer=hs_index - 1,
             vision_num_heads=vcfg.num_attention_heads,
-            llm_num_layers=tcfg.num_hidden_layers,
-            llm_hidden_size=tcfg.hidden_size,
-            checkpoint_dir=checkpoint_dir,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
         )
 
     # ---- vision side ------------------------------------------------------------------------------

@@ -282,26 +282,18 @@ class LlavaOnevisionSpec(LlavaNextSpec):
         layer = self.config.vision_feature_layer
         if not isinstance(layer, int):
             raise ValueError(f"vision_feature_layer must be a single int for pruning, got {layer!r}")
-        vcfg, tcfg = self.config.vision_config, self.config.text_config
+        vcfg = self.config.vision_config
         n_layers = int(vcfg.num_hidden_layers)
         hs_index = layer % (n_layers + 1)
         if hs_index == 0:
             raise ValueError("vision_feature_layer selects the embeddings; no ViT layer to read")
         side = _side(self.config)
-        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
-        return ModelInfo(
-            family=self.name,
-            num_visual_tokens=self.max_visual_tokens(self.config),
+        return self._model_info(
             grid_hw=(side, side),
             has_cls=False,
             vision_num_layers=n_layers,
             vision_feature_layer=hs_index - 1,
             vision_num_heads=int(vcfg.num_attention_heads),
-            llm_num_layers=int(tcfg.num_hidden_layers),
-            llm_hidden_size=int(tcfg.hidden_size),
-            checkpoint_dir=checkpoint_dir,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
         )
 
     def checkpoint(self) -> tuple[str | None, tuple[float, ...], tuple[float, ...]]:

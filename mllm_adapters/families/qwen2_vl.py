@@ -154,21 +154,13 @@ class Qwen2VLSpec(PixelsThroughGenerate, LlamaStyleDecoder, FamilySpec):
         return 2 * int(n_tokens) * (dm * dm + dm * dt)
 
     def model_info(self) -> ModelInfo:
-        vcfg, tcfg = self.config.vision_config, self.config.text_config
-        checkpoint_dir, pixel_mean, pixel_std = self.checkpoint()
-        return ModelInfo(
-            family=self.name,
-            num_visual_tokens=self.max_visual_tokens(self.config),
+        vcfg = self.config.vision_config
+        return self._model_info(
             grid_hw=(1, 1),  # per image: its own unit grid (ctx.info.grid_hw in the pre-LLM context)
             has_cls=False,
             vision_num_layers=int(vcfg.depth),
             vision_feature_layer=int(vcfg.depth) - 1,
             vision_num_heads=int(vcfg.num_heads),
-            llm_num_layers=int(tcfg.num_hidden_layers),
-            llm_hidden_size=int(tcfg.hidden_size),
-            checkpoint_dir=checkpoint_dir,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
         )
 
     def check_pruner(self, pruner: Pruner) -> None:
