@@ -102,8 +102,13 @@ def test_report_page_in_chromium(page, browser):
         return [...document.querySelectorAll('#{report.TABLE_ID} thead tr:first-child th')]
             .find(th => th.innerText.trim() === 'tflops_prefill');""")
     assert header is not None, "no tflops_prefill header"
+    from selenium.webdriver.support.ui import WebDriverWait
+
     for descending in (False, True):
         header.find_element(By.CSS_SELECTOR, ".dt-column-order").click()
+        # DataTables redraws after the click event returns: wait for the header to show the new order
+        want = "dt-ordering-desc" if descending else "dt-ordering-asc"
+        WebDriverWait(driver, 10).until(lambda d, want=want: want in header.get_attribute("class"))
         values = [float(v) for v in _column(driver, "tflops_prefill")]
         assert values == sorted(values, reverse=descending) and len(values) == n_cells
 
@@ -115,10 +120,11 @@ def test_report_page_in_chromium(page, browser):
         return t.querySelectorAll('tfoot input')[i] || null;""")
     assert box is not None, "no filter box on the method column"
     box.send_keys("visionzip")
+    WebDriverWait(driver, 10).until(lambda d: _rows(d) < n_cells)  # the filter applies on the input event
     assert _column(driver, "method") == ["visionzip", "visionzip"]
     box.clear()
     box.send_keys("\b")  # an edit event: the filter is lifted
-    assert _rows(driver) == n_cells
+    WebDriverWait(driver, 10).until(lambda d: _rows(d) == n_cells)
 
     # every figure and overlay image decoded
     broken = driver.execute_script(
