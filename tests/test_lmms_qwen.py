@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from benchmarks.lmms.common import content_chat_template_from_prompt
 from mllm_adapters import apply_pruner
@@ -26,39 +24,11 @@ from mllm_adapters.tiny import (
     build_tiny_qwen2_5_vl,
     build_tiny_qwen2_vl,
 )
+from tests._lmms_docs import DOCS, NEW, TEMPLATE, requests
 
 FAMILIES = {"qwen2_5_vl": build_tiny_qwen2_5_vl, "qwen2_vl": build_tiny_qwen2_vl}
-TEMPLATE = "USER: <image> {question} ASSISTANT:"  # + TINY_QWEN_IMAGE for <image>: the tiny prompt format
-NEW = 4
-GEN = {"max_new_tokens": NEW, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
 #: lmms-eval's own answer clean-up after decoding (Qwen2_VL strips whitespace, Qwen2_5_VL does not).
 CLEAN = {"qwen2_5_vl": lambda s: s, "qwen2_vl": str.strip}
-
-
-def _image(seed: int, size: tuple[int, int]) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-# Two tasks (as lmms-eval hands every task's requests to one generate_until call); sizes give 16 and
-# 8 merged units after lmms-eval's and the processor's resizing, so batches are really padded.
-DOCS = {
-    "fake_a": [{"image": _image(0, (64, 48)), "question": "what is the colour ?"},
-               {"image": _image(1, (40, 60)), "question": "how many circle are there ?"}],
-    "fake_b": [{"image": _image(2, (40, 60)), "question": "what shape is at row one column two ?"},
-               {"image": _image(3, (64, 48)), "question": "describe the image"}],
-}
-
-
-def _requests():
-    from lmms_eval.api.instance import Instance
-
-    reqs = []
-    for task, docs in DOCS.items():
-        for doc_id, doc in enumerate(docs):
-            args = (doc["question"], dict(GEN), lambda d: [d["image"]], doc_id, task, "test")
-            reqs.append(Instance("generate_until", args, idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1}))
-    return reqs
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
@@ -98,7 +68,7 @@ def _reference(family: str, lm, method: str, budget: int | None, params: dict) -
     tok = lm.processor.tokenizer
     answers = []
     with apply_pruner(lm.model, method, budget=budget, **params):
-        for req in _requests():
+        for req in requests():
             doc = DOCS[req.args[4]][req.args[3]]
             # lmms-eval's image preparation: a JPEG data URL, resized by qwen_vl_utils within its pixel bounds
             image = fetch_image({"image": lm._encode_image_data_url(doc["image"]), "min_pixels": lm.min_pixels,
@@ -131,8 +101,8 @@ def test_lmms_eval_answers_equal_prunebench_generation(saved, model_args):
     lm1 = _load(family, folder, model_args, batch_size=1)
     lm2 = _load(family, folder, model_args, batch_size=2)
     assert lm2.processor.tokenizer.padding_side == "left"
-    one = lm1.generate_until(_requests())
-    two = lm2.generate_until(_requests())
+    one = lm1.generate_until(requests())
+    two = lm2.generate_until(requests())
     assert lm1._prefills == lm2._prefills == len(one) == 4
     args = dict(kv.split("=") for kv in model_args.split(","))
     method, budget = args.pop("method"), int(args.pop("budget"))
@@ -148,7 +118,7 @@ def test_requests_of_two_tasks_are_batched_per_task(saved):
     family, folder = saved
     lm4 = _load(family, folder, "method=random,budget=4", batch_size=4)
     lm1 = _load(family, folder, "method=random,budget=4", batch_size=1)
-    assert lm4.generate_until(_requests()) == lm1.generate_until(_requests())
+    assert lm4.generate_until(requests()) == lm1.generate_until(requests())
 
 
 def test_bad_arguments_are_refused(saved):

@@ -11,44 +11,14 @@ lmms-eval does it.
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from benchmarks.lmms.common import content_chat_template_from_prompt
 from mllm_adapters import apply_pruner
 from mllm_adapters.tiny import TINY_QWEN_IMAGE, TINY_QWEN_MAX_PIXELS, TINY_QWEN_MIN_PIXELS
 from mllm_adapters.tiny_qwen3_vl import build_tiny_qwen3_vl
-
-TEMPLATE = "USER: <image> {question} ASSISTANT:"
-NEW = 4
-GEN = {"max_new_tokens": NEW, "temperature": 0, "do_sample": False, "until": ["\n\n"]}
-
-
-def _image(seed: int, size: tuple[int, int]) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
-
-
-# Two tasks; the sizes give different unit counts after qwen_vl_utils' resizing, so batches are padded.
-DOCS = {
-    "fake_a": [{"image": _image(0, (64, 48)), "question": "what is the colour ?"},
-               {"image": _image(1, (40, 60)), "question": "how many circle are there ?"}],
-    "fake_b": [{"image": _image(2, (40, 60)), "question": "what shape is at row one column two ?"},
-               {"image": _image(3, (64, 48)), "question": "describe the image"}],
-}
-
-
-def _requests():
-    from lmms_eval.api.instance import Instance
-
-    reqs = []
-    for task, docs in DOCS.items():
-        for doc_id, doc in enumerate(docs):
-            args = (doc["question"], dict(GEN), lambda d: [d["image"]], doc_id, task, "test")
-            reqs.append(Instance("generate_until", args, idx=0, metadata={"task": task, "doc_id": doc_id, "repeats": 1}))
-    return reqs
+from tests._lmms_docs import DOCS, NEW, TEMPLATE, requests
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +55,7 @@ def _reference(lm, method: str, budget: int, params: dict) -> list[str]:
     tok = lm.processor.tokenizer
     answers = []
     with apply_pruner(lm.model, method, budget=budget, **params):
-        for req in _requests():
+        for req in requests():
             doc = DOCS[req.args[4]][req.args[3]]
             image = fetch_image({"image": doc["image"], "min_pixels": lm.min_pixels, "max_pixels": lm.max_pixels},
                                 image_patch_size=16)  # lmms-eval's resizing (process_vision_info)
@@ -114,8 +84,8 @@ def test_lmms_eval_answers_equal_prunebench_generation(saved, model_args):
     layer 1 prunes before DeepStack's last injection (after layer 2)."""
     lm1 = _load(saved, model_args, batch_size=1)
     lm2 = _load(saved, model_args, batch_size=2)
-    one = lm1.generate_until(_requests())
-    two = lm2.generate_until(_requests())
+    one = lm1.generate_until(requests())
+    two = lm2.generate_until(requests())
     assert lm1._prefills == lm2._prefills == len(one) == 4
     args = dict(kv.split("=") for kv in model_args.split(","))
     method, budget = args.pop("method"), int(args.pop("budget"))
@@ -128,7 +98,7 @@ def test_lmms_eval_answers_equal_prunebench_generation(saved, model_args):
 def test_requests_of_two_tasks_are_batched_per_task(saved):
     lm4 = _load(saved, "method=random,budget=4", batch_size=4)
     lm1 = _load(saved, "method=random,budget=4", batch_size=1)
-    assert lm4.generate_until(_requests()) == lm1.generate_until(_requests())
+    assert lm4.generate_until(requests()) == lm1.generate_until(requests())
 
 
 def test_bad_arguments_are_refused(saved):
