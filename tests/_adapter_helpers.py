@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from mllm_adapters import apply_pruner
 from pruners import register_pruner
@@ -129,3 +130,17 @@ def cached_and_recomputed(model, inputs, method: str, params: dict, steps: int,
     for n in names:
         assert calls[n] == steps * len(recorded[n]), f"{n}: {calls[n]} calls in {steps} recomputed prefills"
     return cached, ref
+
+
+def counted_flops(model, inputs) -> int:
+    """FlopCounterMode's total for one prefill of ``inputs`` (logits of the last position only, as the
+    runner and `benchmarks.flops` count it)."""
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(**inputs, logits_to_keep=1)
+    return counter.get_total_flops()
+
+
+def text_tokens(model, inputs, b: int = 0) -> int:
+    """Sample ``b``'s text tokens: its attended positions minus its image placeholders."""
+    ids = inputs["input_ids"][b]
+    return int(inputs["attention_mask"][b].sum()) - int((ids == model.config.image_token_id).sum())

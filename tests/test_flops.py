@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from benchmarks.flops import (
@@ -28,6 +27,7 @@ from mllm_adapters.families.llava_next import image_layout
 from mllm_adapters.handle import TokenCounts
 from mllm_adapters.tiny import build_tiny_llava_next
 from pruners import available_pruners, get_pruner_class
+from tests._adapter_helpers import counted_flops, text_tokens
 from tests.conftest import PROMPTS, make_images
 
 N_VIS = 36
@@ -63,23 +63,13 @@ def test_llava_15_7b_real_count_is_about_twice_the_multiply_adds():
     assert 8.0 < full < 9.5
 
 
-def _counted(model, inputs) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(**inputs, logits_to_keep=1)
-    return counter.get_total_flops()
-
-
-def _n_text(inputs, b: int, image_token_id: int) -> int:
-    return int(inputs["attention_mask"][b].sum()) - int((inputs["input_ids"][b] == image_token_id).sum())
-
-
 def test_unhooked_tiny_model_matches_flop_counter(tiny):
     """No pruner attached: every ViT layer runs on all tokens; GQA (4 q / 2 kv heads) in the LLM."""
     model, processor = tiny
     assert model.config.text_config.num_key_value_heads < model.config.text_config.num_attention_heads
     inputs = processor(images=make_images(1), text=PROMPTS[:1], return_tensors="pt")
-    measured = _counted(model, inputs)
-    analytic = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id)).total
+    measured = counted_flops(model, inputs)
+    analytic = prefill_flops(model.config, text_tokens(model, inputs, 0)).total
     assert abs(analytic - measured) / measured < 0.01
 
 
@@ -111,15 +101,15 @@ def test_pruned_tiny_model_matches_flop_counter(tiny, method):
         return
     try:
         handle.count_overhead_flops = True
-        measured = _counted(model, inputs)
+        measured = counted_flops(model, inputs)
         (counts,) = handle.token_counts
-        f = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id), counts,
+        f = prefill_flops(model.config, text_tokens(model, inputs, 0), counts,
                           overhead=handle.overhead_flops)
     finally:
         handle.remove()
     assert abs(f.total - measured) / measured < 0.01, (f.as_dict(), measured)
     if budget is not None:
-        unpruned = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id),
+        unpruned = prefill_flops(model.config, text_tokens(model, inputs, 0),
                                  TokenCounts(vision=counts.reference_vision)).total
         assert counts.reference_vision == [[counts.vision[0][0]] * len(counts.vision[0])]
         assert f.total - f.overhead < unpruned  # pruning must show up in the count
@@ -167,13 +157,13 @@ def test_unhooked_tiny_next_matches_flop_counter(nxt, next_images, i):
     inputs = _next_inputs(processor, next_images, i)
     lay = image_layout(NEXT_SIZES[i], model.config.image_grid_pinpoints, 32, 4)
     assert (lay.n_tiles, lay.n_packed) == (NEXT_TILES[i], NEXT_PACKED[i])
-    measured = _counted(model, inputs)
+    measured = counted_flops(model, inputs)
     counts = reference_counts(model.config, TokenCounts(views=lay.n_tiles, visual_in=lay.n_packed))
-    f = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id), counts)
+    f = prefill_flops(model.config, text_tokens(model, inputs, 0), counts)
     assert abs(f.total - measured) / measured < 0.01, (f.as_dict(), measured)
     assert f.vision == NEXT_TILES[i] * vision_flops(model.config.vision_config)  # one tower pass per tile
     # A single-tile count (the LLaVA-1.5 shape the runner used to assume) misses most of the work.
-    one_tile = prefill_flops(model.config, _n_text(inputs, 0, model.config.image_token_id),
+    one_tile = prefill_flops(model.config, text_tokens(model, inputs, 0),
                              TokenCounts(llm_visual=[16] * 4))
     assert one_tile.total < 0.8 * measured
 
@@ -189,13 +179,13 @@ def test_pruned_tiny_next_matches_flop_counter(nxt, next_images, method, i, budg
     model, processor = nxt
     budget = None if method == "none" else budget
     inputs = _next_inputs(processor, next_images, i)
-    n_text = _n_text(inputs, 0, model.config.image_token_id)
+    n_text = text_tokens(model, inputs, 0)
     handle = attach(model, method, budget, processor.tokenizer)
     if handle is None:
         return
     try:
         handle.count_overhead_flops = True
-        measured = _counted(model, inputs)
+        measured = counted_flops(model, inputs)
         (c,) = handle.token_counts
         batch = handle.batch_counts
         overhead = handle.overhead_flops

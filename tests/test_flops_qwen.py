@@ -20,7 +20,6 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.flops import equiv_tokens, prefill_flops, reference_counts, sample_cost
 from benchmarks.models import family_spec
@@ -28,6 +27,7 @@ from mllm_adapters import apply_pruner
 from mllm_adapters.handle import TokenCounts
 from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_llava
 from pruners import get_pruner_class
+from tests._adapter_helpers import counted_flops, text_tokens
 from tests.conftest import QWEN_BUILDERS, QWEN_SIZES
 
 SIZES = QWEN_SIZES  # (height, width) px: the `qwen` fixture's images (tests/conftest.py)
@@ -41,24 +41,11 @@ METHODS = {"none": {}, "random": {}, "divprune": {}, "pooling": {}, "fastv": {},
 TOL = 0.01
 
 
-
-
 def _inputs(qwen, i: int | None = None):
     """Processor outputs of image ``i`` alone (both, left-padded, when ``i`` is None)."""
     _, processor, images = qwen
     sel = slice(None) if i is None else slice(i, i + 1)
     return processor(images=images[sel], text=PROMPTS[sel], return_tensors="pt", padding=True)
-
-
-def _counted(model, inputs) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(**inputs, logits_to_keep=1)
-    return counter.get_total_flops()
-
-
-def _n_text(model, inputs, b: int) -> int:
-    ids = inputs["input_ids"][b]
-    return int(inputs["attention_mask"][b].sum()) - int((ids == model.config.image_token_id).sum())
 
 
 def _rel(a: int, b: int) -> float:
@@ -70,7 +57,7 @@ def _run(model, processor, method: str, budget: int | None, inputs):
     handle = apply_pruner(model, method, budget=budget, seed=0, tokenizer=processor.tokenizer, **METHODS[method])
     try:
         handle.count_overhead_flops = True
-        measured = _counted(model, inputs)
+        measured = counted_flops(model, inputs)
         return measured, list(handle.token_counts), handle.batch_counts, handle.overhead_flops
     finally:
         handle.remove()
@@ -110,10 +97,10 @@ def test_unhooked_matches_flop_counter(qwen, i):
     inputs = _inputs(qwen, i)
     rows, cols = UNITS[i]
     assert inputs["image_grid_thw"][0].tolist() == [1, 2 * rows, 2 * cols]
-    measured = _counted(model, inputs)
+    measured = counted_flops(model, inputs)
     counts = reference_counts(model.config, TokenCounts(feature_grids=[(rows, cols)]))
     assert (counts.visual_in, counts.projector, counts.llm_visual) == (rows * cols, rows * cols, [rows * cols] * 4)
-    f = prefill_flops(model.config, _n_text(model, inputs, 0), counts)
+    f = prefill_flops(model.config, text_tokens(model, inputs, 0), counts)
     assert _rel(f.total, measured) < TOL, (f.as_dict(), measured)
     spec = family_spec(model.config)
     assert f.vision == spec.image_vision_flops(model.config, rows, cols)
@@ -131,7 +118,7 @@ def test_pruned_matches_flop_counter(qwen, method, i, budget):
     model, processor, _ = qwen
     budget = None if method == "none" else budget
     inputs = _inputs(qwen, i)
-    n_text = _n_text(model, inputs, 0)
+    n_text = text_tokens(model, inputs, 0)
     measured, (c,), batch, overhead = _run(model, processor, method, budget, inputs)
     rows, cols = UNITS[i]
     n = rows * cols
@@ -178,8 +165,8 @@ def test_ragged_batch_of_two(qwen, method):
         alone = _inputs(qwen, b)
         _, (c1,), _, _ = _run(model, processor, method, budget, alone)
         assert c == c1
-        n_text = _n_text(model, both, b)
-        assert n_text == _n_text(model, alone, 0)
+        n_text = text_tokens(model, both, b)
+        assert n_text == text_tokens(model, alone, 0)
         a, s = sample_cost(model.config, n_text, c), sample_cost(model.config, n_text, c1)
         assert (a.flops.as_dict(), a.reference, a.visual_in, a.equiv_tokens) == \
                (s.flops.as_dict(), s.reference, s.visual_in, s.equiv_tokens)
@@ -197,10 +184,10 @@ def test_sample_cost_of_a_pruned_sample(qwen):
     layer average come from the sample's own counts."""
     model, processor, _ = qwen
     inputs = _inputs(qwen, 1)
-    n_text = _n_text(model, inputs, 0)
+    n_text = text_tokens(model, inputs, 0)
     _, (c,), _, overhead = _run(model, processor, "fastv", 4, inputs)
     cost = sample_cost(model.config, n_text, c, overhead=overhead)
-    assert _rel(cost.reference, _counted(model, inputs)) < TOL
+    assert _rel(cost.reference, counted_flops(model, inputs)) < TOL
     assert cost.visual_in == 12 and cost.equiv_tokens == equiv_tokens(c, 4, 12) == (12 + 12 + 4 + 4) / 4
     assert cost.flops.total - cost.flops.overhead < cost.reference
 

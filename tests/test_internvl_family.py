@@ -25,7 +25,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.flops import prefill_flops, reference_counts, sample_cost
 from benchmarks.models import family_spec
@@ -36,7 +35,7 @@ from mllm_adapters.handle import TokenCounts
 from mllm_adapters.tiny_internvl import TINY_INTERNVL_IMAGE, build_tiny_internvl
 from pruners import get_pruner_class, register_pruner
 from pruners.base import PreLLMContext, PreLLMDecision, Pruner
-from tests._adapter_helpers import cached_and_recomputed
+from tests._adapter_helpers import cached_and_recomputed, counted_flops, text_tokens
 
 SIZES = [(40, 60), (30, 80), (48, 48)]  # (height, width) px
 TILES = [3, 4, 1]  # tiles the processor cuts each into (thumbnail included)
@@ -254,24 +253,13 @@ def test_recall_cover(ivl):
 
 
 # ---- FLOPs = FlopCounterMode ---------------------------------------------------------------------------------
-def _counted(model, inputs) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(**inputs, logits_to_keep=1)
-    return counter.get_total_flops()
-
-
-def _n_text(model, inputs, b: int) -> int:
-    ids = inputs["input_ids"][b]
-    return int(inputs["attention_mask"][b].sum()) - int((ids == model.config.image_token_id).sum())
-
-
 @pytest.mark.parametrize("i", [0, 1, 2])
 def test_unhooked_flops_equal_the_flop_counter(ivl, i):
     model = ivl[0]
     x = enc(ivl, [i])
     counts = reference_counts(model.config, TokenCounts(feature_grids=[(3, 3)] * TILES[i]))
-    f = prefill_flops(model.config, _n_text(model, x, 0), counts)
-    assert f.total == _counted(model, x), f.as_dict()
+    f = prefill_flops(model.config, text_tokens(model, x, 0), counts)
+    assert f.total == counted_flops(model, x), f.as_dict()
     spec = family_spec(model.config)
     assert f.vision == TILES[i] * spec.tile_vision_flops(model.config)
     assert f.projector == spec.projector_flops(model.config, TILES[i] * UNITS)
@@ -288,13 +276,13 @@ def test_pruned_flops_equal_the_flop_counter(ivl, method, i, budget):
     h = apply_pruner(model, method, budget=budget, seed=0, tokenizer=processor.tokenizer)
     try:
         h.count_overhead_flops = True
-        measured = _counted(model, x)
+        measured = counted_flops(model, x)
         (c,), batch, overhead = list(h.token_counts), h.batch_counts, h.overhead_flops
     finally:
         h.remove()
     assert c.views == TILES[i] and c.feature_grids == [(3, 3)] * TILES[i]
     computed = dataclasses.replace(c, llm_visual=batch.llm_visual_width or c.llm_visual)
-    f = prefill_flops(model.config, _n_text(model, x, 0), computed, overhead=overhead)
+    f = prefill_flops(model.config, text_tokens(model, x, 0), computed, overhead=overhead)
     assert f.total == measured, (f.as_dict(), measured, c, batch)
-    cost = sample_cost(model.config, _n_text(model, x, 0), c, overhead=overhead)
-    assert cost.reference == _counted(model, x)  # the same sample through the unhooked model
+    cost = sample_cost(model.config, text_tokens(model, x, 0), c, overhead=overhead)
+    assert cost.reference == counted_flops(model, x)  # the same sample through the unhooked model

@@ -17,7 +17,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from benchmarks.flops import prefill_flops, reference_counts
@@ -30,7 +29,7 @@ from mllm_adapters.families.llava_onevision import (
     token_boxes,
 )
 from mllm_adapters.handle import TokenCounts
-from tests._adapter_helpers import greedy_recompute
+from tests._adapter_helpers import counted_flops, greedy_recompute, text_tokens
 
 SIZES = [(40, 60), (30, 80), (30, 30)]
 CANVAS = [(4, 6, True), (3, 8, True), (4, 4, False)]  # resized canvas (rows, cols) and whether resized
@@ -214,16 +213,6 @@ def test_refusals(ov):
 
 
 # ---- FLOPs ------------------------------------------------------------------------------------------
-def _counted(model, x) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(**x, logits_to_keep=1)
-    return counter.get_total_flops()
-
-
-def _n_text(model, x, b=0) -> int:
-    return int(x["attention_mask"][b].sum()) - int((x["input_ids"][b] == model.config.image_token_id).sum())
-
-
 @pytest.mark.parametrize("i", range(3))
 def test_unhooked_flops_match_flop_counter(ov, i):
     """No pruner: SigLIP on every tile, the projector on every tile's patches, the LLM on the whole run."""
@@ -232,8 +221,8 @@ def test_unhooked_flops_match_flop_counter(ov, i):
     lay = LlavaOnevisionSpec.layout_for(model.config, SIZES[i])
     counts = reference_counts(model.config, TokenCounts(visual_in=lay.n_packed, views=lay.vit_tiles))
     assert counts.projector == lay.vit_tiles * 16
-    f = prefill_flops(model.config, _n_text(model, x), counts)
-    measured = _counted(model, x)
+    f = prefill_flops(model.config, text_tokens(model, x), counts)
+    measured = counted_flops(model, x)
     assert abs(f.total - measured) / measured < TOL, (f.as_dict(), measured)
 
 
@@ -248,16 +237,16 @@ def test_pruned_flops_match_flop_counter(ov, method, budget, i):
     h = apply_pruner(model, method, budget=budget, tokenizer=processor.tokenizer)
     try:
         h.count_overhead_flops = True
-        measured = _counted(model, x)
+        measured = counted_flops(model, x)
         (c,), batch, overhead = list(h.token_counts), h.batch_counts, h.overhead_flops
     finally:
         h.remove()
     lay = LlavaOnevisionSpec.layout_for(model.config, SIZES[i])
     assert (c.visual_in, c.views, c.projector, c.feature_grids) == (lay.n_packed, lay.vit_tiles, lay.vit_tiles * 16, None)
     computed = dataclasses.replace(c, llm_visual=batch.llm_visual_width or c.llm_visual)
-    f = prefill_flops(model.config, _n_text(model, x), computed, overhead=overhead)
+    f = prefill_flops(model.config, text_tokens(model, x), computed, overhead=overhead)
     assert abs(f.total - measured) / measured < TOL, (f.as_dict(), measured, c)
-    ref = prefill_flops(model.config, _n_text(model, x), reference_counts(model.config, c))
+    ref = prefill_flops(model.config, text_tokens(model, x), reference_counts(model.config, c))
     assert (f.vision, f.projector) == (ref.vision, ref.projector)
     if budget is not None and budget < lay.n_packed:
         assert min(c.llm_visual) <= budget and f.llm < ref.llm

@@ -26,7 +26,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
 
 import tests._adapter_helpers  # noqa: F401  (registers the test-only `_test_fixed_llm` pruner)
@@ -38,7 +37,7 @@ from mllm_adapters.handle import TokenCounts
 from mllm_adapters.registry import family_of_class
 from mllm_adapters.tiny import TINY_QWEN_IMAGE
 from mllm_adapters.tiny_qwen3_vl import build_tiny_qwen3_vl, tiny_qwen3_vl_config
-from tests._adapter_helpers import cached_and_recomputed
+from tests._adapter_helpers import cached_and_recomputed, counted_flops, text_tokens
 
 SIZES = [(40, 60), (64, 48)]  # (height, width) px -> 2 x 4 and 4 x 3 merged units
 UNITS = [(2, 4), (4, 3)]
@@ -353,17 +352,6 @@ FLOP_METHODS = {"none": {}, "random": {}, "divprune": {}, "pooling": {}, "fastv"
                 "vflowopt": {}}
 
 
-def _counted(model, inputs) -> int:
-    with FlopCounterMode(display=False) as counter, torch.inference_mode():
-        model(**inputs, logits_to_keep=1)
-    return counter.get_total_flops()
-
-
-def _n_text(model, inputs, b: int) -> int:
-    ids = inputs["input_ids"][b]
-    return int(inputs["attention_mask"][b].sum()) - int((ids == model.config.image_token_id).sum())
-
-
 @pytest.mark.parametrize("i", [0, 1])
 def test_unhooked_flops_match_flop_counter(q3, i):
     """No pruner: the tower on the image's whole patch grid with its three DeepStack mergers on every unit,
@@ -372,8 +360,8 @@ def test_unhooked_flops_match_flop_counter(q3, i):
     inputs = enc(q3, [i])
     rows, cols = UNITS[i]
     counts = reference_counts(model.config, TokenCounts(feature_grids=[(rows, cols)]))
-    f = prefill_flops(model.config, _n_text(model, inputs, 0), counts)
-    measured = _counted(model, inputs)
+    f = prefill_flops(model.config, text_tokens(model, inputs, 0), counts)
+    measured = counted_flops(model, inputs)
     assert f.total == measured, (f.as_dict(), measured)  # exactly: every matmul is counted
     spec = family_spec(model.config)
     assert spec is Qwen3VLSpec
@@ -394,7 +382,7 @@ def test_pruned_flops_match_flop_counter(q3, method, i, budget):
     handle = apply_pruner(model, method, budget=budget, seed=0, tokenizer=processor.tokenizer, **FLOP_METHODS[method])
     try:
         handle.count_overhead_flops = True
-        measured = _counted(model, inputs)
+        measured = counted_flops(model, inputs)
         (c,), batch, overhead = list(handle.token_counts), handle.batch_counts, handle.overhead_flops
     finally:
         handle.remove()
@@ -402,13 +390,13 @@ def test_pruned_flops_match_flop_counter(q3, method, i, budget):
     n = rows * cols
     assert (c.visual_in, c.feature_grids) == (n, [(rows, cols)])
     computed = dataclasses.replace(c, llm_visual=batch.llm_visual_width or c.llm_visual)
-    f = prefill_flops(model.config, _n_text(model, inputs, 0), computed, overhead=overhead)
+    f = prefill_flops(model.config, text_tokens(model, inputs, 0), computed, overhead=overhead)
     assert f.total == measured, (f.as_dict(), measured, c, batch)
     spec = family_spec(model.config)
     n_kept = (c.projector if c.projector is not None else n) - c.merged
     assert f.vision == spec.image_vision_flops(model.config, rows, cols) + 3 * spec.projector_flops(model.config, n_kept)
     if method == "pooling" and budget < n:
         assert c.merged == c.projector and n_kept == 0  # pooled tokens get no DeepStack merger pass
-    ref = prefill_flops(model.config, _n_text(model, inputs, 0), reference_counts(model.config, c))
+    ref = prefill_flops(model.config, text_tokens(model, inputs, 0), reference_counts(model.config, c))
     if budget is not None and budget < n:
         assert f.total - f.overhead < ref.total
