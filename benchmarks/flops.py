@@ -14,8 +14,9 @@ sample's own visual tokens. Inert slots and the padding of shorter views are not
 padding (docs/benchmarks.md "LLaVA-NeXT (anyres)"). One view's patch count comes from the family spec
 (`view_patches`).
 
-A family spec may count its own tower and projector (`FamilySpec.vision_flops`, `projector_flops`;
-None, the default, means the CLIP / LLaVA formulas). Qwen2-VL and Qwen2.5-VL do (their formulas are
+A family spec may count its own tower, projector and decoder MLPs (`FamilySpec.vision_flops`,
+`projector_flops`, `llm_mlp_flops`; None, the default, means the CLIP / LLaVA / dense SwiGLU formulas; the
+Qwen3-VL MoE counts its router, 2 n D E, and the k experts each token is routed to, k 6 n D M_e). Qwen2-VL and Qwen2.5-VL do (their formulas are
 not in docs/flops.md yet): the spec encodes each image itself and the engine records its grid of
 merged units (``TokenCounts.feature_grids``, rows x cols, so N = 4 rows cols patches, vision width D).
 Their tower always runs in full on every image: patch embedding (Conv3d) 2 N C T P^2 D; per block
@@ -30,7 +31,7 @@ The LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula as Llama's.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -55,8 +56,9 @@ def _text_dims(text_config: Any) -> dict[str, int]:
     }
 
 
-def llm_layer_flops(text_config: Any, n: int, convention: str = "real") -> int:
-    """FLOPs of one decoder layer on ``n`` tokens at prefill (see the module docstring)."""
+def llm_layer_flops(text_config: Any, n: int, convention: str = "real", mlp_flops: int | None = None) -> int:
+    """FLOPs of one decoder layer on ``n`` tokens at prefill (see the module docstring). ``mlp_flops``: the
+    layer's MLP FLOPs when it is not a dense SwiGLU (`FamilySpec.llm_mlp_flops`; "real" convention only)."""
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
     t = _text_dims(text_config)
@@ -69,21 +71,26 @@ def llm_layer_flops(text_config: Any, n: int, convention: str = "real") -> int:
     kv_dim = t["kv_heads"] * t["head_dim"]
     proj = 2 * n * d * q_dim + 2 * 2 * n * d * kv_dim + 2 * n * q_dim * d
     attn = 2 * 2 * t["heads"] * n * n * t["head_dim"]  # scores (q k^T) and values (p v)
-    mlp = 3 * 2 * n * d * m  # gate, up, down
+    mlp = 3 * 2 * n * d * m if mlp_flops is None else int(mlp_flops)  # gate, up, down
     return proj + attn + mlp
 
 
 def llm_prefill_flops(
-    text_config: Any, layer_tokens: Sequence[int], convention: str = "real", lm_head: bool = True
+    text_config: Any, layer_tokens: Sequence[int], convention: str = "real", lm_head: bool = True,
+    mlp_flops: Callable[[int, int], int | None] | None = None,
 ) -> int:
     """FLOPs of the LLM prefill with ``layer_tokens[l]`` tokens entering decoder layer ``l``.
 
-    With ``convention="real"`` and ``lm_head`` this adds the LM head on the last position.
+    With ``convention="real"`` and ``lm_head`` this adds the LM head on the last position. ``mlp_flops(l, n)``:
+    layer l's MLP FLOPs on n tokens, or None for a dense SwiGLU (`FamilySpec.llm_mlp_flops`, used by
+    `prefill_flops`; the published conventions count dense MLPs).
     """
     t = _text_dims(text_config)
     if len(layer_tokens) != t["layers"]:
         raise ValueError(f"layer_tokens has {len(layer_tokens)} entries; the model has {t['layers']} decoder layers")
-    total = sum(llm_layer_flops(text_config, int(n), convention) for n in layer_tokens)
+    own = mlp_flops if convention == "real" and mlp_flops is not None else (lambda layer, n: None)
+    total = sum(llm_layer_flops(text_config, int(n), convention, own(layer, int(n)))
+                for layer, n in enumerate(layer_tokens))
     if convention == "real" and lm_head:
         total += 2 * t["d"] * t["vocab"]
     return total
@@ -199,16 +206,20 @@ def prefill_flops(config: Any, n_text: int, counts: TokenCounts | None = None, o
     have no fixed size, Qwen, needs counts with ``feature_grids``: `reference_counts` of them gives the
     unhooked model). ``overhead`` is the pruner's own FLOPs for this sample.
     """
+    from benchmarks.models import family_spec
+
     n_layers = int(config.text_config.num_hidden_layers)
     counts = counts or TokenCounts()
     vision = tower_flops(config, counts)
     llm_visual = counts.llm_visual or [_unpruned_visual(config, counts)] * n_layers
     layer_tokens = [n_text + int(v) for v in llm_visual]
     n_proj = counts.projector
+    spec = family_spec(config)
     return PrefillFlops(
         vision=vision,
         projector=projector_flops(config, int(llm_visual[0] if n_proj is None else n_proj)),
-        llm=llm_prefill_flops(config.text_config, layer_tokens),
+        llm=llm_prefill_flops(config.text_config, layer_tokens,
+                              mlp_flops=lambda layer, n: spec.llm_mlp_flops(config, layer, n)),
         overhead=int(overhead),
     )
 

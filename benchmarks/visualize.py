@@ -27,9 +27,9 @@ no weights), per family (`FamilySpec.name`):
   a tile shows two panels, the base tile (the whole image resized to one tile) and the anyres crops
   (the image as the processor resized and padded it onto the best pinpoint, crop borders drawn, the
   padding LLaVA-NeXT unpads dropped); newline slots have no region.
-- ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl``: position i is merged unit i of the image's (rows, cols) unit grid, which
-  the processor's ``smart_resize`` gives from the image size and the ``min_pixels``/``max_pixels`` the
-  cell recorded (``metrics.json`` ``image_processor``); checked against the row's ``visual_in``.
+- ``qwen2_vl`` / ``qwen2_5_vl`` / ``qwen3_vl`` / ``qwen3_vl_moe`` (every spec derived from Qwen2-VL's):
+  position i is merged unit i of the image's (rows, cols) unit grid, which the processor's
+  ``smart_resize`` gives from the image size and the ``min_pixels``/``max_pixels`` the cell recorded (``metrics.json`` ``image_processor``); checked against the row's ``visual_in``.
 - any other family: from its spec's `FamilySpec.recall_cover` (what `relevant_recall` uses): each run
   position's region is the box around the recall-grid cells it covers; positions covering none get
   no region.
@@ -140,7 +140,7 @@ def geometry(config: Any, image_hw: tuple[int, int], image_processor: dict[str, 
                        [[]], (side, side), view_grid=(side, side))
     elif fam == "llava_next":
         geo = _llava_next_geometry(config, H, W)
-    elif fam in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+    elif _resized_by_qwen_processor(config):
         geo = _qwen_geometry(config, H, W, image_processor or {})
     else:
         geo = _cover_geometry(config, H, W, visual_in)
@@ -202,6 +202,15 @@ def _llava_next_geometry(config: Any, H: int, W: int) -> Geometry:
         lines.append(seg)
     grid, _ = LlavaNextSpec.recall_cover(config, (H, W))
     return Geometry((H, W), regions, panel, names, lines, tuple(int(g) for g in grid))
+
+
+def _resized_by_qwen_processor(config: Any) -> bool:
+    """Whether the family is Qwen2-VL's or derived from it (2.5, 3, 3 MoE): its processor resizes each image
+    to a merged-unit grid (`_qwen_geometry`)."""
+    from benchmarks.models import family_spec
+    from mllm_adapters.families.qwen2_vl import Qwen2VLSpec
+
+    return issubclass(family_spec(config), Qwen2VLSpec)
 
 
 def _cover_geometry(config: Any, H: int, W: int, visual_in: int | None) -> Geometry:

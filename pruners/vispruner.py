@@ -28,13 +28,6 @@ IMPORTANT_RATIO = 0.5
 REMOVE_PER_ROUND = 8
 IMPORTANCES = ("cls", "received")
 
-#: families of the conformance suite whose vision encoder has no [CLS]: the default (``importance="cls"``)
-#: refuses them at attach; ``importance="received"`` runs there (tests/test_vispruner.py)
-_NO_CLS_REASON = ("the default importance='cls' needs a [CLS] token, which this vision encoder lacks: "
-                  "attach refuses with a ValueError naming importance='received' (the author's CLS-free "
-                  "variant, run on this family by tests/test_vispruner.py)")
-
-
 def vispruner_split(budget: int, important_ratio: float = IMPORTANT_RATIO) -> tuple[int, int]:
     """(important, diverse) token counts of ``budget``: ``int(budget * important_ratio)`` important (the
     authors' floor), the rest diverse. 64 -> (32, 32) at 0.5, (48, 16) at 0.75; 9 -> (4, 5) at 0.5."""
@@ -103,12 +96,12 @@ class VisPruner(Pruner):
     (iterative removal of near-duplicates among the rest)."""
 
     stages = ("pre_llm",)
-    #: False on purpose: ``importance="received"`` needs no [CLS]; ``attach`` refuses ``"cls"`` itself
+    #: False on purpose: ``importance="received"`` needs no [CLS]; ``attach`` refuses ``"cls"`` itself (on a
+    #: family without [CLS] the conformance suite checks that refusal of the default, from ``cls_param``;
+    #: tests/test_vispruner.py runs ``"received"`` there)
     requires_cls = False
     cls_param = ("importance", "importance='received' (the mean attention each token receives from all tokens, "
                                "the authors' variant for encoders without [CLS])")
-    conformance_opt_outs = {f"*:{family}": _NO_CLS_REASON
-                            for family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision")}
     parameters = {
         "important_ratio": Param(float, IMPORTANT_RATIO, low=0, high=1, search=("float", 0.0, 1.0),
                                  doc="share of the budget given to important tokens (floor of budget x ratio)"),

@@ -49,12 +49,23 @@ class ProjectorInputs:
 IMAGE_INPUTS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
+def placeholder_ids(model) -> list[int]:
+    """The model's image / video placeholder token ids: a random tiny model may rank one first, and a
+    placeholder in the generated text would be read as an image at the next recomputed prefill, so greedy
+    decoding here never picks one (``suppress_tokens`` in generate(); the returned logits are raw)."""
+    cfg = model.config
+    ids = (getattr(cfg, k, None) for k in ("image_token_id", "image_token_index", "video_token_id"))
+    return sorted({int(i) for i in ids if i is not None and 0 <= int(i) < cfg.get_text_config().vocab_size})
+
+
 def greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> torch.Tensor:
     """Greedy decoding without a KV cache: the whole prompt plus the generated tokens re-run each step
     under pruner ``method`` (``params`` include the budget). Image inputs (``pixel_values`` and, for
-    LLaVA-NeXT, ``image_sizes``) are passed through. Returns the step logits [B, steps, V]."""
+    LLaVA-NeXT, ``image_sizes``) are passed through. Returns the step logits [B, steps, V]; a placeholder
+    token is never picked (`placeholder_ids`)."""
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     image = {k: inputs[k] for k in IMAGE_INPUTS if k in inputs}
+    never = placeholder_ids(model)
     mm = inputs.get("mm_token_type_ids")  # Qwen: 0 for text, so generated tokens extend it with zeros
     out = []
     with apply_pruner(model, method, **params):
@@ -62,7 +73,7 @@ def greedy_recompute(model, inputs, steps: int, method: str, params: dict) -> to
             extra = {} if mm is None else {"mm_token_type_ids": mm}
             with torch.no_grad():
                 logits = model(input_ids=ids, attention_mask=mask, **image, **extra, use_cache=False).logits[:, -1]
-            nxt = logits.argmax(-1, keepdim=True)
+            nxt = logits.index_fill(-1, torch.tensor(never, dtype=torch.long), float("-inf")).argmax(-1, keepdim=True)
             out.append(logits)
             ids = torch.cat([ids, nxt], 1)
             mask = torch.cat([mask, torch.ones_like(nxt)], 1)
@@ -120,7 +131,7 @@ def cached_and_recomputed(model, inputs, method: str, params: dict, steps: int,
             mp.setattr(cls, n, recorder(n, getattr(cls, n)))
         with apply_pruner(model, method, **params), torch.no_grad():
             gen = model.generate(**inputs, max_new_tokens=steps, do_sample=False, return_dict_in_generate=True,
-                                 output_logits=True)
+                                 output_logits=True, suppress_tokens=placeholder_ids(model))
     cached = torch.stack(gen.logits, 1)  # [B, steps, V]
     with monkeypatch.context() as mp:
         for n in names:

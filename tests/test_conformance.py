@@ -152,7 +152,7 @@ def check_opt_out(pruner: str, family: str, invariant: str) -> None:
 def refused(families, pruner: str, family: str, invariant: str) -> bool:
     """True when the pruner is declared to refuse the family, after checking that it does: attaching
     raises a ValueError naming the method and leaves nothing attached. Declared by ``requires_cls`` on
-    a family without CLS, or by the opt-out key ``"*:<family>"`` (``"*"``: every family) with its reason.
+    a family without CLS (or a default ``cls_param`` value of ``"cls"`` there), or by the opt-out key ``"*:<family>"`` (``"*"``: every family) with its reason.
     The refusal is checked with the method's defaults (not its ``conformance_params``). Otherwise applies the
     invariant's own opt-outs (`check_opt_out`) and returns False."""
     cls = get_pruner_class(pruner)
@@ -160,6 +160,9 @@ def refused(families, pruner: str, family: str, invariant: str) -> bool:
     reason = cls.conformance_opt_outs.get(f"*:{family}", cls.conformance_opt_outs.get("*"))
     if reason is None and cls.requires_cls and not fam.has_cls:
         reason = "scores with [CLS]; the family's vision encoder has none"
+    if reason is None and cls.cls_param is not None and not fam.has_cls \
+            and cls.parameters[cls.cls_param[0]].default == "cls":
+        reason = f"its default {cls.cls_param[0]}='cls' needs [CLS]; the family's vision encoder has none"
     if reason is None:
         check_opt_out(pruner, family, invariant)
         return False

@@ -1,5 +1,6 @@
 """lmms-eval integration for Qwen3-VL: `prunebench_qwen3_vl` runs a pruner inside lmms-eval's own ``qwen3_vl``
-class, offline, and its answers are the ones direct prunebench use gives.
+class, offline, and its answers are the ones direct prunebench use gives; on the dense model and on its MoE
+variant (lmms-eval loads Qwen3VLMoeForConditionalGeneration for an ``A<n>B`` checkpoint name).
 
 The tiny saved Qwen3-VL (random weights, word-level tokenizer, DeepStack) gets a chat template reproducing
 the tiny Qwen prompt format. The reference is ``apply_pruner`` on the same loaded model and processor, the
@@ -21,12 +22,15 @@ from mllm_adapters.tiny_qwen3_vl import build_tiny_qwen3_vl
 from tests._lmms_docs import DOCS, NEW, TEMPLATE, requests
 
 
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    model, processor = build_tiny_qwen3_vl(seed=0)
+@pytest.fixture(scope="module", params=["dense", "moe"])
+def saved(tmp_path_factory, request):
+    """The saved tiny Qwen3-VL, or its MoE variant in a folder named like an MoE checkpoint (``-A3B``: how
+    lmms-eval's class decides to load Qwen3VLMoeForConditionalGeneration)."""
+    moe = request.param == "moe"
+    model, processor = build_tiny_qwen3_vl(seed=0, moe=moe)
     processor.chat_template = content_chat_template_from_prompt(TEMPLATE, TINY_QWEN_IMAGE)
     processor.tokenizer.padding_side = "right"  # batches must pad left anyway
-    folder = tmp_path_factory.mktemp("qwen3_vl")
+    folder = tmp_path_factory.mktemp("qwen3_vl-tiny-A3B" if moe else "qwen3_vl")
     model.save_pretrained(folder)
     processor.save_pretrained(folder)
     return folder
@@ -42,6 +46,8 @@ def _load(folder, model_args: str, batch_size: int):
     # lmms-eval's Qwen3_VL always loads bfloat16, where a pruned padded batch differs from single requests by
     # rounding; compare in float32 (casting the loaded bfloat16 weights is exact)
     assert lm.model.dtype == torch.bfloat16
+    assert type(lm.model).__name__ == ("Qwen3VLMoeForConditionalGeneration" if "A3B" in str(folder)
+                                       else "Qwen3VLForConditionalGeneration")
     lm.model.float()
     lm.task_dict = {task: {"test": docs} for task, docs in DOCS.items()}
     return lm

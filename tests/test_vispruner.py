@@ -189,19 +189,27 @@ def test_cls_refused_without_cls_received_accepted():
     VisPruner(budget=64, importance="received").attach(_info(family="qwen2_vl", has_cls=False))
 
 
-def test_conformance_declares_the_refusal_on_the_families_without_cls():
-    """The default (importance="cls") is declared refused exactly on the families whose tiny model's vision
-    encoder has no [CLS] token."""
+def test_default_is_refused_exactly_on_the_families_without_cls():
+    """The default (importance="cls") attaches on every family whose tiny model's vision encoder has a [CLS]
+    token and is refused, naming importance='received', on every other; the conformance suite derives the
+    same refusal from ``cls_param`` (no family list to keep)."""
     import mllm_adapters
     from mllm_adapters.registry import get_family
 
-    no_cls = set()
+    assert VisPruner.cls_param[0] == "importance" and VisPruner.parameters["importance"].default == "cls"
+    assert not any(key.startswith("*") for key in VisPruner.conformance_opt_outs)
+    seen = set()
     for name in mllm_adapters.available_families():
         spec = get_family(name)
         model, _ = spec.build_tiny()
-        if not spec(model).model_info().has_cls:
-            no_cls.add(f"*:{name}")
-    assert set(VisPruner.conformance_opt_outs) == no_cls and no_cls
+        info = spec(model).model_info()
+        seen.add(info.has_cls)
+        if info.has_cls:
+            VisPruner(budget=4).attach(info)
+        else:
+            with pytest.raises(ValueError, match="importance='received'"):
+                VisPruner(budget=4).attach(info)
+    assert seen == {True, False}
 
 
 def test_default_refused_on_qwen_naming_method_family_and_alternative(qwen):

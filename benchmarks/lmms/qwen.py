@@ -96,12 +96,13 @@ class PrunebenchQwen2_VL(_PrunebenchQwen, Qwen2_VL):
 
 
 class PrunebenchQwen3_VL(_PrunebenchQwen, Qwen3_VL):
-    """Qwen3-VL (HF format, dense) evaluated by lmms-eval's ``qwen3_vl`` with visual-token pruning.
+    """Qwen3-VL (HF format, dense or MoE) evaluated by lmms-eval's ``qwen3_vl`` with visual-token pruning.
 
     lmms-eval's class loads bfloat16, resizes each image with ``qwen_vl_utils`` (16 px patches) and calls
     the processor without resizing; it reads every request of a batch with the first request's
-    ``doc_to_visual``, hence the per-task batches of `_PrunebenchQwen`. An MoE checkpoint (``...-A3B``)
-    loads Qwen3VLMoeForConditionalGeneration, which prunebench does not cover: attaching raises a TypeError."""
+    ``doc_to_visual``, hence the per-task batches of `_PrunebenchQwen`. An MoE checkpoint (a name with
+    ``A<n>B``, e.g. ``Qwen/Qwen3-VL-30B-A3B-Instruct``) loads Qwen3VLMoeForConditionalGeneration, pruned
+    through the ``qwen3_vl_moe`` family."""
 
     MODEL_ID = "prunebench_qwen3_vl"
     BASE = Qwen3_VL

@@ -160,6 +160,13 @@ class FamilySpec:
         `benchmarks.flops` count LLaVA's two-layer MLP projector."""
         return None
 
+    @classmethod
+    def llm_mlp_flops(cls, config: Any, layer: int, n_tokens: int) -> int | None:
+        """Prefill FLOPs of decoder layer ``layer``'s MLP on ``n_tokens`` tokens, or None to let
+        `benchmarks.flops` count a dense SwiGLU MLP (gate, up, down: 6 n D M). A mixture of experts (the
+        Qwen3-VL MoE) counts its router and the experts each token is routed to."""
+        return None
+
     # ---- model facts --------------------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
         """What pruners may know about the model (validates that the model is one the spec handles)."""

@@ -20,8 +20,8 @@ What differs from Qwen2-VL, and how the spec answers it:
   attention rows are computed through `text_attention`'s projections, which include those norms.
   Interleaved M-RoPE is mixed into cos/sin by the model's rotary (layers see plain tables).
 
-Not covered: Qwen3VLMoeForConditionalGeneration (its decoder MLPs are mixtures of experts, whose FLOPs
-this spec does not count); attaching to it raises the registry's TypeError. Refused like Qwen2-VL: CLS
+The MoE variant (Qwen3VLMoeForConditionalGeneration) is this spec with its experts' FLOPs counted:
+`mllm_adapters.families.qwen3_vl_moe`. Refused like Qwen2-VL: CLS
 methods, the vision stage, compact positions, video. docs/qwen3-vl.md has the details; tests:
 `tests/test_qwen3_vl_family.py` and the conformance suite.
 """
