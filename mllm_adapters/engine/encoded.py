@@ -133,50 +133,15 @@ class EncodedImages:
         after the image's kept tokens); extra slots do not reach the LLM. Returns (tokens [n, D], extra flags
         [n], packed index [n] (-1 merged), scores [n] | None)."""
         lay, dev = r.layout, f.device
-        views, sizes, shares = self._tile_shares(lay)
         pidx = lay.packed_index().to(dev)
         row_of_slot = torch.cumsum((lay.src >= 0).long(), 0).to(dev) - 1  # [N] probe row of each real slot
         S2 = lay.side**2
         ids, mask = input_ids[r.sample : r.sample + 1], attention_mask[r.sample : r.sample + 1]
-        keys, toks, index, scores = [], [], [], []
-        any_scores = False
-        tail = 0  # running key for merged tokens without an anchor (after every packed slot)
-        for t, (vp, k_t) in enumerate(zip(views, shares)):
-            m = sizes[t]
-            if m == 0 or k_t == 0:
-                continue
-            slots = pidx[t * S2 + vp.to(dev)]  # [m] packed slot of each view cell, rectangle raster order
-            vf = f[slots][None]  # [1, m, D]
-            if k_t is not None and k_t >= m:
-                keep, merged, anchor, sc = torch.arange(m, device=dev)[None], None, None, None
-            else:
-                ctx = self._encoded_view_context(r, t, m, vf, slots, row_of_slot, probes, rgb[t], ids, mask,
-                                                 None if own is None else own[t])
-                decision = self._call_pruner(self._tile_pruner(k_t, lay.rects[t]).prune_pre_llm, ctx)
-                self.handle.info.update(decision.info)
-                keep, merged, anchor, sc = decision.keep, decision.merged, decision.merged_anchor, decision.scores
-            k = keep.shape[1]
-            packed = slots[keep[0]]  # [k]
-            keys.append(packed * 2)
-            toks.append(vf[0, keep[0]])
-            index.append(packed)
-            any_scores = any_scores or sc is not None
-            scores.append(sc[0, :k].float() if sc is not None else torch.zeros(k, device=dev))
-            if merged is not None and merged.shape[1]:
-                nm = merged.shape[1]
-                if anchor is not None:  # after its anchor; -1: before the view's first cell
-                    a = anchor[0]
-                    keys.append(torch.where(a >= 0, slots[a.clamp(min=0)] * 2 + 1, slots.min() * 2 - 1))
-                else:
-                    keys.append(2 * lay.n_packed + tail + torch.arange(nm, device=dev))
-                    tail += nm
-                toks.append(merged[0].to(f.dtype))
-                index.append(torch.full((nm,), -1, dtype=torch.long, device=dev))
-                scores.append(sc[0, k:].float() if sc is not None else torch.zeros(nm, device=dev))
-        order = torch.cat(keys).argsort(stable=True)
-        tok = torch.cat(toks)[order]
-        return (tok, torch.zeros(tok.shape[0], dtype=torch.bool, device=dev), torch.cat(index)[order],
-                torch.cat(scores)[order] if any_scores else None)
+        return self._prune_views(
+            lay, slots_of=lambda t, vp: pidx[t * S2 + vp.to(dev)],  # rectangle raster order
+            feats_of=lambda t, vp, slots: f[slots][None],
+            context_of=lambda t, m, vf, slots, vp: self._encoded_view_context(
+                r, t, m, vf, slots, row_of_slot, probes, rgb[t], ids, mask, None if own is None else own[t]))
 
     def _encoded_view_context(self, r: ImageRun, t: int, m: int, vf: torch.Tensor, slots: torch.Tensor,
                               row_of_slot: torch.Tensor, probes: dict[int, VisionBlockProbe], rgb: torch.Tensor,

@@ -116,53 +116,20 @@ class MultiView:
                 src = lay.src.to(feats.device)
                 out.append((img_feats[src.clamp(min=0)], src < 0, torch.arange(lay.n_packed, device=feats.device), None))
                 continue
-            views, sizes, shares = self._tile_shares(lay)
             pidx = lay.packed_index().to(feats.device)
-            keys, toks, index, scores = [], [], [], []
-            any_scores = False
-            tail = 0  # running key for merged tokens without an anchor (after every packed slot)
-            for t, (vp, k_t) in enumerate(zip(views, shares)):
-                m = sizes[t]
-                if m == 0 or k_t == 0:
-                    continue
-                vp = vp.to(feats.device)
+
+            def tile_context(t, m, tile_feats, slots, vp, r=r, lay=lay, t0=t0):
                 tg = t0 + t
-                tile_feats = feats[tg : tg + 1, vp]  # [1, m, Dv]
-                if k_t is not None and k_t >= m:
-                    keep, merged, anchor, sc = torch.arange(m, device=feats.device)[None], None, None, None
-                else:
-                    ctx = self._tile_context(
-                        tg, lay.rects[t], vp, tile_feats, tiles, layer_in, layer_out, cls_cache, gens[tg],
-                        input_ids[r.sample : r.sample + 1], attention_mask[r.sample : r.sample + 1], r.start,
-                        lay.n_packed, probe,
-                    )
-                    decision = self._call_pruner(self._tile_pruner(k_t, lay.rects[t]).prune_pre_llm, ctx)
-                    self.handle.info.update(decision.info)
-                    keep, merged, anchor, sc = decision.keep, decision.merged, decision.merged_anchor, decision.scores
-                k = keep.shape[1]
-                packed = pidx[t * n2 + vp[keep[0]]]  # [k]
-                keys.append(packed * 2)
-                toks.append(tile_feats[0, keep[0]])
-                index.append(packed)
-                if sc is not None:
-                    any_scores = True
-                scores.append(sc[0, :k].float() if sc is not None else torch.zeros(k, device=feats.device))
-                if merged is not None and merged.shape[1]:
-                    nm = merged.shape[1]
-                    if anchor is not None:  # after its anchor patch; -1: before the tile's first patch
-                        a = anchor[0]
-                        first = pidx[t * n2 + vp].min()
-                        keys.append(torch.where(a >= 0, pidx[t * n2 + vp[a.clamp(min=0)]] * 2 + 1, first * 2 - 1))
-                    else:
-                        keys.append(2 * lay.n_packed + tail + torch.arange(nm, device=feats.device))
-                        tail += nm
-                    toks.append(merged[0].to(tile_feats.dtype))
-                    index.append(torch.full((nm,), -1, dtype=torch.long, device=feats.device))
-                    scores.append(sc[0, k:].float() if sc is not None else torch.zeros(nm, device=feats.device))
-            order = torch.cat(keys).argsort(stable=True)
-            tok = torch.cat(toks)[order]
-            out.append((tok, torch.zeros(tok.shape[0], dtype=torch.bool, device=tok.device), torch.cat(index)[order],
-                        torch.cat(scores)[order] if any_scores else None))
+                return self._tile_context(
+                    tg, lay.rects[t], vp.to(feats.device), tile_feats, tiles, layer_in, layer_out, cls_cache, gens[tg],
+                    input_ids[r.sample : r.sample + 1], attention_mask[r.sample : r.sample + 1], r.start,
+                    lay.n_packed, probe,
+                )
+
+            out.append(self._prune_views(
+                lay, slots_of=lambda t, vp, pidx=pidx: pidx[t * n2 + vp.to(pidx.device)],
+                feats_of=lambda t, vp, slots, t0=t0: feats[t0 + t : t0 + t + 1, vp.to(feats.device)],
+                context_of=tile_context))
         self._fw.vision_qkv.clear()
         return out
 
@@ -318,6 +285,59 @@ class MultiView:
                 out.append((tok[order], torch.zeros(tok.shape[0], dtype=torch.bool, device=tok.device),
                             slot[order], None))
         return out
+
+    def _prune_views(self, lay: ImageLayout, slots_of, feats_of, context_of) -> ImageTokens:
+        """The pre-LLM stage of one pruned image of several views, view by view (the module docstring's
+        rules), for both ways an image is encoded (ViT tiles here, spec-encoded views in `engine/encoded.py`).
+
+        Per view t with a non-zero share: ``slots_of(t, vp)`` [m] the packed slot of each of its cells
+        (``vp`` its view patches, rectangle raster order), ``feats_of(t, vp, slots)`` [1, m, D] their
+        features, ``context_of(t, m, feats, slots, vp)`` the view's PreLLMContext (only called when the share
+        is below m: a view within its share is kept whole). Kept tokens go back in packed order, a merged
+        token right after its anchor (-1: before the view's first cell) or, without anchors, after every
+        packed slot, view by view. Returns (tokens [n, D], extra flags [n] (none reach the LLM), packed index
+        [n] (-1 merged), scores [n] | None)."""
+        views, sizes, shares = self._tile_shares(lay)
+        keys, toks, index, scores = [], [], [], []
+        any_scores = False
+        tail = 0  # running key for merged tokens without an anchor (after every packed slot)
+        dev = None
+        for t, (vp, k_t) in enumerate(zip(views, shares)):
+            m = sizes[t]
+            if m == 0 or k_t == 0:
+                continue
+            slots = slots_of(t, vp)  # [m]
+            vf = feats_of(t, vp, slots)  # [1, m, D]
+            dev = vf.device
+            if k_t is not None and k_t >= m:
+                keep, merged, anchor, sc = torch.arange(m, device=dev)[None], None, None, None
+            else:
+                decision = self._call_pruner(self._tile_pruner(k_t, lay.rects[t]).prune_pre_llm,
+                                             context_of(t, m, vf, slots, vp))
+                self.handle.info.update(decision.info)
+                keep, merged, anchor, sc = decision.keep, decision.merged, decision.merged_anchor, decision.scores
+            k = keep.shape[1]
+            packed = slots[keep[0]]  # [k]
+            keys.append(packed * 2)
+            toks.append(vf[0, keep[0]])
+            index.append(packed)
+            any_scores = any_scores or sc is not None
+            scores.append(sc[0, :k].float() if sc is not None else torch.zeros(k, device=dev))
+            if merged is not None and merged.shape[1]:
+                nm = merged.shape[1]
+                if anchor is not None:  # after its anchor; -1: before the view's first cell
+                    a = anchor[0]
+                    keys.append(torch.where(a >= 0, slots[a.clamp(min=0)] * 2 + 1, slots.min() * 2 - 1))
+                else:
+                    keys.append(2 * lay.n_packed + tail + torch.arange(nm, device=dev))
+                    tail += nm
+                toks.append(merged[0].to(vf.dtype))
+                index.append(torch.full((nm,), -1, dtype=torch.long, device=dev))
+                scores.append(sc[0, k:].float() if sc is not None else torch.zeros(nm, device=dev))
+        order = torch.cat(keys).argsort(stable=True)
+        tok = torch.cat(toks)[order]
+        return (tok, torch.zeros(tok.shape[0], dtype=torch.bool, device=tok.device), torch.cat(index)[order],
+                torch.cat(scores)[order] if any_scores else None)
 
     def _reaches_whole(self, lay: ImageLayout) -> bool:
         """True when the image's packed run is within the budget: it reaches the LLM unpruned."""
