@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -155,3 +156,20 @@ def text_tokens(model, inputs, b: int = 0) -> int:
     """Sample ``b``'s text tokens: its attended positions minus its image placeholders."""
     ids = inputs["input_ids"][b]
     return int(inputs["attention_mask"][b].sum()) - int((ids == model.config.image_token_id).sum())
+
+
+def assert_refused(model, method: str, match: str, **kwargs) -> None:
+    """Attaching ``method`` (``kwargs``: budget 4 unless given, its parameters) raises a ValueError matching
+    ``match`` that names the method, and leaves no hook on the model."""
+    with pytest.raises(ValueError, match=match) as e:
+        apply_pruner(model, method, **{"budget": 4, **kwargs})
+    assert method in str(e.value)
+    assert not model._forward_pre_hooks
+
+
+def assert_video_refused(model, inputs) -> None:
+    """A Qwen-style forward given ``video_grid_thw`` (a video) under a pruner raises a ValueError naming video."""
+    x = dict(inputs)
+    x["video_grid_thw"] = torch.tensor([[2, 4, 4]])
+    with apply_pruner(model, "random", budget=4), pytest.raises(ValueError, match="video"), torch.no_grad():
+        model(**x)

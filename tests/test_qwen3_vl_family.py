@@ -42,7 +42,13 @@ from mllm_adapters.handle import TokenCounts
 from mllm_adapters.registry import family_of_class
 from mllm_adapters.tiny import TINY_QWEN_IMAGE
 from mllm_adapters.tiny_qwen3_vl import build_tiny_qwen3_vl, tiny_qwen3_vl_config
-from tests._adapter_helpers import cached_and_recomputed, counted_flops, text_tokens
+from tests._adapter_helpers import (
+    assert_refused,
+    assert_video_refused,
+    cached_and_recomputed,
+    counted_flops,
+    text_tokens,
+)
 
 SIZES = [(40, 60), (64, 48)]  # (height, width) px -> 2 x 4 and 4 x 3 merged units
 UNITS = [(2, 4), (4, 3)]
@@ -332,19 +338,11 @@ def test_cached_generate_equals_recompute(q3, method, params, monkeypatch):
     ("transprune", {"positions": "compact"}, "positions='compact'"),
 ])
 def test_unsupported_methods_refuse_clearly(q3, method, params, match):
-    model = q3[0]
-    with pytest.raises(ValueError, match=match) as e:
-        apply_pruner(model, method, budget=4, **params)
-    assert method in str(e.value)
-    assert not model._forward_pre_hooks
+    assert_refused(q3[0], method, match, **params)
 
 
 def test_video_is_refused(q3):
-    model = q3[0]
-    x = dict(enc(q3, [0]))
-    x["video_grid_thw"] = torch.tensor([[2, 4, 4]])
-    with apply_pruner(model, "random", budget=4), pytest.raises(ValueError, match="video"):
-        logits(model, x)
+    assert_video_refused(q3[0], enc(q3, [0]))
 
 
 def test_each_variant_has_its_family():
