@@ -15,18 +15,9 @@ padding (docs/benchmarks.md "LLaVA-NeXT (anyres)"). One view's patch count comes
 (`view_patches`).
 
 A family spec may count its own tower, projector and decoder MLPs (`FamilySpec.vision_flops`,
-`projector_flops`, `llm_mlp_flops`; None, the default, means the CLIP / LLaVA / dense SwiGLU formulas; the
-Qwen3-VL MoE counts its router, 2 n D E, and the k experts each token is routed to, k 6 n D M_e). Qwen2-VL and Qwen2.5-VL do (their formulas are
-not in docs/flops.md yet): the spec encodes each image itself and the engine records its grid of
-merged units (``TokenCounts.feature_grids``, rows x cols, so N = 4 rows cols patches, vision width D).
-Their tower always runs in full on every image: patch embedding (Conv3d) 2 N C T P^2 D; per block
-fused qkv 6 N D^2, proj 2 N D^2, scores and values 4 D sum_s s^2 over its attention segments (2-VL:
-the whole image, s = N, in every block; 2.5: its ``window_size`` windows from
-``get_vision_window_index``, except the whole image in ``fullatt_block_indexes``), MLP fc1/fc2
-4 N D M (2-VL, M = mlp_ratio D) or SwiGLU 6 N D M (2.5, M = intermediate_size). The PatchMerger
-(Linear(4D, 4D), Linear(4D, D_text)) runs on the units that reach the LLM (pre-LLM pruning projects
-only the kept ones; the engine runs the tower without its own merger pass): 2 n (16 D^2 + 4 D D_text).
-The LLM is a Qwen2 decoder (GQA, SwiGLU): the same formula as Llama's.
+`projector_flops`, `llm_mlp_flops`; None, the default, means the CLIP / LLaVA / dense SwiGLU formulas).
+Every family but LLaVA and LLaVA-NeXT counts its own tower; the formulas, per family, are in
+docs/flops.md "Towers counted by their family spec".
 """
 
 from __future__ import annotations
