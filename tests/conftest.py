@@ -17,9 +17,15 @@ PROMPTS = [
 ]
 
 
-def make_images(n: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
+def random_images(sizes, seed: int = 0) -> list[Image.Image]:
+    """Random RGB images of ``sizes`` [(height, width), ...] px, drawn in order from one seeded RNG."""
     rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+    return [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+
+
+def make_images(n: int, size: int = 48, seed: int = 0) -> list[Image.Image]:
+    """``n`` random square images of ``size`` px (`random_images`)."""
+    return random_images([(size, size)] * n, seed)
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +60,4 @@ def qwen(request):
     """(model, processor, images) of one tiny Qwen family (each in turn), images of `QWEN_SIZES`."""
     torch.set_num_threads(1)
     model, processor = QWEN_BUILDERS[request.param](seed=0)
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in QWEN_SIZES]
-    return model, processor, images
+    return model, processor, random_images(QWEN_SIZES)

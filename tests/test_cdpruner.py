@@ -21,7 +21,7 @@ from pruners.cdpruner import (
     instruction_text,
     normalise_relevance,
 )
-from tests.conftest import PROMPTS, single
+from tests.conftest import PROMPTS, random_images, single
 
 BUDGET = 12
 QUESTIONS = ["what is the colour of the circle ?", "how many ?"]  # PROMPTS' questions, as the authors embed them
@@ -297,15 +297,12 @@ def test_bad_text_tower_folder_names_the_parameter(tiny, batch):
 def test_llava_next_views_use_the_tower_and_batch_equals_singles(tmp_path):
     """LLaVA-NeXT: every view is pruned with the tower's relevance (the service on each view's patches);
     a batch of two images of different sizes equals each alone."""
-    import numpy as np
-    from PIL import Image
 
     from mllm_adapters.tiny import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next(seed=0, attn_implementation="eager")
     _save_text_tower(tmp_path / "tt", processor.tokenizer, model.config.vision_config.hidden_size)
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 60), (30, 80)]]
+    images = random_images([(40, 60), (30, 80)], 0)
 
     def inputs(idx):
         return processor(images=[images[i] for i in idx], text=[PROMPTS[i] for i in idx], return_tensors="pt",

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -19,7 +18,7 @@ from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_llava_next
 from pruners import available_pruners, get_pruner_class
 from pruners.base import LLMLayerContext, ModelInfo
 from pruners.dart import DART, dart_selection, dart_shares, key_l1, pivot_visit_order
-from tests.conftest import single
+from tests.conftest import random_images, single
 
 
 # ---- the authors' procedure, transcribed independently (batch of one, absolute positions) -----------
@@ -266,8 +265,7 @@ def test_tiny_llava_singles_are_the_authors_rotated_norm(tiny):
 
 # ---- batch of two = singles, images of different sizes -------------------------------------------------
 def _images(sizes, seed: int = 0) -> list[Image.Image]:
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    return random_images(sizes, seed)
 
 
 PROMPT_TEXT = ["USER: {} what is the colour of the circle ? ASSISTANT:", "USER: {} how many ? ASSISTANT:"]

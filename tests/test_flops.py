@@ -8,10 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
 
 from benchmarks.flops import (
@@ -28,7 +26,7 @@ from mllm_adapters.handle import TokenCounts
 from mllm_adapters.tiny import build_tiny_llava_next
 from pruners import available_pruners, get_pruner_class
 from tests._adapter_helpers import counted_flops, text_tokens
-from tests.conftest import PROMPTS, make_images
+from tests.conftest import PROMPTS, make_images, random_images
 
 N_VIS = 36
 
@@ -145,8 +143,7 @@ def _next_inputs(processor, images, i: int | None = None):
 
 @pytest.fixture(scope="module")
 def next_images():
-    rng = np.random.RandomState(0)
-    return [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in NEXT_SIZES]
+    return random_images(NEXT_SIZES, 0)
 
 
 @pytest.mark.parametrize("i", [0, 1])

@@ -13,21 +13,19 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from mllm_adapters import apply_pruner
 from mllm_adapters.tiny import TINY_QWEN_IMAGE, build_tiny_llava, build_tiny_llava_next, build_tiny_qwen2_vl
 from pruners.base import resolve_budget
+from tests.conftest import random_images
 
 PROMPTS = ["USER: <image> what is the colour of the circle ? ASSISTANT:", "USER: <image> how many ? ASSISTANT:"]
 
 
 def images(sizes, seed=0):
-    rng = np.random.RandomState(seed)
-    return [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in sizes]
+    return random_images(sizes, seed)
 
 
 def logits(model, x):

@@ -32,7 +32,7 @@ from pruners._ratio_schedule import (
 from pruners._schedule import equivalent_tokens
 from pruners.base import ModelInfo
 from pruners.gsearch import EMBEDDED_SCHEDULE, model_identity
-from tests.conftest import PROMPTS, make_images
+from tests.conftest import PROMPTS, make_images, random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 EMBEDDED = ROOT / "benchmarks" / "assets" / "embedded"
@@ -179,14 +179,11 @@ def test_as_found_and_under_a_budget(tiny, batch):
 def test_as_found_counts_are_per_image_on_llava_next():
     """LLaVA-NeXT: each image keeps its own fraction of its own run (the engine's per-image counts mean
     keep-all without a budget, so the pruner reads each sample's run itself)."""
-    import numpy as np
-    from PIL import Image
 
     from mllm_adapters.tiny import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next(seed=0, attn_implementation="eager")
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(40, 60), (30, 80)]]
+    images = random_images([(40, 60), (30, 80)], 0)
     x = processor(images=images, text=PROMPTS, return_tensors="pt", padding=True)
     runs = (x["input_ids"] == model.config.image_token_id).sum(1).tolist()
     L = model.config.text_config.num_hidden_layers

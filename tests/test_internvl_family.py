@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from benchmarks.flops import prefill_flops, reference_counts, sample_cost
 from benchmarks.models import family_spec
@@ -36,6 +34,7 @@ from mllm_adapters.tiny_internvl import TINY_INTERNVL_IMAGE, build_tiny_internvl
 from pruners import get_pruner_class, register_pruner
 from pruners.base import PreLLMContext, PreLLMDecision, Pruner
 from tests._adapter_helpers import cached_and_recomputed, counted_flops, text_tokens
+from tests.conftest import random_images
 
 SIZES = [(40, 60), (30, 80), (48, 48)]  # (height, width) px
 TILES = [3, 4, 1]  # tiles the processor cuts each into (thumbnail included)
@@ -70,8 +69,7 @@ class RecordCLS(Pruner):
 def ivl():
     torch.set_num_threads(1)
     model, processor = build_tiny_internvl(seed=0)
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    images = random_images(SIZES, 0)
     return model, processor, images
 
 

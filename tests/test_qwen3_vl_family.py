@@ -49,6 +49,7 @@ from tests._adapter_helpers import (
     counted_flops,
     text_tokens,
 )
+from tests.conftest import random_images
 
 SIZES = [(40, 60), (64, 48)]  # (height, width) px -> 2 x 4 and 4 x 3 merged units
 UNITS = [(2, 4), (4, 3)]
@@ -65,8 +66,7 @@ def q3(request):
     # per-expert loop computes the same thing with plain matmuls it counts
     if request.param == "moe":
         model.config.text_config._experts_implementation = "eager"
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in SIZES]
+    images = random_images(SIZES, 0)
     return model, processor, images
 
 

@@ -35,7 +35,7 @@ from benchmarks.tune import (
 from mllm_adapters import apply_pruner
 from mllm_adapters.handle import TokenCounts
 from pruners import get_pruner_class
-from tests.conftest import make_images
+from tests.conftest import make_images, random_images
 
 ROOT = Path(__file__).resolve().parent.parent
 # composing from the repository root before anything was tuned: results/tuned does not exist yet
@@ -280,14 +280,11 @@ NEXT_SIZES = [(40, 60), (30, 80), (40, 60)]  # (h, w) px: 70, 52 and 70 visual t
 
 @pytest.fixture(scope="module")
 def next_calib():
-    import numpy as np
-    from PIL import Image
 
     from mllm_adapters.tiny import build_tiny_llava_next
 
     model, processor = build_tiny_llava_next(seed=0)
-    rng = np.random.RandomState(0)
-    images = [Image.fromarray(rng.randint(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in NEXT_SIZES]
+    images = random_images(NEXT_SIZES, 0)
     prompts = [f"USER: <image> {q} ASSISTANT:" for q in QUESTIONS[:3]]
     return build_calibration(model, processor, images, prompts, batch_size=2)  # the first batch is ragged
 
