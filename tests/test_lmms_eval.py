@@ -1,5 +1,6 @@
 """lmms-eval integration: `prunebench_llava` runs a pruner inside lmms-eval, offline, and its answers
-are the ones prunebench's own generation gives for the same prompts and kept tokens."""
+are the ones prunebench's own generation gives for the same prompts and kept tokens, on LLaVA-1.5 and on
+the other families lmms-eval's ``llava_hf`` loads (LLaVA-NeXT, LLaVA-OneVision)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from benchmarks.lmms.export_shapes import export
 from benchmarks.lmms.model import chat_template_from_prompt
 from benchmarks.tasks import Task, get_task
 from mllm_adapters import apply_pruner
+from mllm_adapters.registry import get_family
 from mllm_adapters.tiny import build_tiny_llava
 from pruners import register_pruner
 from pruners.base import LLMLayerContext, Pruner
@@ -33,15 +35,27 @@ class Broken(Pruner):
         raise RuntimeError("deliberately broken pruner")
 
 
-@pytest.fixture(scope="module")
-def lmms_setup(tmp_path_factory, monkeypatch_module):
-    root = tmp_path_factory.mktemp("lmms")
-    model, processor = build_tiny_llava()
+def _saved(root, model, processor):
+    """(root, model, processor) with the model saved for lmms-eval under root/model and the task exported."""
     model.save_pretrained(root / "model")
     processor.save_pretrained(root / "model")
     (root / "model" / "prunebench.json").write_text(json.dumps({"prompt_template": TEMPLATE}))
     export(root / "task", "shapes", n=N)
     return root, model, processor
+
+
+@pytest.fixture(scope="module")
+def lmms_setup(tmp_path_factory, monkeypatch_module):
+    return _saved(tmp_path_factory.mktemp("lmms"), *build_tiny_llava())
+
+
+@pytest.fixture(scope="module", params=["llava", "llava_next", "llava_onevision"])
+def lmms_family_setup(request, tmp_path_factory, monkeypatch_module, lmms_setup):
+    """The saved tiny model of each family lmms-eval's ``llava_hf`` loads (by the config's model_type)."""
+    if request.param == "llava":
+        return lmms_setup
+    model, processor = get_family(request.param).build_tiny(seed=0)
+    return _saved(tmp_path_factory.mktemp(f"lmms_{request.param}"), model, processor)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +95,10 @@ def test_chat_template_reproduces_the_prompt_template():
 
 @pytest.mark.parametrize("batch_size", [1, 3])
 @pytest.mark.parametrize("model_args", ["method=none", "method=fastv,budget=8,layer=2", "method=random,budget=5,seed=3"])
-def test_lmms_eval_answers_equal_prunebench_generation(lmms_setup, model_args, batch_size):
-    """Batch size 3 over 4 requests: one padded batch of 3 and one of 1, each answer equal to batch size 1's."""
-    root, model, processor = lmms_setup
+def test_lmms_eval_answers_equal_prunebench_generation(lmms_family_setup, model_args, batch_size):
+    """Batch size 3 over 4 requests: one padded batch of 3 and one of 1, each answer equal to batch size 1's;
+    on LLaVA-1.5, LLaVA-NeXT (anyres tiles) and LLaVA-OneVision, all through ``prunebench_llava``."""
+    root, model, processor = lmms_family_setup
     res = _evaluate(root, model_args, batch_size)
     logged = res["samples"]["prunebench_shapes"]
     assert len(logged) == N
