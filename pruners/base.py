@@ -473,10 +473,12 @@ class LLMLayerContext:
     """Handed to ``prune_llm`` before decoder layer ``layer`` runs (layers < layer saw every token).
 
     hidden_states: [B, Lc, D] input of layer ``layer`` (current, possibly already pruned sequence).
-    visual_pos:    [B, Nv] positions of the current visual tokens in that sequence (sorted).
+    visual_pos:    [B, Nv] positions of the current visual tokens in that sequence (sorted; one span per
+                   sample unless it holds several images: text lies between their runs, so gather at
+                   these positions, or use `pruners.ops.attention_rows_at`, rather than slicing a span).
     visual_index:  [B, Nv] original raster index of each current visual token.
     key_mask:      [B, Lc] True for real (non-padding) tokens.
-    instruction_pos: [B, Ni] positions (in the current sequence) of the text tokens after the image;
+    instruction_pos: [B, Ni] positions (in the current sequence) of the text tokens after the (last) image;
                    padded with -1 where samples have fewer.
     attention_rows(layer, queries="last"): [B, Nv] head-mean softmax attention of an already-run
                    decoder layer (declared in ``llm_attention_layers()``) from the last real token

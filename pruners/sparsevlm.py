@@ -28,7 +28,7 @@ import torch
 
 from pruners._schedule import ProgressiveSchedule, equivalent_tokens, layer_counts, scale_layers
 from pruners.base import LLMDecision, LLMLayerContext, ModelInfo, Pruner
-from pruners.ops import attention_rows
+from pruners.ops import attention_rows_at
 from pruners.params import POSITIONS, Param
 from pruners.registry import register_pruner
 
@@ -205,9 +205,8 @@ class SparseVLM(ProgressiveSchedule, Pruner):
         averaged over the raters."""
         raters = self._raters(ctx) & (ctx.instruction_pos >= 0)
         q, k, _ = ctx.layer_qkv(ctx.layer - 1, "instruction")
-        rows = attention_rows(q, k, key_mask=ctx.key_mask, query_pos=ctx.instruction_pos.clamp(min=0),
-                              key_start=ctx.visual_pos[:, 0], key_len=ctx.visual_pos.shape[1],
-                              scale=q.shape[-1] ** -0.5)  # [B, Ni, Nv]
+        rows = attention_rows_at(q, k, ctx.visual_pos, key_mask=ctx.key_mask,
+                                 query_pos=ctx.instruction_pos.clamp(min=0), scale=q.shape[-1] ** -0.5)  # [B, Ni, Nv]
         w = raters.to(rows.dtype)
         rows = torch.where(raters[..., None], rows, torch.zeros_like(rows))  # no NaN from padded rows
         return rows.sum(1) / w.sum(1, keepdim=True).clamp(min=1)

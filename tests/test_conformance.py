@@ -33,8 +33,8 @@ depth-scaled schedule) declares it in ``conformance_params``; every case attache
 - several_images_and_none: a batch of a sample with two images, one with none and one with one image
   gives each sample's last-token logits alone (1e-4) and ``handle.kept_indices`` one entry per image in
   batch order, equal to the samples' alone; per-sample token counts (the image-less one counts 0
-  visual tokens). A method pruning inside the LLM needs one visual run per sample: it must refuse the
-  two-image sample with a ValueError, and pass the same check on the batch without it;
+  visual tokens). Methods pruning inside the LLM too: there the two-image sample's visual tokens (text
+  between their runs) are ranked together;
 - same_seed_same_result: two fresh attachments with the same seed give bitwise the same logits and kept
   sets; another seed changes the kept set iff the class declares ``uses_seed``;
 - cached_generate_equals_recompute: generate() with the pruned KV cache equals greedy decoding by full
@@ -494,11 +494,7 @@ def test_several_images_and_none(families, pruner, family):
         return processor(images=imgs or None, text=texts, return_tensors="pt", padding=True)
 
     with apply_pruner(model, pruner, budget=fam.budget) as h:
-        samples = [0, 1, 2]
-        if "llm" in h.pruner.stages and not h.pruner.keeps_all:
-            with pytest.raises(ValueError, match="one image per sample"):
-                logits_of(model, inputs(samples))
-            samples = [1, 2]
+        samples = [0, 1, 2]  # in-LLM methods too: a two-image sample's visual slots are not one span
         batch = inputs(samples)
         both = logits_of(model, batch)[:, -1]
         kept_both = [k.clone() for k in h.kept_indices]

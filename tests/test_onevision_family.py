@@ -181,8 +181,14 @@ def test_several_images_per_sample(ov):
             one = _logits(model, inputs([s]))[:, -1]
             assert (one[0] - both[s]).abs().max() <= 1e-4
             assert all(torch.equal(a, kept[j]) for a, j in zip(h.kept_indices, js))
-    with apply_pruner(model, "fastv", budget=6), pytest.raises(ValueError, match="one image per sample"):
-        _logits(model, inputs([0, 1]))
+    with apply_pruner(model, "fastv", budget=6) as h:  # in-LLM: the two images of sample 0 ranked together
+        both = _logits(model, inputs([0, 1]))[:, -1]
+        kept = [k.clone() for k in h.kept_indices]
+        assert len(kept) == 3 and sum(len(k) for k in kept[:2]) == 12 and len(kept[2]) == 6  # 6 per image, summed
+        for s, js in ((0, [0, 1]), (1, [2])):
+            one = _logits(model, inputs([s]))[:, -1]
+            assert (one[0] - both[s]).abs().max() <= 1e-4
+            assert all(torch.equal(a, kept[j]) for a, j in zip(h.kept_indices, js))
 
 
 @pytest.mark.parametrize("method", ["vflowopt", "random", "divprune"])

@@ -14,7 +14,7 @@ from pruners.base import LLMLayerContext, ModelInfo, Pruner
 from pruners.pdrop import pdrop_schedule
 from pruners.transprune import layer_ttv, transprune_schedule
 from pruners.vflowopt import VFlowOpt, patch_entropy, vflowopt_schedule
-from tests._adapter_helpers import greedy_recompute
+from tests._adapter_helpers import cached_and_recomputed, greedy_recompute
 from tests.conftest import PROMPTS, make_images, single
 from tests.test_core_invariants import logits_of
 
@@ -389,3 +389,57 @@ def test_llava15_shaped_counts_through_the_adapter():
     with apply_pruner(model, "pdrop", budget=72) as h:
         logits_of(model, inputs)
         assert h.token_counts[0].llm_visual == [576] * 8 + [288] * 8 + [144] * 8 + [72] * 8
+
+
+# ---- several images in one sample ---------------------------------------------------------------------
+TWO_IMAGES = ["USER: <image> and <image> what is the colour of the circle ? ASSISTANT:", "USER: <image> how many ? ASSISTANT:"]
+
+
+def _two_image_batch(processor):
+    """Sample 0 holds two images (text between their runs), sample 1 one; left-padded."""
+    return processor(images=make_images(3), text=TWO_IMAGES, return_tensors="pt", padding=True)
+
+
+def test_fastv_ranks_the_visual_tokens_of_both_images_together(tiny):
+    """In-LLM pruning of a two-image sample: FastV keeps the top of the last token's head-mean attention
+    (eager, layer K - 1) over the visual tokens of BOTH images, as many as the images' counts summed,
+    and reports each image's kept indices on its own; the one-image sample beside it is as if alone."""
+    model, processor = tiny
+    x = _two_image_batch(processor)
+    with torch.no_grad():
+        att = model(**x, output_attentions=True).attentions[0]  # [B, H, L, L], layer K - 1 = 0
+    with apply_pruner(model, "fastv", budget=6, layer=1) as h:
+        rec: dict[int, torch.Tensor] = {}
+        inner = h.pruner.prune_llm
+
+        def recorded(ctx):  # a ragged batch: sample 1 keeps fewer real tokens, its row padded with fillers
+            out = inner(ctx)
+            rec[ctx.layer] = (out.keep if hasattr(out, "keep") else out).sort(dim=1).values.clone()
+            return out
+
+        h.pruner.prune_llm = recorded
+        both = logits_of(model, x)[:, -1]
+        kept = [k.clone() for k in h.kept_indices]
+        counts = list(h.token_counts)
+        assert len(kept) == 3  # one entry per image
+        cols = (x["input_ids"][0] == model.config.image_token_id).nonzero()[:, 0]  # both runs, text between
+        assert not bool((cols[1:] - cols[:-1] == 1).all())
+        row = att[0, :, -1, cols].mean(0)  # [2 * N_VIS]
+        k = rec[1][0].numel()
+        assert counts[0].llm_visual[1] == k and counts[1].llm_visual[1] == k // 2  # two images' counts, summed
+        top = set(row.topk(k).indices.tolist())
+        assert set(rec[1][0].tolist()) == top
+        assert sorted(kept[0].tolist() + [N_VIS + i for i in kept[1].tolist()]) == sorted(top)
+        one = logits_of(model, processor(images=make_images(3)[2:], text=TWO_IMAGES[1:], return_tensors="pt"))
+        assert (one[0, -1] - both[1]).abs().max() <= 1e-4
+        assert torch.equal(h.kept_indices[0], kept[2])
+
+
+@pytest.mark.parametrize("method,params", [("fastv", {"layer": 1}), ("pdrop", {}), ("sparsevlm", {})])
+def test_two_image_sample_cached_generate_equals_recompute(tiny, method, params, monkeypatch):
+    """Cached greedy decoding of a batch holding a two-image sample equals the full recompute replaying the
+    prefill's per-layer decisions (the visual slots of that sample are not one span)."""
+    model, processor = tiny
+    cached, ref = cached_and_recomputed(model, _two_image_batch(processor), method, {"budget": 6, **params}, 3,
+                                        monkeypatch)
+    assert (cached - ref).abs().max() <= 1e-4

@@ -15,7 +15,7 @@ import torch
 
 from mllm_adapters.engine.state import INERT, gather_seq
 from pruners.base import LLMDecision, LLMLayerContext
-from pruners.ops import attention_rows
+from pruners.ops import attention_rows_at
 
 
 class LLMStage:
@@ -171,10 +171,7 @@ class LLMStage:
         key_mask = self._current(fw.key_mask)
         qpos, qvalid = self._query_rows(x, queries)
         q, k = self._rope_qk(layer_idx, x, cos, sin, qpos, k_raw, cache)
-        vis = fw.visual_pos
-        rows = attention_rows(
-            q, k, key_mask=key_mask, query_pos=qpos, key_start=vis[:, 0], key_len=vis.shape[1], scale=attn.scale
-        )  # [B, Nq, Nv]
+        rows = attention_rows_at(q, k, fw.visual_pos, key_mask=key_mask, query_pos=qpos, scale=attn.scale)  # [B, Nq, Nv]
         w = qvalid.float()
         return (rows * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp(min=1)
 
@@ -257,7 +254,10 @@ class LLMStage:
             fw.visual_index = fw.visual_index.gather(1, keep)
             if fw.visual_scores is not None:
                 fw.visual_scores = fw.visual_scores.gather(1, keep)
-            fw.visual_pos = vis[:, :1] + torch.arange(k, device=hs.device)[None, :]
+            if fw.visual_image is not None:
+                fw.visual_image = fw.visual_image.gather(1, keep)
+            kept_at = vis.gather(1, keep)  # [B, k] their positions before the drop
+            fw.visual_pos = kept_at - drop_full.long().cumsum(1).gather(1, kept_at)  # minus the drops before them
             if merged is not None and merged.shape[1] > 0:  # real visual tokens before this layer's fillers
                 live = fw.key_mask.gather(1, base.gather(1, vis))
             if fill is not None and bool(fill.any()):
@@ -267,8 +267,12 @@ class LLMStage:
                 k = fw.visual_pos.shape[1]
             fw.cur_kwargs = None
             idx = fw.visual_index
-            rows = range(B) if fw.image_rows is None else fw.image_rows  # one entry per image
-            self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in rows]
+            if fw.image_samples is None:  # one image per sample
+                self.handle.kept_indices = [idx[b][idx[b] >= 0] for b in range(B)]
+            else:  # one entry per image, in batch order
+                img = fw.visual_image
+                self.handle.kept_indices = [idx[b][(idx[b] >= 0) & (img[b] == j)]
+                                            for j, b in enumerate(fw.image_samples)]
             self.handle.kept_by_layer[i] = list(self.handle.kept_indices)
             # inert slots are not tokens: each sample counts its real ones
             real = [int((row != INERT).sum()) for row in idx]
@@ -314,7 +318,8 @@ class LLMStage:
         virt = width + torch.arange(m, device=dev)  # [m]
         # the new sequence: ..., kept visual slots, merged slots, the rest
         k = fw.visual_pos.shape[1]
-        ins = vis_before[:, :1] + k  # [B, 1] where the merged slots go
+        # [B, 1] where the merged slots go: right after the last kept visual slot (else where the run began)
+        ins = fw.visual_pos[:, -1:] + 1 if k else vis_before[:, :1]
         s = torch.arange(Lc + m, device=dev)[None, :]
         src = torch.where(s < ins, s, torch.where(s < ins + m, Lc + s - ins, s - m))  # [B, Lc + m]
         hs = gather_seq(torch.cat([hs, merged.to(hs.dtype)], 1), src)
@@ -327,7 +332,9 @@ class LLMStage:
         if fw.visual_scores is not None:
             fw.visual_scores = torch.cat([fw.visual_scores, torch.zeros_like(real, dtype=fw.visual_scores.dtype)
                                           .masked_fill(~real, float("-inf"))], 1)
-        fw.visual_pos = vis_before[:, :1] + torch.arange(k + m, device=dev)[None, :]
+        if fw.visual_image is not None:
+            fw.visual_image = torch.cat([fw.visual_image, torch.full_like(real, -1, dtype=torch.long)], 1)
+        fw.visual_pos = torch.cat([fw.visual_pos, ins + torch.arange(m, device=dev)[None, :]], 1)
         return hs
 
     def _keep_counts(self, layer: int) -> torch.Tensor | None:

@@ -143,9 +143,12 @@ class PromptSurgery:
         after the real tokens), re-pad the samples on the left, and set positions so that every real
         token keeps the position it has in its own unpruned prompt minus the image tokens dropped.
 
-        A sample may hold several images, or none. The LLM stage needs one contiguous visual run per
-        sample: with an in-LLM method a sample without an image gets a run of W inert slots (after its
-        padding), and a sample with several images is refused."""
+        A sample may hold several images, or none. With an in-LLM method every sample has V visual slots,
+        V the most visual tokens any sample has: its images' tokens, each run where its placeholders were,
+        then V minus their count inert slots after its last image (a sample without an image: V inert
+        slots after its padding). A sample with several images has text between its runs, so its visual
+        positions are not one span; the in-LLM stage ranks all of them together (one budget per image,
+        summed over the sample's images)."""
         fw = self._fw
         dev = input_ids.device
         B, L = input_ids.shape
@@ -155,14 +158,12 @@ class PromptSurgery:
                 raise ValueError(f"method {self.pruner.name!r} produced {n} tokens for an image of {run.n_packed}")
         of_sample = [[j for j, r in enumerate(runs) if r.sample == b] for b in range(B)]
         llm_stage = "llm" in self.pruner.stages and not self.pruner.keeps_all and bool(self._llm_layers)
-        if llm_stage and any(len(js) > 1 for js in of_sample):
-            raise ValueError(
-                f"method {self.pruner.name!r} prunes inside the LLM, which needs one image per sample; got "
-                f"{[len(js) for js in of_sample]} images per sample (pre-LLM and vision-stage methods take several)"
-            )
-        W = max(n_real, default=0)  # in-LLM methods keep at most W (an image with fewer keeps all of them)
+        W = max(n_real, default=0)  # without an in-LLM stage each image's run is padded to W
+        total = [sum(n_real[j] for j in js) for js in of_sample]  # visual tokens per sample
+        V = max(total, default=0)  # with one: each sample's visual slots (= W when each has one image)
         rows, run_at = [], []  # per sample: source columns (-1 = inert/pad), where its visual run starts
         image_at = [0] * len(runs)  # per image: where its run starts in its sample's row (before left padding)
+        inert_at = [0] * B  # per sample (in-LLM stage): where its V - total inert slots start in its row
         for b in range(B):
             row: list[int] = []
             at = None
@@ -172,13 +173,17 @@ class PromptSurgery:
                 row += range(cur, r.start)
                 at = image_at[j] = len(row)
                 row += range(r.start, r.start + n)
-                row += [-1] * (W - n)
+                if not llm_stage:
+                    row += [-1] * (W - n)
                 cur = r.start + r.n_packed
+            if llm_stage and of_sample[b]:  # the inert slots after the sample's last image
+                inert_at[b] = len(row)
+                row += [-1] * (V - total[b])
             row += range(cur, L)
             if at is None and llm_stage:  # no image: an inert run after the sample's padding
                 first = int(attention_mask[b].nonzero()[0]) if bool(attention_mask[b].any()) else 0
-                at = first
-                row = row[:first] + [-1] * W + row[first:]
+                at = inert_at[b] = first
+                row = row[:first] + [-1] * V + row[first:]
             rows.append(row)
             run_at.append(at)
         Lp = max(len(row) for row in rows)
@@ -235,11 +240,9 @@ class PromptSurgery:
             if bool(is_nl.any()):
                 x = torch.where(is_nl[:, None], extra.to(x.dtype).expand_as(x), x)
             feats_out.append(x)
-            n = x.shape[0]
-            vis_index.append(torch.cat([index, index.new_full((W - n,), INERT)]))
+            vis_index.append(index)
             if has_scores:
-                sc = scores if scores is not None else torch.zeros(n, device=x.device)
-                vis_scores.append(torch.cat([sc.float(), sc.new_full((W - n,), float("-inf"))]))
+                vis_scores.append((scores if scores is not None else torch.zeros(x.shape[0], device=x.device)).float())
         # each token's index in its image's run (-1 merged): what per-token inputs beside the features follow
         self.spec.feed_kept_features(kwargs, feats_out, [t[2] for t in per_image])
 
@@ -256,16 +259,37 @@ class PromptSurgery:
             c.projector = n  # the extra slots of a whole run are projected too
         self.handle.batch_counts.llm_visual_width = [W] * n_layers
         fw.key_mask = new_mask.bool()
-        if all(at is not None for at in run_at):  # one visual run per sample: the LLM stage's view
+        if llm_stage:  # the LLM stage's view: per sample its V visual slots, images in order, then inert ones
+            fw.image_samples = [r.sample for r in runs]
+            pos_rows, index_rows, image_rows, score_rows = [], [], [], []
+            for b in range(B):
+                n_inert = V - total[b]
+                js = of_sample[b]
+                pos_rows.append(torch.cat([pad[b] + image_at[j] + torch.arange(n_real[j], device=dev) for j in js]
+                                          + [pad[b] + inert_at[b] + torch.arange(n_inert, device=dev)]))
+                index_rows.append(torch.cat([vis_index[j].to(dev) for j in js]
+                                            + [torch.full((n_inert,), INERT, dtype=torch.long, device=dev)]))
+                image_rows.append(torch.cat([torch.full((n_real[j],), j, dtype=torch.long, device=dev) for j in js]
+                                            + [torch.full((n_inert,), -1, dtype=torch.long, device=dev)]))
+                if has_scores:
+                    score_rows.append(torch.cat([vis_scores[j].to(dev) for j in js]
+                                                + [torch.full((n_inert,), float("-inf"), device=dev)]))
+            fw.visual_pos = torch.stack(pos_rows)  # [B, V] (one span per sample with at most one image)
+            fw.visual_index = torch.stack(index_rows)
+            fw.visual_image = torch.stack(image_rows)  # [B, V] image of each slot (-1 inert)
+            if has_scores:
+                fw.visual_scores = torch.stack(score_rows)
+            fw.instruction_pos = self._instruction_positions(fw.visual_pos, fw.key_mask)
+        elif all(at is not None for at in run_at):  # every sample has an image: the view diagnostics read
             row_of = {runs[js[0]].sample: js[0] for js in of_sample if js}
-            fw.image_rows = sorted(row_of)
             run_start = torch.tensor([pad[b] + run_at[b] for b in range(B)], device=dev)
             fw.visual_pos = run_start[:, None] + torch.arange(W, device=dev)[None]  # [B, W]
-            inert_row = torch.full((W,), INERT, dtype=torch.long, device=dev)
-            fw.visual_index = torch.stack([vis_index[row_of[b]] if b in row_of else inert_row for b in range(B)])
+            fw.visual_index = torch.stack([torch.cat([vis_index[row_of[b]],
+                                                      vis_index[row_of[b]].new_full((W - n_real[row_of[b]],), INERT)])
+                                           for b in range(B)])
             if has_scores:
-                no_scores = torch.full((W,), float("-inf"), device=dev)
-                fw.visual_scores = torch.stack([vis_scores[row_of[b]] if b in row_of else no_scores for b in range(B)])
+                fw.visual_scores = torch.stack([torch.cat([vis_scores[row_of[b]], vis_scores[row_of[b]].new_full(
+                    (W - n_real[row_of[b]],), float("-inf"))]) for b in range(B)])
             fw.instruction_pos = self._instruction_positions(fw.visual_pos, fw.key_mask)
 
     # ---- decode steps ----------------------------------------------------------------------------

@@ -47,7 +47,8 @@ class Forward:
     visual_index: torch.Tensor | None = None  # [B, Nv] grid index (-1 merged, INERT for inert slots)
     visual_scores: torch.Tensor | None = None  # [B, Nv] scores the pre-LLM stage attached, if any
     instruction_pos: torch.Tensor | None = None  # [B, Ni] (-1 padded)
-    image_rows: list[int] | None = None  # samples holding an image, in order (None: every sample)
+    visual_image: torch.Tensor | None = None  # [B, Nv] image (batch order) of each visual slot, -1 none
+    image_samples: list[int] | None = None  # the sample of each image, in batch order (None: one per sample)
     cur_cols: torch.Tensor | None = None  # [B, Lc] prompt columns in the current sequence (None = all)
     layer_cols: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> prompt cols it caches
     full_kwargs: dict[str, Any] = field(default_factory=dict)  # mask/positions/RoPE of the full prompt

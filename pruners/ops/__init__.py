@@ -9,10 +9,10 @@ under ``TRITON_INTERPRET=1`` (set before importing this package), which is how t
 Every pruner that needs one of these calls the op; no pruner keeps its own copy of the math.
 """
 
-from pruners.ops.attention import attention_rows
+from pruners.ops.attention import attention_rows, attention_rows_at
 from pruners.ops.dpp import greedy_dpp
 from pruners.ops.merge import merge_tokens
 from pruners.ops.select import select_and_gather
 from pruners.ops.transition import transition_variation
 
-__all__ = ["attention_rows", "greedy_dpp", "merge_tokens", "select_and_gather", "transition_variation"]
+__all__ = ["attention_rows", "attention_rows_at", "greedy_dpp", "merge_tokens", "select_and_gather", "transition_variation"]

@@ -28,6 +28,7 @@ ranks tokens like the reference does.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -334,3 +335,16 @@ def attention_rows(
     return attention_rows_reference(
         q, k, key_mask=key_mask, query_pos=query_pos, key_start=key_start, key_len=key_len, scale=scale
     )
+
+
+def attention_rows_at(q: torch.Tensor, k: torch.Tensor, key_pos: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    """`attention_rows` returned at the key positions ``key_pos`` [B, Nv] (sorted, distinct per row; e.g.
+    the visual tokens of a sample): [B, Nq, Nv]. When every row's positions are one contiguous span it is
+    the op's own span (``key_start``, ``key_len``); otherwise (a sample with several images, text between
+    their runs) the rows over all keys, gathered at ``key_pos``: the same values, since each row is a
+    softmax over all allowed keys either way. ``kwargs``: the op's other arguments."""
+    n = key_pos.shape[1]
+    if n == 0 or bool((key_pos[:, -1] - key_pos[:, 0] == n - 1).all()):
+        return attention_rows(q, k, key_start=key_pos[:, 0] if n else None, key_len=n if n else None, **kwargs)
+    rows = attention_rows(q, k, **kwargs)  # [B, Nq, Nk]
+    return rows.gather(2, key_pos[:, None, :].expand(-1, rows.shape[1], -1))
