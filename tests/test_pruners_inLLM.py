@@ -443,3 +443,22 @@ def test_two_image_sample_cached_generate_equals_recompute(tiny, method, params,
     cached, ref = cached_and_recomputed(model, _two_image_batch(processor), method, {"budget": 6, **params}, 3,
                                         monkeypatch)
     assert (cached - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("method,params", [("fastv", {"layer": 1}), ("pdrop", {}), ("sparsevlm", {})])
+def test_two_image_sample_flops_match_flop_counter(tiny, method, params):
+    """A two-image sample alone: the analytic prefill FLOPs from its counts (both images' visual tokens per
+    decoder layer) plus the pruner's overhead equal FlopCounterMode."""
+    from benchmarks.flops import prefill_flops
+    from tests._adapter_helpers import counted_flops, text_tokens
+
+    model, processor = tiny
+    x = processor(images=make_images(2), text=TWO_IMAGES[:1], return_tensors="pt")
+    with apply_pruner(model, method, budget=6, tokenizer=processor.tokenizer, **params) as h:
+        h.count_overhead_flops = True
+        measured = counted_flops(model, x)
+        (c,) = h.token_counts
+        overhead = h.overhead_flops
+    assert c.visual_in == 2 * N_VIS and c.views == 2 and min(c.llm_visual) < 2 * N_VIS
+    f = prefill_flops(model.config, text_tokens(model, x, 0), c, overhead=overhead)
+    assert abs(f.total - measured) / measured < 0.01, (f.as_dict(), measured, c)
