@@ -171,14 +171,19 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def prompt(self, question: str) -> str:
+    def prompt(self, question: str, n_images: int = 1) -> str:
         """The prompt for ``question``: ``prompt_template`` with its ``<image>`` written the way the family
-        writes one image (`FamilySpec.prompt_image`), or, for ``prompt_template: chat``, the processor's
-        own chat template on one user turn holding the image and the question."""
+        writes one image (`FamilySpec.prompt_image`), ``n_images`` times one per line, or, for
+        ``prompt_template: chat``, the processor's own chat template on one user turn holding the images and
+        the question."""
+        if n_images < 1:
+            raise ValueError(f"n_images must be >= 1, got {n_images}")
         if self.prompt_template == CHAT:
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+            content = [{"type": "image"}] * n_images + [{"type": "text", "text": question}]
+            messages = [{"role": "user", "content": content}]
             return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.prompt_template.format(question=question).replace("<image>", self.spec.prompt_image)
+        images = "\n".join([self.spec.prompt_image] * n_images)
+        return self.prompt_template.format(question=question).replace("<image>", images)
 
     @property
     def image_processor_settings(self) -> dict[str, Any]:
@@ -200,10 +205,11 @@ class LoadedModel:
                 out[k] = json.loads(json.dumps(v, default=str))
         return out
 
-    def image_grids(self, enc: dict[str, Any]) -> list[tuple[int, int] | None]:
-        """Per image of a processed batch, its token grid when the family's images have one of their
-        own (Qwen: each image's merged-unit grid), else None per image (`FamilySpec.image_grids`)."""
-        n = len(enc["input_ids"])
+    def image_grids(self, enc: dict[str, Any], n_images: int | None = None) -> list[tuple[int, int] | None]:
+        """Per image of a processed batch (``n_images`` of them; default one per sample), its token grid when
+        the family's images have one of their own (Qwen: each image's merged-unit grid), else None per image
+        (`FamilySpec.image_grids`)."""
+        n = len(enc["input_ids"]) if n_images is None else int(n_images)
         grids = self.spec.image_grids(self.config, enc)
         return list(grids) if grids is not None else [None] * n
 

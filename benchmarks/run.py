@@ -267,8 +267,8 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
 def _inputs(lm: LoadedModel, samples: list[Any]) -> dict[str, torch.Tensor]:
     proc = lm.processor
     enc = proc(
-        images=[s.image.convert("RGB") for s in samples],
-        text=[lm.prompt(s.question) for s in samples],
+        images=[im.convert("RGB") for s in samples for im in s.images],  # every image of each sample, in order
+        text=[lm.prompt(s.question, len(s.images)) for s in samples],
         padding=True,
         return_tensors="pt",
     )
@@ -282,7 +282,7 @@ def _shape_key(enc: dict[str, torch.Tensor], batch: list[Any]) -> tuple:
     """What a batch's pruner FLOPs depend on besides its content: its tensors' shapes and its images' sizes
     (LLaVA-NeXT's tiles and Qwen's grids follow them). Batches with equal keys share one FLOP count."""
     return (tuple((k, tuple(v.shape)) for k, v in sorted(enc.items())),
-            tuple((s.image.height, s.image.width) for s in batch))
+            tuple(tuple((im.height, im.width) for im in s.images) for s in batch))
 
 
 def run_cell(
@@ -339,9 +339,15 @@ def run_cell(
                 overhead_by_shape[shape] = handle.overhead_flops / len(batch)
                 counted_samples += len(batch)
             overhead = overhead_by_shape[shape]
-            sizes = [(s.image.height, s.image.width) for s in batch]  # [B] (h, w) px, as the processor saw them
-            grids = lm.image_grids(enc)  # [B] the image's own token grid (Qwen) or None
+            # per image (batch order, a sample's images in turn): (h, w) px as the processor saw them, and its
+            # own token grid (Qwen) or None; handle.kept_indices is per image too
+            sizes = [(im.height, im.width) for s in batch for im in s.images]
+            grids = lm.image_grids(enc, len(sizes))
+            first_image = [0]
+            for s in batch[:-1]:
+                first_image.append(first_image[-1] + len(s.images))
             for b, (s, pred) in enumerate(zip(batch, preds)):
+                images_b = range(first_image[b], first_image[b] + len(s.images))
                 n_text = int(enc["attention_mask"][b].sum()) - int((enc["input_ids"][b] == image_token_id).sum())
                 # This sample's own counts (ragged in-ViT pruning, LLaVA-NeXT's image-dependent runs).
                 c = sample_cost(cfg_model, n_text, counts[b] if b < len(counts) else None, lm.num_visual_tokens,
@@ -351,8 +357,10 @@ def run_cell(
                     flops_parts[k] += v
                 ref_total += c.reference
                 score = float(task.score(pred, s))
-                k_b = kept[b] if b < len(kept) else None
-                grid_b, cover_b = lm.recall_cover(sizes[b], grids[b])
+                kept_b = [kept[j] for j in images_b] if images_b.stop <= len(kept) else None  # per image
+                k_b = kept_b[0] if kept_b is not None else None  # the first image's: what recall is about
+                j0 = images_b.start
+                grid_b, cover_b = lm.recall_cover(sizes[j0], grids[j0])
                 rec = relevant_recall(k_b, list(s.relevant_patches(grid_b)), cover_b)
                 c_b = counts[b] if b < len(counts) else None
                 if k_b is not None and k_b.numel() == 0 and c_b is not None and c_b.merged:
@@ -364,13 +372,14 @@ def run_cell(
                 row = {
                     "id": s.id, "family": s.family, "question": s.question, "answer": s.answer,
                     "prediction": pred.strip(), "score": score, "relevant_recall": rec,
-                    # per image (one per sample here) the kept positions (None: every token kept)
-                    "kept": None if k_b is None else [k_b.tolist()],
-                    "n_kept": None if k_b is None else int(k_b.numel()),
+                    # per image of the sample the kept positions (None: every token kept)
+                    "kept": None if kept_b is None else [k.tolist() for k in kept_b],
+                    "n_kept": None if kept_b is None else sum(int(k.numel()) for k in kept_b),
                     "visual_in": n_in, "equiv_tokens": e, "tflops_prefill": f.total / 1e12,
                 }
                 if kept_by_layer:  # in-LLM methods: the kept set entering each pruning layer
-                    row["kept_by_layer"] = {str(layer): [ks[b].tolist()] for layer, ks in sorted(kept_by_layer.items())}
+                    row["kept_by_layer"] = {str(layer): [ks[j].tolist() for j in images_b]
+                                            for layer, ks in sorted(kept_by_layer.items())}
                 if diag is not None and b < len(diag.samples):
                     row.update(diagnostics_row(diag.samples[b], with_sinks=budget is None))
                     # visual tokens entering the last decoder layer (merged ones included): the sink shares' base

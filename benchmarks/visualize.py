@@ -511,6 +511,9 @@ def overlay_sample(sample: Any, cells: list[Cell], config: Any, path: Path, dpi:
     from matplotlib.ticker import MaxNLocator
 
     sid = str(sample.id)
+    if getattr(sample, "extra_images", None):
+        raise ValueError(f"overlays: sample {sid!r} holds {1 + len(sample.extra_images)} images; overlays draw "
+                         "one-image samples (pick them with ids=[...])")
     H, W = sample.image.height, sample.image.width
     by_key: dict[tuple[str, str], Cell] = {}
     for c in sorted(cells, key=_seed_rank):

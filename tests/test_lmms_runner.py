@@ -69,3 +69,37 @@ def test_pope_task_metrics_in_the_cell(tmp_path):
     assert set(m["task_metrics"]) == {"random", "popular", "adversarial", "all"}
     assert m["task_metrics"]["all"]["accuracy"] == pytest.approx(m["accuracy"])
     assert {"precision", "recall", "f1", "yes_ratio"} <= set(m["task_metrics"]["all"])
+
+
+@pytest.mark.parametrize("method", ["fastv", "divprune"])
+def test_multi_image_documents_give_the_model_every_image(tmp_path, method):
+    """An lmms task whose documents hold two images (`export(..., images_per_doc=2)`): each sample's prompt
+    holds both, ``kept`` has one entry per image, and the predictions equal direct generation on the two
+    images with the same pruner, one sample at a time (in-LLM fastv ranks both images' tokens together;
+    divprune prunes each image)."""
+    import torch
+
+    from benchmarks.models import load_model
+    from benchmarks.tasks.lmms import LmmsTask
+    from mllm_adapters import apply_pruner
+
+    export(tmp_path / "lmms", "shapes", n=8, images_per_doc=2)
+    task = ["task=lmms", "task.names=[prunebench_shapes_2img]", f"task.include_path={tmp_path / 'lmms'}"]
+    ref, pruned = _run(tmp_path, *task, f"method={method}", "n_samples=8")
+    rows = store.read_predictions(pruned)
+    assert len(rows) == 8 and all(len(r["kept"]) == 2 and r["n_kept"] <= 2 * 36 for r in rows)
+    assert all(r["visual_in"] == 2 * 144 for r in store.read_predictions(ref))  # both images reach the LLM
+    samples = {s.id: s for s in LmmsTask("prunebench_shapes_2img", str(tmp_path / "lmms")).samples(n=8)}
+    assert all(len(s.images) == 2 for s in samples.values())
+    lm = load_model({"name": "embedded", "source": "embedded", "path": None, "dtype": "float32",
+                     "attn_implementation": "sdpa", "prompt_template": None})
+    tok = lm.processor.tokenizer
+    with apply_pruner(lm.model, method, budget=36, tokenizer=tok) as h:
+        for r in rows:
+            s = samples[r["id"]]
+            x = lm.processor(images=s.images, text=[lm.prompt(s.question, 2)], return_tensors="pt")
+            with torch.inference_mode():
+                out = lm.model.generate(**x, max_new_tokens=2, do_sample=False)
+            pred = tok.batch_decode(out[:, x["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip()
+            assert pred == r["prediction"]
+            assert [k.tolist() for k in h.kept_indices] == r["kept"]

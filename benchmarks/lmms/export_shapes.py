@@ -44,21 +44,35 @@ from benchmarks.lmms.task_utils import doc_to_text, doc_to_visual, process_resul
 '''
 
 
-def export(out_dir: str | Path, task_name: str = "shapes", n: int | None = None) -> Path:
-    """Export ``n`` eval samples (None = all) of ``task_name``; returns the YAML path."""
+def export(out_dir: str | Path, task_name: str = "shapes", n: int | None = None, images_per_doc: int = 1) -> Path:
+    """Export ``n`` eval samples (None = all) of ``task_name``; returns the YAML path.
+
+    ``images_per_doc`` > 1 writes a multi-image task, ``prunebench_<task>_<k>img``: each document holds its
+    sample's image first, then the images of the next k - 1 samples (cyclically) as distractors; question
+    and answer are about the first image."""
+    if not isinstance(images_per_doc, int) or isinstance(images_per_doc, bool) or images_per_doc < 1:
+        raise ValueError(f"images_per_doc must be an int >= 1, got {images_per_doc!r}")
     out = Path(out_dir).resolve()
     (out / "images").mkdir(parents=True, exist_ok=True)
     task = get_task(task_name)
-    rows = []
-    for s in task.samples(split="eval", n=n):
+    samples = task.samples(split="eval", n=n)
+    paths = []
+    for s in samples:
         path = out / "images" / f"{s.id}.png"
         s.image.save(path)
-        rows.append({"id": s.id, "image": str(path), "question": s.question, "answer": s.answer,
-                     "family": s.family, "task": task_name})
-    parquet = out / f"{task_name}.parquet"
+        paths.append(str(path))
+    rows = []
+    for i, s in enumerate(samples):
+        row = {"id": s.id, "image": paths[i], "question": s.question, "answer": s.answer, "family": s.family,
+               "task": task_name}
+        if images_per_doc > 1:
+            row["extra_images"] = [paths[(i + d) % len(paths)] for d in range(1, images_per_doc)]
+        rows.append(row)
+    name = task_name if images_per_doc == 1 else f"{task_name}_{images_per_doc}img"
+    parquet = out / f"{name}.parquet"
     pd.DataFrame(rows).to_parquet(parquet, index=False)
-    yaml_path = out / f"prunebench_{task_name}.yaml"
-    yaml_path.write_text(YAML.format(task=task_name, parquet=parquet, max_new_tokens=task.max_new_tokens))
+    yaml_path = out / f"prunebench_{name}.yaml"
+    yaml_path.write_text(YAML.format(task=name, parquet=parquet, max_new_tokens=task.max_new_tokens))
     (out / "utils.py").write_text(UTILS)
     return yaml_path
 
@@ -68,8 +82,10 @@ def main() -> None:
     ap.add_argument("out_dir")
     ap.add_argument("--task", default="shapes")
     ap.add_argument("--n", type=int, default=None, help="first n eval samples (default: all)")
+    ap.add_argument("--images-per-doc", type=int, default=1,
+                    help="k > 1: a multi-image task, prunebench_<task>_<k>img (the sample's image, then k - 1 others)")
     args = ap.parse_args()
-    print(export(args.out_dir, args.task, args.n))
+    print(export(args.out_dir, args.task, args.n, args.images_per_doc))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ from benchmarks.tasks import Task
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
-    return [Image.open(doc["image"]).convert("RGB")]
+    """The document's image, then its ``extra_images`` (a multi-image export) if any."""
+    paths = [doc["image"], *(doc.get("extra_images") or [])]
+    return [Image.open(p).convert("RGB") for p in paths]
 
 
 def doc_to_text(doc: dict[str, Any], lmms_eval_specific_kwargs: dict | None = None) -> str:

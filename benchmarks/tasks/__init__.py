@@ -24,7 +24,9 @@ class Sample:
     """One VQA item: an RGB image, a question, its one-word answer and the scene behind them.
 
     ``meta`` is JSON-serialisable and always holds ``meta["task"]`` (the registered task name), so
-    `relevant_patches` can be answered by the task that generated the sample.
+    `relevant_patches` can be answered by the task that generated the sample. ``extra_images``: the
+    further images of a multi-image item (an lmms-eval document with several), given to the model after
+    ``image`` in one prompt; `relevant_patches` concerns ``image``.
     """
 
     id: str
@@ -33,6 +35,12 @@ class Sample:
     answer: str  # one word
     family: str  # question family name
     meta: dict[str, Any] = field(default_factory=dict)
+    extra_images: list[Image.Image] = field(default_factory=list)  # RGB
+
+    @property
+    def images(self) -> list[Image.Image]:
+        """Every image of the item, in prompt order (``image`` first)."""
+        return [self.image, *self.extra_images]
 
     def relevant_patches(self, grid_hw: tuple[int, int]) -> list[int]:
         """Raster indices of the patches (``grid_hw`` = rows x cols over the whole image) covered by the

@@ -9,8 +9,10 @@ document (used for ``accuracy`` and its intervals).
 
 Refused with a clear error, before the model loads: tasks judged by an API model (MM-Vet,
 LLaVA-Bench, GPT-matched MMBench: a ``gpt_eval_model_name`` in their metadata, or a known name), tasks
-whose output type is not ``generate_until`` or whose documents are not one image (video, multi-image,
-text-only), groups (run their member tasks by name), and datasets that are not available offline.
+whose output type is not ``generate_until`` or whose documents are not images (video, text-only), groups
+(run their member tasks by name), and datasets that are not available offline. A document with several
+images becomes one sample holding all of them (`Sample.extra_images`): the model's prompt places them,
+in the task's order, where it places one (its ``<image>`` tokens in the question text are removed).
 docs/tasks.md "lmms-eval tasks in the runner".
 """
 
@@ -152,12 +154,14 @@ class LmmsTask(Task):
         for i in range(len(docs) if n is None else min(n, len(docs))):
             doc = docs[i]
             visuals = task.doc_to_visual(doc)
-            if len(visuals) != 1 or not hasattr(visuals[0], "convert"):
-                raise ValueError(f"task {self.name!r}: document {i} has {len(visuals)} visual(s) of type "
-                                 f"{type(visuals[0]).__name__ if visuals else None}; accepted: one image")
+            if not visuals or not all(hasattr(v, "convert") for v in visuals):
+                kinds = sorted({type(v).__name__ for v in visuals}) if visuals else None
+                raise ValueError(f"task {self.name!r}: document {i} has {len(visuals)} visual(s) of type {kinds}; "
+                                 "accepted: one or more images")
             question = task.doc_to_text(doc)
-            if question.count(IMAGE_TOKEN) > 1:
-                raise ValueError(f"task {self.name!r}: document {i} places {question.count(IMAGE_TOKEN)} images")
+            if question.count(IMAGE_TOKEN) > len(visuals):
+                raise ValueError(f"task {self.name!r}: document {i} places {question.count(IMAGE_TOKEN)} images but "
+                                 f"has {len(visuals)}")
             question = re.sub(r"<image>\s*", "", question)  # the model's prompt places the image itself
             target = task.doc_to_target(doc)
             sid = f"{self.name}-{i}"
@@ -165,7 +169,8 @@ class LmmsTask(Task):
             family = str(doc.get("category", doc.get("question_type", self.lmms_name))) if hasattr(doc, "get") else self.lmms_name
             out.append(Sample(id=sid, image=visuals[0].convert("RGB"), question=question,
                               answer=str(target[0] if isinstance(target, list) else target), family=family,
-                              meta={"task": "lmms", "lmms_task": self.lmms_name, "doc_index": i}))
+                              meta={"task": "lmms", "lmms_task": self.lmms_name, "doc_index": i},
+                              extra_images=[v.convert("RGB") for v in visuals[1:]]))
         return out
 
     def relevant_patches(self, sample: Sample, grid_hw: tuple[int, int]) -> list[int]:
