@@ -88,15 +88,17 @@ def test_shape_key_tells_apart_batches_of_other_shapes_or_image_sizes():
     import torch
     from PIL import Image
 
-    class S:
-        def __init__(self, h, w):
+    class S:  # the Sample fields the key reads: every image of the sample
+        def __init__(self, h, w, *extra):
             self.image = Image.new("RGB", (w, h))
+            self.images = [self.image, *(Image.new("RGB", (ew, eh)) for eh, ew in extra)]
 
     enc = {"input_ids": torch.zeros(2, 7, dtype=torch.long), "pixel_values": torch.zeros(2, 3, 8, 8)}
     longer = {**enc, "input_ids": torch.zeros(2, 8, dtype=torch.long)}
     assert runner._shape_key(enc, [S(8, 8), S(8, 8)]) == runner._shape_key(dict(enc), [S(8, 8), S(8, 8)])
     assert runner._shape_key(enc, [S(8, 8), S(8, 8)]) != runner._shape_key(longer, [S(8, 8), S(8, 8)])
     assert runner._shape_key(enc, [S(8, 8), S(8, 8)]) != runner._shape_key(enc, [S(8, 8), S(4, 8)])
+    assert runner._shape_key(enc, [S(8, 8), S(8, 8)]) != runner._shape_key(enc, [S(8, 8), S(8, 8, (4, 8))])
 
 
 def test_cells_written_with_the_count_say_how_it_was_obtained(tmp_path):
